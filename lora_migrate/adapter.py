@@ -1,0 +1,106 @@
+"""The one canonical in-memory form that sits between every reader and every writer.
+
+Per adapted module the update is
+
+    LoRA:   ΔW = s · B @ A        A: (r, in), B: (out, r), ΔW in nn.Linear layout (out, in)
+            Δb = s · bias         (a LoRA bias, where a library has one)
+    (IA)³:  y  = (W x + b) ⊙ (s · l)      l: (out,), stored as B with shape (out, 1) and A = None
+
+The effective scale ``s`` is kept apart from the factors (readers never fold it in) and its provenance — the alpha
+and rank it came from and the rule that turned them into ``s`` — is recorded, so that every rewrite can be
+explained. Rules and writers see only this form, never a library's key names.
+
+A fused-QKV layer (AdapterHub ``LoRAMergedLinear``: GPT-2 ``c_attn``, DeBERTa ``in_proj``) keeps its compact
+factors, A: (n·r, in) and B: (n·E, r), with a :class:`FusedQKV` structure naming the enabled thirds of the fused
+output. :meth:`ModuleDelta.factors` expands it, exactly and without SVD, into an ordinary rank-n·r pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Kind = Literal["lora", "ia3"]
+
+
+@dataclass(frozen=True)
+class ScaleProvenance:
+    """Where an effective scale came from: ``scale = rule(alpha, r)`` in ``convention``."""
+
+    alpha: float | None
+    r: int
+    rule: str  # e.g. "alpha/r", "1.0 (unmerged LoRALinear, adapters<1.1)"
+    convention: str
+
+    def describe(self) -> str:
+        a = "-" if self.alpha is None else f"{self.alpha:g}"
+        return f"{self.rule} with alpha={a}, r={self.r} ({self.convention})"
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """Block structure of a fused-QKV LoRA (AdapterHub ``LoRAMergedLinear``).
+
+    ``groups`` are the enabled thirds of the fused output in q, k, v order (0 = q, 1 = k, 2 = v). With n enabled
+    groups, rank r and E = out_features / 3: group g uses A[g·r:(g+1)·r] and B[g·E:(g+1)·E], and its ΔW fills the
+    fused output rows [groups[g]·E : (groups[g]+1)·E]. Rows of disabled thirds are zero.
+    """
+
+    groups: tuple[int, ...]
+
+    def expand(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """(A, B) compact → (A, B_full) with ΔW = B_full @ A of shape (3E, in), exactly (B_full is block-sparse)."""
+        n = len(self.groups)
+        r = A.shape[0] // n
+        E = B.shape[0] // n
+        B_full = torch.zeros(3 * E, n * r, dtype=B.dtype, device=B.device)
+        for g, third in enumerate(self.groups):
+            B_full[third * E : (third + 1) * E, g * r : (g + 1) * r] = B[g * E : (g + 1) * E]
+        return A, B_full
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """ΔW = scale · B @ A for one module of the base model (see the module docstring for (IA)³ and fused QKV)."""
+
+    module: str  # the base model's module path, as the checkpoint names it
+    B: Tensor
+    scale: float
+    provenance: ScaleProvenance
+    A: Tensor | None = None
+    kind: Kind = "lora"
+    bias: Tensor | None = None
+    fused: FusedQKV | None = None
+
+    @property
+    def rank(self) -> int:
+        """The rank r as the library's config counts it (per group for fused QKV)."""
+        if self.kind == "ia3":
+            return 1
+        n = len(self.fused.groups) if self.fused else 1
+        return self.A.shape[0] // n
+
+    def factors(self) -> tuple[Tensor | None, Tensor]:
+        """(A, B) such that ΔW = scale · B @ A holds for a plain (non-fused) product."""
+        if self.fused is not None:
+            return self.fused.expand(self.A, self.B)
+        return self.A, self.B
+
+    def replace(self, **changes) -> "ModuleDelta":
+        return replace(self, **changes)
+
+
+@dataclass
+class AdapterInfo:
+    """What a reader learned about one adapter besides its tensors."""
+
+    name: str
+    convention: str  # resolved convention name, e.g. "adapter-transformers-3.1"
+    r: int | None = None
+    alpha: float | None = None
+    config: dict = field(default_factory=dict)  # the library's own adapter config (``config`` block)
+    wrapper: dict = field(default_factory=dict)  # the rest of adapter_config.json (model_type, hidden_size, ...)
+    notes: list[str] = field(default_factory=list)  # things the user should hear (dropped files, shims, ...)

@@ -1,0 +1,113 @@
+"""What every AdapterHub convention shares: the adapter_config.json wrapper, the LoRA config fields by version,
+and the layers that are fused QKV.
+
+Source: ../shared/reference/adapterhub.md §3–§5 (adapter-transformers 3.1.0 ``src/transformers/adapters/``,
+adapters v0.1.0–v1.2.0 and main ``src/adapters/``), and adapters 1.3.0's ``LoRAConfig`` as installed from PyPI.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import KeyTemplates
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# `<host path>.loras.<adapter>.lora_A` (r, in) / `.lora_B` (out, r); bare nn.Parameters, no `.weight` suffix.
+# Gated LoRA adds `gate.weight` (n_gates, in) and `gate.bias`. Same in every version (adapterhub.md §3).
+LORAS_KEYS = KeyTemplates(
+    a="{module}.loras.{adapter}.lora_A",
+    b="{module}.loras.{adapter}.lora_B",
+    gate_weight="{module}.loras.{adapter}.gate.weight",
+    gate_bias="{module}.loras.{adapter}.gate.bias",
+)
+
+# Keys of other AdapterHub methods, named so that an error can say what the file holds instead of "unknown keys".
+OTHER_METHOD_KEYS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"\.adapters\.[^.]+\."), "bottleneck adapter"),
+    (re.compile(r"(^|\.)_adapters\.[^.]+\."), "bottleneck adapter"),
+    (re.compile(r"\.prefix_tunings\.[^.]+\."), "prefix tuning"),
+    (re.compile(r"\.prefix_gates\.[^.]+\."), "prefix tuning gate"),
+    (re.compile(r"\.prompt_tunings\.[^.]+\."), "prompt tuning"),
+    (re.compile(r"\.refts\.[^.]+\."), "ReFT"),
+    (re.compile(r"(^|\.)shared_parameters\.[^.]+\."), "VeRA / MTL-LoRA shared parameters"),
+    (re.compile(r"\.loras\.[^.]+\.(vera_[BD]|m\.weight|task_specific\.|weights$)"), "VeRA / DoRA / MTL-LoRA"),
+)
+
+
+class AdapterHubWrapper(_Strict):
+    """adapter_config.json as ``build_full_config`` writes it (3.1.0 configuration.py:817; adapters
+    model_adapters_config.py). ``config_id`` is added by ``save_all_adapters``."""
+
+    config: dict
+    hidden_size: int | None = None
+    model_class: str | None = None
+    model_name: str | None = None
+    model_type: str | None = None
+    name: str
+    version: str | None = None
+    config_id: str | None = None
+
+
+class LoRAConfig31(_Strict):
+    """``LoRAConfig`` / ``IA3Config`` dataclass fields in adapter-transformers 3.1.0–3.2.1 and adapters 0.1.0."""
+
+    architecture: Literal["lora"]
+    selfattn_lora: bool
+    intermediate_lora: bool
+    output_lora: bool
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0, allow_inf_nan=False)
+    dropout: float = Field(ge=0, le=1)
+    attn_matrices: list[Literal["q", "k", "v", "o"]]
+    composition_mode: Literal["add", "scale"]
+    init_weights: str
+    use_gating: bool
+
+
+class LoRAConfig10(LoRAConfig31):
+    """adapters 0.1.1–1.0.1 add ``leave_out`` (#608, first in v0.1.1); 0.1.0 lacks it, hence optional."""
+
+    leave_out: list[int] | None = None
+
+
+class LoRAConfig11(LoRAConfig10):
+    """adapters ≥ 1.1.0 add ``dtype`` (#767); 1.2.0 adds ``init_weights_seed``, ``vera_d``, ``vera_b``;
+    main and 1.3.0 add ``use_dora``. All optional when reading so that every ≥ 1.1 release validates."""
+
+    dtype: str | None = None
+    init_weights_seed: int | None = None
+    vera_d: float | None = None
+    vera_b: float | None = None
+    use_dora: bool | None = None
+
+
+FIELDS_31 = ("alpha", "architecture", "attn_matrices", "composition_mode", "dropout", "init_weights",
+             "intermediate_lora", "output_lora", "r", "selfattn_lora", "use_gating")
+FIELDS_10 = (*FIELDS_31, "leave_out")
+FIELDS_11 = (*FIELDS_10, "dtype")
+
+DEFAULTS = {"leave_out": [], "dtype": None}
+
+# String config ids resolve to the library's defaults (adapterhub.md §1 "Config defaults", §4).
+LORA_DEFAULT = {"architecture": "lora", "selfattn_lora": True, "intermediate_lora": False, "output_lora": False,
+                "r": 8, "alpha": 8, "dropout": 0.0, "attn_matrices": ["q", "v"], "composition_mode": "add",
+                "init_weights": "lora", "use_gating": False}
+IA3_DEFAULT = {**LORA_DEFAULT, "intermediate_lora": True, "r": 1, "alpha": 1, "attn_matrices": ["k", "v"],
+               "composition_mode": "scale", "init_weights": "ia3"}
+STRING_IDS = {"lora": LORA_DEFAULT, "ia3": IA3_DEFAULT}
+
+# LoRAMergedLinear hosts, by model_type: the module path suffix (adapterhub.md §5). Everything else is LoRALinear.
+FUSED_QKV_MODULES: dict[str, re.Pattern] = {
+    "gpt2": re.compile(r"(^|\.)attn\.c_attn$"),
+    "deberta": re.compile(r"(^|\.)attention\.self\.in_proj$"),
+    "modernbert": re.compile(r"(^|\.)attn\.Wqkv$"),
+}
+
+HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")

@@ -1,0 +1,151 @@
+"""The declarative form of a library convention: key layout, scaling rule, files and version strings.
+
+A :class:`Convention` is data: frozen, strict pydantic, so a typo fails when the schema module is imported, not in
+the middle of a conversion. Code that reads or writes a checkpoint asks its convention what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import Enum
+from functools import cached_property
+from typing import Literal
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, field_validator
+
+LayerKind = Literal["linear", "fused_qkv", "ia3"]
+
+
+class Scaling(str, Enum):
+    """How a library turns (alpha, r) into the effective scale s of ΔW = s·B·A."""
+
+    ALPHA_OVER_R = "alpha/r"
+    ALPHA_OVER_SQRT_R = "alpha/sqrt(r)"
+    ALPHA = "alpha"
+    ONE = "1.0"
+
+    def scale(self, alpha: float, r: int) -> float:
+        if self is Scaling.ALPHA_OVER_R:
+            return alpha / r
+        if self is Scaling.ALPHA_OVER_SQRT_R:
+            return alpha / math.sqrt(r)
+        if self is Scaling.ALPHA:
+            return float(alpha)
+        return 1.0
+
+    def alpha_for(self, scale: float, r: int) -> float | None:
+        """The alpha that makes this rule give ``scale`` at rank r; None when alpha has no effect."""
+        if self is Scaling.ALPHA_OVER_R:
+            return scale * r
+        if self is Scaling.ALPHA_OVER_SQRT_R:
+            return scale * math.sqrt(r)
+        if self is Scaling.ALPHA:
+            return scale
+        return None
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VersionPattern(Frozen):
+    """A config ``version`` string ``<prefix><PEP 440 version>`` whose version lies in ``specifier``."""
+
+    prefix: str = ""
+    specifier: str
+
+    def matches(self, version: str) -> bool:
+        if not version.startswith(self.prefix):
+            return False
+        try:
+            v = Version(version[len(self.prefix) :])
+        except InvalidVersion:
+            return False
+        return SpecifierSet(self.specifier).contains(v, prereleases=True)
+
+
+class KeyTemplates(Frozen):
+    """Tensor key templates with ``{module}`` and ``{adapter}`` placeholders."""
+
+    a: str
+    b: str
+    gate_weight: str | None = None
+    gate_bias: str | None = None
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in (("a", self.a), ("b", self.b), ("gate_weight", self.gate_weight),
+                                    ("gate_bias", self.gate_bias)) if v]
+
+    @cached_property
+    def patterns(self) -> list[tuple[str, re.Pattern]]:
+        """(param, regex) per template; a key matches at most one of them."""
+        out = []
+        for param, tmpl in self.items():
+            body = re.escape(tmpl)
+            body = body.replace(re.escape("{module}"), r"(?P<module>.+)")
+            body = body.replace(re.escape("{adapter}"), r"(?P<adapter>[^.]+)")
+            out.append((param, re.compile(f"^{body}$")))
+        return out
+
+    def claim(self, key: str) -> tuple[str, str, str] | None:
+        """``(module, adapter, param)`` if a template claims ``key``, else None."""
+        for param, rx in self.patterns:
+            m = rx.match(key)
+            if m:
+                return m.group("module"), m.group("adapter"), param
+        return None
+
+    def key(self, param: str, module: str, adapter: str) -> str:
+        return getattr(self, param).format(module=module, adapter=adapter)
+
+
+class Convention(Frozen):
+    """One library's checkpoint convention over a range of its versions.
+
+    ``scaling`` maps each layer kind the convention can hold to its effective-scale rule. A kind missing from the
+    map cannot be expressed by this convention and is refused when converting into it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True,
+                              ignored_types=(cached_property,))
+
+    name: str  # canonical name, e.g. "adapters-1.0"
+    family: Literal["adapterhub", "peft"]
+    library: str  # the PyPI name
+    versions: str  # PEP 440 specifier of the library versions this schema describes
+    aliases: tuple[str, ...] = ()
+    summary: str
+    keys: KeyTemplates
+    scaling: dict[LayerKind, Scaling]
+    scaling_notes: str  # one line for `conventions`, with where it comes from
+    version_patterns: tuple[VersionPattern, ...]  # config "version" strings this convention wrote
+    version_to_write: str
+    transformers_versions: str | None = None  # full-model checkpoints: config.json transformers_version range
+    config_file: str = "adapter_config.json"
+    weights_read: tuple[str, ...]  # weight file names, in the order the library tries them
+    weights_write: str  # what the library's default save_adapter() writes and default load_adapter() reads
+    weights_write_safetensors: str | None = None  # opt-in (--safetensors): the library reads it only when asked
+    head_files: tuple[str, ...] = ()
+    alpha_equals_r_on_write: bool = False
+    config_model: type  # strict pydantic model of the adapter's own config block
+    config_write_fields: tuple[str, ...]  # the config fields this library version writes (all, as asdict does)
+    config_defaults: dict[str, object]  # defaults for fields a source lacks
+    string_config_ids: dict[str, dict[str, object]] = {}  # "lora", "ia3" → library default config
+    features: frozenset[str]
+
+    @field_validator("keys")
+    @classmethod
+    def _templates_have_placeholders(cls, v: KeyTemplates) -> KeyTemplates:
+        for param, tmpl in v.items():
+            if "{module}" not in tmpl or "{adapter}" not in tmpl:
+                raise ValueError(f"key template {param}={tmpl!r} needs {{module}} and {{adapter}}")
+        return v
+
+    def scale(self, kind: LayerKind, alpha: float, r: int) -> float:
+        return self.scaling[kind].scale(alpha, r)
+
+    def all_names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)

@@ -1,0 +1,146 @@
+"""A source checkpoint as readers hand it over: adapters whose modules are planned from names and shapes alone,
+and whose tensors are loaded one module at a time (:meth:`SourceAdapter.load`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance
+from .errors import LoraMigrateError
+from .io import TensorFile, TensorMeta, open_tensors
+from .schemas import Convention, LayerKind
+
+
+class TensorStore:
+    """Tensor keys → the open file that holds them (one file, or the shards of a sharded checkpoint)."""
+
+    def __init__(self) -> None:
+        self.files: list[TensorFile] = []
+        self._where: dict[str, TensorFile] = {}
+
+    def add(self, path: Path) -> TensorFile:
+        tf = open_tensors(path)
+        self.files.append(tf)
+        for k in tf.keys():
+            if k in self._where:
+                raise LoraMigrateError(f"{path}: tensor {k!r} is also in {self._where[k].path}")
+            self._where[k] = tf
+        return tf
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._where[key].meta(key)
+
+    def get(self, key: str):
+        return self._where[key].get(key)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+@dataclass
+class ModuleEntry:
+    """One adapted module, planned without loading tensors."""
+
+    module: str
+    kind: LayerKind
+    keys: dict[str, str]  # "a" / "b" / "gate_weight" / "gate_bias" → tensor key
+    metas: dict[str, TensorMeta]
+    scale: float
+    provenance: ScaleProvenance
+    fused: FusedQKV | None = None
+
+    @property
+    def rank(self) -> int:
+        if self.kind == "ia3":
+            return 1
+        n = len(self.fused.groups) if self.fused else 1
+        return self.metas["a"].shape[0] // n
+
+
+@dataclass
+class HeadFiles:
+    """Head files saved beside an adapter and what to do with them."""
+
+    files: list[Path]
+    keys: list[str]
+    static_copy: bool  # only copies the base model's own head (e.g. lm_head.weight), no adapter weights
+    reason: str
+
+
+@dataclass
+class SourceAdapter:
+    info: AdapterInfo
+    convention: Convention
+    store: TensorStore
+    modules: list[ModuleEntry]
+    files: list[Path]
+    gated: bool = False
+    head: HeadFiles | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def load(self, e: ModuleEntry) -> ModuleDelta:
+        A = self.store.get(e.keys["a"]) if "a" in e.keys else None
+        B = self.store.get(e.keys["b"])
+        return ModuleDelta(module=e.module, A=A, B=B, scale=e.scale, provenance=e.provenance,
+                           kind="ia3" if e.kind == "ia3" else "lora", fused=e.fused)
+
+    def deltas(self):
+        for e in self.modules:
+            yield self.load(e)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for e in self.modules for m in e.metas.values())
+
+
+@dataclass
+class Source:
+    """Everything read from SRC: one adapter, or several (a full model, or a folder of adapter folders)."""
+
+    path: Path
+    convention: Convention
+    layout: str  # "adapter" | "full-model" | "adapter-folders"
+    adapters: list[SourceAdapter]
+    reasons: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for a in self.adapters:
+            a.store.close()
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a one-line error naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoraMigrateError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoraMigrateError(f"{path}: cannot read: {e}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LoraMigrateError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise LoraMigrateError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def validation_message(where: str, err: ValidationError) -> str:
+    """One line from a pydantic error: the first problem, its location, and how many more there are."""
+    errs = err.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field for this convention"
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
