@@ -1,0 +1,387 @@
+"""The numeric proof that a migration kept the math: compare source and output deltas module by module.
+
+For LoRA modules the quantity that matters is ΔW = s · B @ A (out × in). It is never formed. Its Frobenius norm and
+the Frobenius distance between two deltas come from the *Gram identity* of the stacked factors
+
+    Bs = [s1·B1, −s2·B2]   (out × k),   As = [A1; A2]   (k × in),   k = r1 + r2
+    ‖s1·B1A1 − s2·B2A2‖²_F = ‖Bs·As‖²_F = tr((BsᵀBs)(AsAsᵀ))
+
+evaluated in factored form: a QR factorisation Asᵀ = Q·R (R: m × k, m = min(in, k)) gives AsAsᵀ = RᵀR, hence
+
+    ‖Bs·As‖_F = ‖Bs·Rᵀ‖_F = ‖s1·B1R1ᵀ − s2·B2R2ᵀ‖_F      (R = [R1 R2] split by columns like As by rows)
+
+M_i = s_i·B_i·R_iᵀ (out × m) are the rows of each ΔW written in one orthonormal basis of the joint row space, so the
+difference is taken element by element. Summing tr((BsᵀBs) ⊙ (AsAsᵀ)) directly would instead subtract squared norms
+(‖S1‖² + ‖S2‖² − 2⟨S1, S2⟩) and cannot resolve a relative error below ≈ sqrt(ε64) ≈ 1e-8: measured on 512×512,
+r = 8, it reads anything from 0 to 6e-9 for deltas that differ by 0 … 1e-9, and 1e-8 to ±10 %. The factored form
+has a floor of ≈ 5e-16 and reads 1e-14 … 1e-6 to three digits. That is a comfortable margin for fp32 (tolerance
+2.4e-7, only ~40× above the literal Gram floor) and the only way float64 (tolerance 1e-12) can be checked at all.
+
+Cost: one float64 upcast of the factors, a QR of an (in × k) matrix and an (out × k)·(k × m) product — O((in+out)·k²)
+flops and O((in+out)·k) memory, nothing of size out × in. When A1 = A2 (a scale folded into B, the common case) or
+B1 = B2 only the shared factor is factorised.
+
+Independently of that, ``probes`` seeded random float64 vectors x are pushed through both deltas (y = s·B(Ax)) and
+compared directly; this needs no identity at all and catches anything the Gram path could hide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import pydantic
+import torch
+from torch import Tensor
+
+from .adapter import ModuleDelta
+
+Status = Literal["ok", "mismatch", "missing_in_output", "extra_in_output", "shape_mismatch"]
+
+_F64 = torch.float64
+_TINY = torch.finfo(_F64).tiny  # keeps 0/0 at 0 in the absolute criterion
+
+# unit roundoff u = 2^-(p) with p the significand precision (stored mantissa bits + 1)
+_UNIT_ROUNDOFF: dict[torch.dtype, float] = {
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+for _name, _u in (
+    ("float8_e4m3fn", 2.0**-4),
+    ("float8_e4m3fnuz", 2.0**-4),
+    ("float8_e5m2", 2.0**-3),
+    ("float8_e5m2fnuz", 2.0**-3),
+    ("float8_e8m0fnu", 2.0**-1),
+):
+    if hasattr(torch, _name):
+        _UNIT_ROUNDOFF[getattr(torch, _name)] = _u
+
+FLOAT64_TOLERANCE = 1e-12
+
+
+def tolerance_for(*dtypes: torch.dtype) -> float:
+    """Relative-error threshold for deltas stored in ``dtypes``: 4·u of the coarsest floating dtype involved.
+
+    Why 4·u (u = unit roundoff, 2^-24 for fp32, 2^-11 fp16, 2^-8 bf16, 2^-4 / 2^-3 for fp8 e4m3 / e5m2): an exact
+    migration may still round each element once — folding a scale into a factor (fl(s·B)), or casting to the
+    target dtype — and a per-element relative error ≤ u in B perturbs ΔW = B·A by ≤ u·‖|B||A|‖/‖BA‖ relative,
+    i.e. u times a cancellation factor that is small (≈ 1-3) for real adapters; random rounding errors typically
+    give ≈ 0.6·u (measured). 4·u leaves room for that amplification while keeping bf16 at 1.6 %, so that a wrong
+    scale (alpha/r vs alpha/sqrt(r), a dropped factor 2, r/alpha, ...) is never inside it. The float64 evaluation itself adds ≈ 1e-15.
+    float64 uses a fixed 1e-12 (4·u would be 4e-16, at the level of the evaluation's own error).
+    Non-floating dtypes are exact and ignored; with no floating dtype at all the fp32 value is returned.
+    Caveat: for fp8 the rule gives 0.25 (e4m3) and 0.5 (e5m2), which certifies little.
+    """
+    tol = 0.0
+    for dt in dtypes:
+        if dt is None or not dt.is_floating_point:
+            continue
+        if dt == _F64:
+            t = FLOAT64_TOLERANCE
+        else:
+            u = _UNIT_ROUNDOFF.get(dt)
+            if u is None:
+                u = torch.finfo(dt).eps / 2
+            t = 4.0 * u
+        tol = max(tol, t)
+    return tol if tol > 0.0 else 4.0 * _UNIT_ROUNDOFF[torch.float32]
+
+
+class ModuleCheck(pydantic.BaseModel):
+    """The verdict for one module. Relative errors are against the source delta (see :func:`compare`)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, ser_json_inf_nan="strings")
+
+    module: str
+    status: Status
+    rel_fro: float | None = None  # ‖ΔW_src − ΔW_out‖_F / ‖ΔW_src‖_F
+    rel_probe: float | None = None  # max over probes of ‖(ΔW_src − ΔW_out)x‖ / ‖ΔW_src x‖
+    rel_bias: float | None = None  # ‖s·b_src − s·b_out‖ / ‖s·b_src‖
+    norm: float | None = None  # ‖ΔW_src‖_F (‖s·l‖ for (IA)³)
+    tolerance: float
+    ok: bool
+    detail: str = ""
+
+
+class VerifyReport(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(ser_json_inf_nan="strings")
+
+    ok: bool
+    modules: list[ModuleCheck]
+    max_rel_fro: float
+    max_rel_probe: float
+    n_modules: int
+    n_failed: int
+    tolerance: float
+    seconds: float
+
+    def failures(self) -> list[ModuleCheck]:
+        return [m for m in self.modules if not m.ok]
+
+    def summary(self) -> str:
+        head = (
+            f"{self.n_modules} module{'' if self.n_modules == 1 else 's'}, max relative error "
+            f"{self.max_rel_fro:.2g} (Frobenius) / {self.max_rel_probe:.2g} (probes), "
+            f"tolerance {self.tolerance:.2g}"
+        )
+        if self.ok:
+            return head + ": OK"
+        if self.n_modules == 0:
+            return head + ": FAILED (nothing was compared)"
+        counts: dict[str, int] = {}
+        for m in self.failures():
+            counts[m.status] = counts.get(m.status, 0) + 1
+        what = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        return head + f": FAILED ({self.n_failed} of {self.n_modules}: {what})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _dtypes(d: ModuleDelta) -> list[torch.dtype]:
+    return [t.dtype for t in (d.A, d.B, d.bias) if t is not None]
+
+
+def _f64(t: Tensor) -> Tensor:
+    return t.detach().to(device="cpu", dtype=_F64)
+
+
+def _num(x: float) -> float:
+    """NaN (from non-finite inputs) would make max() order dependent; report it as +inf."""
+    return float("inf") if math.isnan(x) else float(x)
+
+
+def _within(x: float | None, tol: float) -> bool:
+    return x is None or x <= tol  # False for inf
+
+
+def _qr_r(M: Tensor) -> Tensor:
+    """R of a reduced QR of M (n × k), shape (min(n, k), k); only R is formed."""
+    if M.shape[1] == 0 or M.shape[0] == 0:
+        return M.new_zeros(min(M.shape), M.shape[1])
+    return torch.linalg.qr(M, mode="r")[1]
+
+
+def _coordinates(
+    A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float
+) -> tuple[Tensor, Tensor]:
+    """M1, M2 with ‖M1‖ = ‖s1B1A1‖_F and ‖M1 − M2‖ = ‖s1B1A1 − s2B2A2‖_F (float64 inputs, see module docstring)."""
+    if torch.equal(A1, A2):  # shared A: ΔW_i = (s_i B_i)·A, A = (QR)ᵀ
+        R = _qr_r(A1.T)
+        return (B1 @ R.T) * s1, (B2 @ R.T) * s2
+    if torch.equal(B1, B2):  # shared B = QR: ΔW_i = Q·(R s_i A_i)
+        R = _qr_r(B1)
+        return (R @ A1) * s1, (R @ A2) * s2
+    r1 = A1.shape[0]
+    R = _qr_r(torch.cat([A1, A2], 0).T)  # .T of a row-major stack is column-major: what LAPACK wants
+    return (B1 @ R[:, :r1].T) * s1, (B2 @ R[:, r1:].T) * s2
+
+
+def _probe_rel(y_src: Tensor, y_out: Tensor, fallback: Tensor) -> float:
+    """max over columns of ‖y_src − y_out‖ / ‖y_src‖ (``fallback`` per column where ‖y_src‖ = 0)."""
+    if y_src.shape[1] == 0:
+        return 0.0
+    num = torch.linalg.vector_norm(y_src - y_out, dim=0)
+    den = torch.linalg.vector_norm(y_src, dim=0)
+    den = torch.where(den > 0, den, fallback)
+    return _num((num / den).max().item())
+
+
+def _vector_rel(v_src: Tensor, v_out: Tensor) -> float:
+    """‖v_src − v_out‖ / ‖v_src‖; against ‖v_out‖ when v_src = 0 (so 0 vs 0 → 0, 0 vs nonzero → 1)."""
+    diff = torch.linalg.vector_norm(v_src - v_out).item()
+    den = torch.linalg.vector_norm(v_src).item()
+    if den == 0.0:
+        den = torch.linalg.vector_norm(v_out).item() + _TINY
+    return _num(diff / den)
+
+
+def _shape_mismatch(module: str, tol: float, detail: str) -> ModuleCheck:
+    return ModuleCheck(module=module, status="shape_mismatch", tolerance=tol, ok=False, detail=detail)
+
+
+def _lora_shape_problem(A: Tensor | None, B: Tensor) -> str | None:
+    if A is None:
+        return "LoRA delta without A"
+    if A.dim() != 2 or B.dim() != 2:
+        return f"factors are not matrices (A {tuple(A.shape)}, B {tuple(B.shape)})"
+    if A.shape[0] != B.shape[1]:
+        return f"inner dimensions disagree: B {tuple(B.shape)} @ A {tuple(A.shape)}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the checks
+
+
+def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+    """Check that ``out`` applies the same update as ``src`` (ΔW, Δb; (IA)³ vectors), to within the dtype tolerance.
+
+    Ranks may differ (zero padding, re-expressions); out/in dimensions, kind and bias length must agree. All
+    arithmetic is float64. Relative errors are against the source; where the source delta is exactly zero (an
+    untrained B) the distance is measured against |s1|‖B1‖‖A1‖ + |s2|‖B2‖‖A2‖ instead, so zero vs zero passes and zero
+    vs nonzero fails.
+    """
+    module = src.module
+    tol = tolerance_for(*_dtypes(src), *_dtypes(out))
+    if src.kind != out.kind:
+        return _shape_mismatch(module, tol, f"kind {src.kind} in source vs {out.kind} in output")
+
+    A1, B1 = src.factors()
+    A2, B2 = out.factors()
+    s1, s2 = float(src.scale), float(out.scale)
+    notes: list[str] = []
+
+    if src.kind == "ia3":
+        l1, l2 = B1.reshape(-1), B2.reshape(-1)
+        if l1.shape != l2.shape:
+            return _shape_mismatch(module, tol, f"(IA)³ vector length {l1.numel()} vs {l2.numel()}")
+        n_out = l1.numel()
+        v1, v2 = _f64(l1) * s1, _f64(l2) * s2
+        norm = torch.linalg.vector_norm(v1).item()
+        rel_fro = _vector_rel(v1, v2)
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(n_out, probes, generator=g, dtype=_F64)
+        ref = norm if norm > 0 else torch.linalg.vector_norm(v2).item() + _TINY
+        rel_probe = _probe_rel(v1[:, None] * X, v2[:, None] * X, ref * torch.linalg.vector_norm(X, dim=0))
+        if norm == 0.0:
+            notes.append("source (IA)³ vector is zero; measured against the output's norm")
+        ranks = "(IA)³"
+    else:
+        for side, A, B in (("source", A1, B1), ("output", A2, B2)):
+            problem = _lora_shape_problem(A, B)
+            if problem:
+                return _shape_mismatch(module, tol, f"{side}: {problem}")
+        if (B1.shape[0], A1.shape[1]) != (B2.shape[0], A2.shape[1]):
+            return _shape_mismatch(
+                module,
+                tol,
+                f"ΔW is {B1.shape[0]}×{A1.shape[1]} in source vs {B2.shape[0]}×{A2.shape[1]} in output",
+            )
+        n_out = B1.shape[0]
+        a1, b1, a2, b2 = _f64(A1), _f64(B1), _f64(A2), _f64(B2)
+
+        M1, M2 = _coordinates(a1, b1, s1, a2, b2, s2)
+        norm = torch.linalg.matrix_norm(M1).item()
+        identical = s1 == s2 and torch.equal(a1, a2) and torch.equal(b1, b2)
+        diff = 0.0 if identical else torch.linalg.matrix_norm(M1 - M2).item()
+
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(a1.shape[1], probes, generator=g, dtype=_F64)
+        Y1 = (b1 @ (a1 @ X)) * s1
+        Y2 = (b2 @ (a2 @ X)) * s2
+        if norm > 0.0:
+            rel_fro = _num(diff / norm)
+            fallback = norm * torch.linalg.vector_norm(X, dim=0)
+        else:
+            fro = torch.linalg.matrix_norm
+            ref = abs(s1) * fro(b1).item() * fro(a1).item() + abs(s2) * fro(b2).item() * fro(a2).item() + _TINY
+            rel_fro = _num(diff / ref)
+            fallback = ref * torch.linalg.vector_norm(X, dim=0)
+            notes.append("source ΔW is zero; errors are against |s1|‖B1‖‖A1‖ + |s2|‖B2‖‖A2‖")
+        rel_probe = _probe_rel(Y1, Y2, fallback)
+        ranks = f"ranks {A1.shape[0]} / {A2.shape[0]}"
+
+    rel_bias = None
+    if src.bias is not None or out.bias is not None:
+        b_src = _f64(src.bias).reshape(-1) * s1 if src.bias is not None else None
+        b_out = _f64(out.bias).reshape(-1) * s2 if out.bias is not None else None
+        for side, b in (("source", b_src), ("output", b_out)):
+            if b is not None and b.numel() != n_out:
+                return _shape_mismatch(module, tol, f"{side} bias has {b.numel()} entries for {n_out} outputs")
+        if b_src is None:
+            b_src = torch.zeros_like(b_out)
+            notes.append("no bias in source (compared as zeros)")
+        if b_out is None:
+            b_out = torch.zeros_like(b_src)
+            notes.append("no bias in output (compared as zeros)")
+        rel_bias = _vector_rel(b_src, b_out)
+
+    failed = [
+        f"{name} {val:.3g} > {tol:.3g}"
+        for name, val in (("Frobenius", rel_fro), ("probes", rel_probe), ("bias", rel_bias))
+        if not _within(val, tol)
+    ]
+    ok = not failed
+    if failed:
+        notes.insert(0, "; ".join(failed) + f" (scales {s1:g} / {s2:g}, {ranks})")
+    return ModuleCheck(
+        module=module,
+        status="ok" if ok else "mismatch",
+        rel_fro=rel_fro,
+        rel_probe=rel_probe,
+        rel_bias=rel_bias,
+        norm=_num(norm),
+        tolerance=tol,
+        ok=ok,
+        detail="; ".join(notes),
+    )
+
+
+def _absent(status: Status, module: str | ModuleDelta, detail: str) -> ModuleCheck:
+    if isinstance(module, ModuleDelta):
+        return ModuleCheck(module=module.module, status=status, tolerance=tolerance_for(*_dtypes(module)),
+                           ok=False, detail=detail)
+    return ModuleCheck(module=module, status=status, tolerance=tolerance_for(), ok=False, detail=detail)
+
+
+def missing(module: str | ModuleDelta, detail: str = "in the source adapter but not in the output") -> ModuleCheck:
+    """A module of the source that the output lacks (a failure). Pass the delta to record its dtype tolerance."""
+    return _absent("missing_in_output", module, detail)
+
+
+def extra(module: str | ModuleDelta, detail: str = "in the output but not in the source adapter") -> ModuleCheck:
+    """A module the output has and the source has not (a failure)."""
+    return _absent("extra_in_output", module, detail)
+
+
+def build_report(checks: Iterable[ModuleCheck], seconds: float) -> VerifyReport:
+    """Aggregate module checks. ``ok`` needs at least one module and no failure (an empty comparison proves nothing).
+
+    ``tolerance`` is the largest tolerance among compared modules (missing/extra ones carry no dtype information
+    unless built from a delta; they count only when nothing was compared).
+    """
+    modules = list(checks)
+    n_failed = sum(not m.ok for m in modules)
+    compared = [m.tolerance for m in modules if m.status not in ("missing_in_output", "extra_in_output")]
+    tols = compared or [m.tolerance for m in modules] or [tolerance_for()]
+    return VerifyReport(
+        ok=bool(modules) and n_failed == 0,
+        modules=modules,
+        max_rel_fro=max((m.rel_fro for m in modules if m.rel_fro is not None), default=0.0),
+        max_rel_probe=max((m.rel_probe for m in modules if m.rel_probe is not None), default=0.0),
+        n_modules=len(modules),
+        n_failed=n_failed,
+        tolerance=max(tols),
+        seconds=float(seconds),
+    )
+
+
+def verify(
+    src: Iterable[ModuleDelta] | Mapping[str, ModuleDelta],
+    out: Iterable[ModuleDelta] | Mapping[str, ModuleDelta],
+    *,
+    probes: int = 4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Match modules by name, :func:`compare` each pair, and report missing/extra ones (source order first)."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def by_name(ds) -> dict[str, ModuleDelta]:
+        items = ds.values() if isinstance(ds, Mapping) else ds
+        table: dict[str, ModuleDelta] = {}
+        for d in items:
+            if d.module in table:
+                raise ValueError(f"module {d.module!r} appears twice")
+            table[d.module] = d
+        return table
+
+    s, o = by_name(src), by_name(out)
+    checks = [compare(d, o[name], probes=probes, seed=seed) if name in o else missing(d) for name, d in s.items()]
+    checks += [extra(d) for name, d in o.items() if name not in s]
+    return build_report(checks, time.perf_counter() - t0)
