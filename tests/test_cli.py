@@ -1,0 +1,129 @@
+"""The CLI: exit codes (0 ok, 1 check failed, 2 bad input), one-line errors, --json, and that nothing is lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lora_migrate.cli import main
+
+from .test_ingest import make_adapter
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_convert_and_inspect(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    before = snapshot(src)
+    code, out = run("convert", src, tmp_path / "out", "--from", "adapter-transformers-3.1", "--to", "adapters-1.0")
+    assert code == 0, out
+    assert "adapter-transformers-3.1 → adapters-1.0" in out and "OK" in out
+    assert snapshot(src) == before  # the input is never modified
+    code, out = run("inspect", tmp_path / "out")
+    assert code == 0 and "adapters-1.0" in out and "version 'adapters.1.0.1'" in out
+
+
+def test_convert_json(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    code, out = run("convert", src, tmp_path / "out", "--to", "adapters-1.0", "--json")
+    assert code == 0
+    r = json.loads(out)
+    a = r["adapters"][0]
+    assert r["source_convention"] == "adapter-transformers-3.1"
+    assert a["plan"]["alpha_out"] == a["plan"]["r"] == 4 and a["verify"]["ok"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    code, out = run("convert", src, tmp_path / "out", "--to", "adapters-1.0", "--dry-run")
+    assert code == 0
+    assert "[rescale]" in out and "[write]" in out and "pytorch_adapter.bin" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, out = run("convert", src, tmp_path / "out", "--to", "adapters-1.0")
+    assert code == 2 and "already exists" in out and "--overwrite" in out
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    code, _ = run("convert", src, tmp_path / "out", "--to", "adapters-1.0", "--overwrite")
+    assert code == 0 and not (tmp_path / "out" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--to", "adapters-9"], "unknown convention"),
+    (["--to", "adapters-1.0", "--from", "peft"], "unknown convention"),
+    (["--to", "adapters-1.0", "--adapter", "nope"], "no adapter 'nope'"),
+])
+def test_bad_usage_is_one_line_and_exit_2(tmp_path, args, message):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    code, out = run("convert", src, tmp_path / "out", *args)
+    assert code == 2 and message in out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source(tmp_path):
+    code, out = run("inspect", tmp_path / "nothing")
+    assert code == 2 and "no such file" in out
+
+
+def test_ambiguous_version_names_the_candidates(tmp_path):
+    src = make_adapter(tmp_path / "src", version=None)
+    code, out = run("inspect", src)
+    assert code == 2 and "adapter-transformers-3.1" in out and "adapters-1.0" in out and "--from" in out
+
+
+def test_verification_failure_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
+    from lora_migrate import plan as plan_mod
+
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    real = plan_mod.Execution.apply
+
+    def broken(self, d, kind):  # a writer bug: the scale is folded twice
+        e = real(self, d, kind)
+        return e.replace(B=e.B * 2)
+
+    monkeypatch.setattr(plan_mod.Execution, "apply", broken)
+    code, out = run("convert", src, tmp_path / "out", "--to", "adapters-1.0")
+    assert code == 1 and "numeric check failed" in out and "nothing was written" in out
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temporary folder left behind
+
+
+def test_verify_command(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    run("convert", src, tmp_path / "out", "--to", "adapters-1.0")
+    code, out = run("verify", src, tmp_path / "out")
+    assert code == 0 and "OK" in out
+    # tamper with the output: verify must say so with exit 1
+    w = tmp_path / "out" / "pytorch_adapter.bin"
+    sd = torch.load(w, weights_only=True)
+    k = next(k for k in sd if k.endswith("lora_B"))
+    sd[k] = sd[k] * 1.01
+    torch.save(sd, w)
+    code, out = run("verify", src, tmp_path / "out")
+    assert code == 1 and "mismatch" in out
+
+
+def test_conventions_lists_every_scaling_rule():
+    code, out = run("conventions")
+    assert code == 0
+    for name in ("adapter-transformers-3.1", "adapters-1.0", "adapters-1.1"):
+        assert name in out
+    code, out = run("conventions", "--json")
+    rows = json.loads(out)
+    assert {r["name"]: r["scaling"]["linear"] for r in rows} == {
+        "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r"}
