@@ -1,0 +1,25 @@
+"""Reading and writing tensor files, safely: lazy validated readers, a streaming safetensors writer, a
+``.bin`` writer, and all-or-nothing output directories.
+
+Every failure a user can cause (bad file, existing output, full disk) is a one-line
+:class:`lora_migrate.errors.LoraMigrateError` naming the file.
+"""
+
+from lora_migrate.io._common import OutOfSpace
+from lora_migrate.io.atomic import atomic_output, refuse_overlap
+from lora_migrate.io.bin_writer import save_bin
+from lora_migrate.io.safetensors_writer import SafetensorsWriter, safetensors_order
+from lora_migrate.io.tensors import TensorFile, TensorMeta, open_tensors, read_safetensors_header
+
+__all__ = [
+    "OutOfSpace",
+    "SafetensorsWriter",
+    "TensorFile",
+    "TensorMeta",
+    "atomic_output",
+    "open_tensors",
+    "read_safetensors_header",
+    "refuse_overlap",
+    "safetensors_order",
+    "save_bin",
+]

@@ -1,0 +1,84 @@
+"""Shared pieces of the io package: the safetensors dtype table and error helpers.
+
+``DTYPES`` maps each safetensors dtype code to its torch dtype, its width in bits as the format counts it, and
+its rank in the on-disk order that ``safetensors.torch.save_file`` uses (the declaration order of the Rust
+``Dtype`` enum; save_file lays tensors out by *descending* rank, then by name).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from lora_migrate.errors import LoraMigrateError
+
+#: The biggest header the safetensors reader accepts (Rust ``MAX_HEADER_SIZE``).
+MAX_HEADER_SIZE = 100_000_000
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    code: str
+    torch_dtype: torch.dtype
+    bits: int  # bits per element *as the header counts elements* (F4: 4 bits, two per torch element)
+    rank: int  # position in safetensors' Rust ``Dtype`` enum
+
+
+# Rust enum order: BOOL F4 F6_E2M3 F6_E3M2 U8 I8 F8_E5M2 F8_E4M3 F8_E8M0 F8_E4M3FNUZ F8_E5M2FNUZ I16 U16 F16 BF16
+# I32 U32 F32 C64 F64 I64 U64. F6_* have no torch dtype and are absent here (rejected as unsupported).
+_TABLE = [
+    ("BOOL", "bool", 8, 0), ("F4", "float4_e2m1fn_x2", 4, 1), ("U8", "uint8", 8, 4), ("I8", "int8", 8, 5),
+    ("F8_E5M2", "float8_e5m2", 8, 6), ("F8_E4M3", "float8_e4m3fn", 8, 7), ("F8_E8M0", "float8_e8m0fnu", 8, 8),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz", 8, 9), ("F8_E5M2FNUZ", "float8_e5m2fnuz", 8, 10), ("I16", "int16", 16, 11),
+    ("U16", "uint16", 16, 12), ("F16", "float16", 16, 13), ("BF16", "bfloat16", 16, 14), ("I32", "int32", 32, 15),
+    ("U32", "uint32", 32, 16), ("F32", "float32", 32, 17), ("C64", "complex64", 64, 18), ("F64", "float64", 64, 19),
+    ("I64", "int64", 64, 20), ("U64", "uint64", 64, 21),
+]
+DTYPES: dict[str, DtypeInfo] = {
+    code: DtypeInfo(code, getattr(torch, name), bits, rank)
+    for code, name, bits, rank in _TABLE
+    if hasattr(torch, name)
+}
+BY_TORCH: dict[torch.dtype, DtypeInfo] = {info.torch_dtype: info for info in DTYPES.values()}
+#: Codes the format defines but torch cannot represent.
+UNSUPPORTED_CODES = frozenset({"F6_E2M3", "F6_E3M2"}) | {c for c, *_ in _TABLE if c not in DTYPES}
+
+
+class OutOfSpace(LoraMigrateError):
+    """The disk filled up while writing an output (ENOSPC / EDQUOT)."""
+
+
+def oneline(exc: BaseException) -> str:
+    """First non-empty line of an exception's message (torch and safetensors messages span lines)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return re.sub(r"\s+", " ", line.strip())
+    return type(exc).__name__
+
+
+def is_out_of_space(exc: BaseException | None) -> bool:
+    """True if ``exc`` or anything in its cause/context chain is an ENOSPC or EDQUOT OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OutOfSpace) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def write_errors(path):
+    """Turn an OSError while writing ``path`` into a one-line LoraMigrateError (:class:`OutOfSpace` if disk full)."""
+    try:
+        yield
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise OutOfSpace(f"no space left on device while writing {path}") from exc
+        raise LoraMigrateError(f"{path}: cannot write: {exc.strerror or oneline(exc)}") from exc

@@ -1,0 +1,157 @@
+"""All-or-nothing output directories, and the check that input and output do not overlap.
+
+:func:`atomic_output` hands out a temporary directory next to the destination (same filesystem, so the final
+step is a rename), fsyncs what was written there and renames it into place. Replacing an existing output uses
+Linux ``renameat2(RENAME_EXCHANGE)`` where available, which swaps old and new in one step so ``out`` is always
+the complete old or the complete new output; elsewhere the old output is first renamed aside, which leaves a
+moment in which ``out`` does not exist (but never a partial one). A failure leaves ``out`` untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lora_migrate.errors import LoraMigrateError
+from lora_migrate.io._common import OutOfSpace, is_out_of_space, oneline
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@contextmanager
+def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp directory next to ``out``; on success it becomes ``out``, on error it is deleted.
+
+    Refuses (LoraMigrateError) if ``out`` exists and not ``overwrite``; creates ``out``'s parent if needed.
+    A full disk inside the block becomes OutOfSpace("no space left on device while writing <out>"), a
+    LoraMigrateError.
+    """
+    out = Path(out)
+    if os.path.lexists(out) and not overwrite:
+        raise LoraMigrateError(f"{out} already exists; pass --overwrite to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-migrate-tmp-", dir=parent))
+    except OSError as exc:
+        reason = exc.strerror or oneline(exc)
+        raise LoraMigrateError(f"cannot create output directory in {parent}: {reason}") from None
+    finishing = False
+    try:
+        yield tmp
+        finishing = True
+        _fsync_tree(tmp)
+        _install(tmp, out, overwrite)
+    except BaseException as exc:
+        _remove(tmp)
+        if is_out_of_space(exc):
+            raise OutOfSpace(f"no space left on device while writing {out}") from exc
+        if finishing and isinstance(exc, OSError):  # fsync / rename; the caller's own OSErrors pass through
+            raise LoraMigrateError(f"cannot write {out}: {exc.strerror or oneline(exc)}") from exc
+        raise
+
+
+def refuse_overlap(src: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Raise LoraMigrateError if ``out`` is ``src``, lies inside it, or contains it (symlinks resolved)."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if o == s:
+        raise LoraMigrateError(f"output {out} is the input {src}; choose another output path")
+    if o.is_relative_to(s):
+        raise LoraMigrateError(f"output {out} is inside the input {src}; choose a path outside it")
+    if s.is_relative_to(o):
+        raise LoraMigrateError(f"input {src} is inside the output {out}; replacing the output would delete it")
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out`` (replacing an old ``out`` only if ``overwrite``)."""
+    if not os.path.lexists(out):
+        # rename() would silently replace an empty directory created meanwhile; treat that as a clash too
+        os.rename(tmp, out)
+    elif not overwrite:
+        raise LoraMigrateError(f"{out} already exists; pass --overwrite to replace it")
+    elif _exchange(tmp, out):
+        _remove(tmp)  # tmp now holds the old output
+    else:
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-migrate-old-", dir=out.parent))
+        old = aside / "old"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            _remove(aside)
+            raise
+        _remove(aside)
+    _fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if the OS/filesystem cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root`` (so the rename publishes durable data)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
