@@ -189,6 +189,16 @@ class ModuleInfo(BaseModel):
     scale: float
 
 
+class LoadCheck(BaseModel):
+    """What another library version computes if it loads this file as it is."""
+
+    convention: str
+    library: str
+    versions: str
+    same: bool
+    detail: str
+
+
 class AdapterInspection(BaseModel):
     name: str
     convention: str
@@ -204,6 +214,7 @@ class AdapterInspection(BaseModel):
     bytes: int
     head: str | None
     notes: list[str]
+    as_loaded: list[LoadCheck]
     module_list: list[ModuleInfo]
 
 
@@ -216,6 +227,31 @@ class InspectResult(BaseModel):
     reasons: list[str]
     files: list[str]
     adapters: list[AdapterInspection]
+
+
+def _as_loaded(a: SourceAdapter) -> list[LoadCheck]:
+    """For each other convention of the family: the scales it would apply to this file, loaded as is."""
+    version = a.info.wrapper.get("version")
+    r, alpha = a.info.r, a.info.alpha
+    out = []
+    if a.gated or r is None or alpha is None:
+        return out
+    true = {e.kind: e.scale for e in a.modules}
+    for c in CONVENTIONS:
+        if c.family != a.convention.family or c is a.convention:
+            continue
+        if any(k not in c.scaling for k in true):
+            continue
+        shim = c.load_shim is not None and c.load_shim.applies(version, alpha, r)
+        used = float(r) if shim else alpha
+        wrong = [f"{k} ×{c.scale(k, used, r):g} instead of ×{s:g}" for k, s in sorted(true.items())
+                 if abs(c.scale(k, used, r) / s - 1) > 1e-12]
+        why = f" (its load shim sets alpha := r for version {version!r})" if shim else ""
+        detail = ("same ΔW" + why) if not wrong else ("WRONG: " + ", ".join(wrong) + why +
+                                                      f"; convert with --to {c.name}")
+        out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not wrong,
+                             detail=detail))
+    return out
 
 
 def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
@@ -236,7 +272,7 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
     return AdapterInspection(name=a.info.name, convention=a.convention.name, r=a.info.r, alpha=a.info.alpha,
                              scales=scales, gated=a.gated, convertible=why is None, why_not=why,
                              modules=len(a.modules), layer_kinds=kinds, dtypes=dtypes, bytes=a.nbytes, head=head,
-                             notes=a.notes, module_list=mods)
+                             notes=a.notes, as_loaded=_as_loaded(a), module_list=mods)
 
 
 def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:

@@ -138,6 +138,8 @@ def inspect(path, from_, show_modules, as_json):
             click.echo(f"  not convertible: {a.why_not}")
         if a.head:
             click.echo(f"  head files: {a.head}")
+        for lc in a.as_loaded:
+            click.echo(f"  loaded as is by {lc.library} {lc.versions}: {lc.detail}")
         for n in a.notes:
             click.echo(f"  note: {n}")
         if show_modules:

@@ -97,3 +97,29 @@ def test_acceptance_in_old_libraries_is_committed_and_green():
     assert ("at31/t5_multi", "adapters-1.0", "ad101") in seen
     bad = [r for r in records if not r["ok"]]
     assert not bad, bad
+
+
+ENV_CONVENTION = {"at31": "adapter-transformers-3.1", "ad101": "adapters-1.0", "ad13": "adapters-1.1"}
+
+
+def test_inspect_predicts_what_each_library_measured():
+    """`inspect` says which library versions would read a file wrong; make_golden.py loaded every golden
+    adapter in every environment. Prediction and measurement must agree on every pair."""
+    cross = json.loads((GOLDEN / "checks.json").read_text())["crossload"]
+    compared = 0
+    for env, results in cross.items():
+        for case_name, res in results.items():
+            if "max_abs_diff" not in res or res["max_abs_diff"] is None:
+                continue  # the library could not load it at all (e.g. safetensors in 3.1)
+            case = GOLDEN / case_name
+            info = api.inspect(_source(case)).adapters[0]
+            if info.gated:
+                continue
+            if info.convention == ENV_CONVENTION[env]:
+                predicted_same = True
+            else:
+                predicted_same = next(lc.same for lc in info.as_loaded if lc.convention == ENV_CONVENTION[env])
+            measured_same = res["max_abs_diff"] <= TOL
+            assert predicted_same == measured_same, (env, case_name, res["max_abs_diff"])
+            compared += 1
+    assert compared >= 15

@@ -7,7 +7,7 @@ installed). ``dtype`` config field from 1.1.0 (#767). Post-fix main builds wrote
 """
 
 from .adapterhub import (DEFAULTS, FIELDS_11, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig11)
-from .base import Convention, Scaling, VersionPattern
+from .base import Convention, LoadShim, Scaling, VersionPattern
 
 ADAPTERS_1_1 = Convention(
     name="adapters-1.1",
@@ -27,6 +27,8 @@ ADAPTERS_1_1 = Convention(
     weights_write="pytorch_adapter.bin",  # load_adapter(use_safetensors=False) by default reads only the .bin
     weights_write_safetensors="adapter.safetensors",
     head_files=HEAD_FILES,
+    # Also patches adapters.1.1.0.dev0 (post-fix), misses bare 0.x versions (adapterhub.md §2, gaps 1 and 4).
+    load_shim=LoadShim(version_prefix="adapters.", below="1.1.0", source="loading.py _fix_backward_compat (#770)"),
     config_model=LoRAConfig11,
     config_write_fields=FIELDS_11,
     config_defaults=DEFAULTS,

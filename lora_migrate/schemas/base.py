@@ -102,6 +102,23 @@ class KeyTemplates(Frozen):
         return getattr(self, param).format(module=module, adapter=adapter)
 
 
+class LoadShim(Frozen):
+    """A load-time rewrite of the config: alpha := r when the file's version is ``<prefix>`` below ``below``
+    and r ≠ alpha (and the adapter is LoRA at the config's top level)."""
+
+    version_prefix: str
+    below: str
+    source: str
+
+    def applies(self, version: str | None, alpha: float, r: int) -> bool:
+        if not version or not version.startswith(self.version_prefix) or alpha == r:
+            return False
+        try:
+            return Version(version[len(self.version_prefix):]) < Version(self.below)
+        except InvalidVersion:
+            return False
+
+
 class Convention(Frozen):
     """One library's checkpoint convention over a range of its versions.
 
@@ -130,6 +147,7 @@ class Convention(Frozen):
     weights_write_safetensors: str | None = None  # opt-in (--safetensors): the library reads it only when asked
     head_files: tuple[str, ...] = ()
     alpha_equals_r_on_write: bool = False
+    load_shim: LoadShim | None = None  # what this library does to other versions' configs when it loads them
     config_model: type  # strict pydantic model of the adapter's own config block
     config_write_fields: tuple[str, ...]  # the config fields this library version writes (all, as asdict does)
     config_defaults: dict[str, object]  # defaults for fields a source lacks
