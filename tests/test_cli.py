@@ -127,3 +127,30 @@ def test_conventions_lists_every_scaling_rule():
     rows = json.loads(out)
     assert {r["name"]: r["scaling"]["linear"] for r in rows} == {
         "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r"}
+
+
+def test_converting_onto_itself_or_inside_the_source_is_refused(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    before = snapshot(src)
+    for out in (src, src / "sub"):
+        code, msg = run("convert", src, out, "--to", "adapters-1.0", "--overwrite")
+        assert code == 2 and "Traceback" not in msg, msg
+    assert snapshot(src) == before
+
+
+def test_ia3_into_a_target_without_it_is_refused(tmp_path, monkeypatch):
+    from lora_migrate import schemas
+    from lora_migrate.errors import UnsupportedFeature
+    from lora_migrate.plan import plan_adapter
+    from lora_migrate.detect import open_source
+
+    src = make_adapter(tmp_path / "src", version="3.1.0", config={"composition_mode": "scale", "r": 1},
+                       sd={f"{m}.loras.m1.lora_B": torch.ones(12, 1) for m in ("a.q", "a.v")})
+    lora_only = schemas.get_convention("adapters-1.1").model_copy(
+        update={"scaling": {"linear": schemas.Scaling.ALPHA_OVER_R}})
+    s = open_source(src)
+    try:
+        with pytest.raises(UnsupportedFeature, match=r"cannot express \(IA\)³"):
+            plan_adapter(s.adapters[0], lora_only, ".")
+    finally:
+        s.close()
