@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lora_migrate import api
 from lora_migrate.errors import UnsupportedFeature
 
-from .models import inputs_for, load_and_run, load_base
+from .models import load_and_run, load_base
 
 adapters = pytest.importorskip("adapters")
 

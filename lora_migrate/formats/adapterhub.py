@@ -7,16 +7,15 @@ Every tensor key must be claimed by the convention's templates, or the read fail
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance
+from ..adapter import AdapterInfo, FusedQKV, ScaleProvenance
 from ..errors import DetectionError, LoraMigrateError
-from ..io import SafetensorsWriter, open_tensors, save_bin
+from ..io import BinWriter, SafetensorsWriter, open_tensors
 from ..schemas import CONVENTIONS, Convention
 from ..schemas.adapterhub import FUSED_QKV_MODULES, OTHER_METHOD_KEYS, AdapterHubWrapper
 from ..source import HeadFiles, ModuleEntry, SourceAdapter, TensorStore, read_json, validation_message
@@ -374,18 +373,16 @@ def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, 
                 yield target.keys.key("a", d.module, info.name), d.A
             yield target.keys.key("b", d.module, info.name), d.B
 
-    if safetensors:
-        name = target.weights_write_safetensors
-        if name is None:
-            raise LoraMigrateError(f"{target.name} cannot read safetensors weights")
-        with SafetensorsWriter(out_dir / name) as w:
-            for module, param, shape, dtype in planned:
-                w.add(target.keys.key(param, module, info.name), dtype, shape)
-            w.write_header()
-            for k, t in tensors():
-                w.write(k, t)
-    else:
-        save_bin(out_dir / target.weights_write, dict(tensors()))
+    name = target.weights_write_safetensors if safetensors else target.weights_write
+    if name is None:
+        raise LoraMigrateError(f"{target.name} cannot read safetensors weights")
+    writer = SafetensorsWriter if name.endswith(".safetensors") else BinWriter
+    with writer(out_dir / name) as w:  # plan the whole header, then stream one tensor at a time
+        for module, param, shape, dtype in planned:
+            w.add(target.keys.key(param, module, info.name), dtype, shape)
+        w.write_header()
+        for k, t in tensors():
+            w.write(k, t)
 
     if head is not None:
         if head.static_copy and not keep_head:

@@ -1,5 +1,5 @@
 """Reading and writing tensor files, safely: lazy validated readers, a streaming safetensors writer, a
-``.bin`` writer, and all-or-nothing output directories.
+streaming ``.bin`` writer, and all-or-nothing output directories.
 
 Every failure a user can cause (bad file, existing output, full disk) is a one-line
 :class:`lora_migrate.errors.LoraMigrateError` naming the file.
@@ -7,11 +7,12 @@ Every failure a user can cause (bad file, existing output, full disk) is a one-l
 
 from lora_migrate.io._common import OutOfSpace
 from lora_migrate.io.atomic import atomic_output, refuse_overlap
-from lora_migrate.io.bin_writer import save_bin
+from lora_migrate.io.bin_writer import BinWriter, save_bin
 from lora_migrate.io.safetensors_writer import SafetensorsWriter, safetensors_order
 from lora_migrate.io.tensors import TensorFile, TensorMeta, open_tensors, read_safetensors_header
 
 __all__ = [
+    "BinWriter",
     "OutOfSpace",
     "SafetensorsWriter",
     "TensorFile",

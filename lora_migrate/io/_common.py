@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import re
 from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,78 @@ def write_errors(path):
         if is_out_of_space(exc):
             raise OutOfSpace(f"no space left on device while writing {path}") from exc
         raise LoraMigrateError(f"{path}: cannot write: {exc.strerror or oneline(exc)}") from exc
+
+
+class PlannedWriter:
+    """The plan shared by the two-phase writers: ``add`` every tensor (name, dtype, shape), ``write_header``,
+    then ``write`` each tensor in plan order, ``close``. This class keeps the plan and checks every call against
+    it (ValueError on a mismatch); subclasses lay out the bytes. As a context manager, an exception (or an
+    incomplete plan at exit) aborts and deletes the partial file.
+    """
+
+    def __init__(self) -> None:
+        self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}  # dtype, shape, nbytes
+        self._order: list[str] = []
+        self._next = 0
+
+    def _check_dtype(self, name: str, dtype: torch.dtype) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def add(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        """Plan one tensor (torch dtype and shape). Duplicate names and bad values raise ValueError."""
+        if self._started or self._done:
+            raise ValueError("add() after write_header()")
+        if not isinstance(name, str):
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in self._plan:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor {name!r}: {dtype!r} is not a torch.dtype")
+        shape = tuple(shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: invalid shape {shape!r}")
+        self._check_dtype(name, dtype, shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        self._plan[name] = (dtype, shape, numel * dtype.itemsize)
+        self._order.append(name)
+
+    def _take_next(self, name: str, tensor: torch.Tensor) -> int:
+        """Check that ``tensor`` is the next planned one; return its index in the plan."""
+        if not self._started or self._done:
+            raise ValueError("write() before write_header()" if not self._started else "write() after close()")
+        if self._next >= len(self._order):
+            raise ValueError(f"write({name!r}): all planned tensors were already written")
+        expected = self._order[self._next]
+        dtype, shape, _ = self._plan[expected]
+        if name != expected:
+            raise ValueError(f"write({name!r}): the plan expects {expected!r} next")
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            raise ValueError(f"tensor {name!r}: expected a dense torch.Tensor")
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
+        return self._next
+
+    def _check_complete(self) -> None:
+        """Before closing: abort and raise ValueError if the header or any planned tensor was not written."""
+        if not self._started or self._next < len(self._order):
+            missing = self._order[self._next] if self._started else "the header"
+            n = len(self._order) - self._next
+            self.abort()
+            raise ValueError(f"{self.path}: closed before writing {missing} ({n} planned tensors unwritten)")
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()

@@ -17,13 +17,13 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, write_errors
+from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, PlannedWriter, write_errors
 
 
 def safetensors_order(items: Iterable[tuple[str, torch.dtype]]) -> list[str]:
@@ -31,13 +31,14 @@ def safetensors_order(items: Iterable[tuple[str, torch.dtype]]) -> list[str]:
     return [name for name, dtype in sorted(items, key=lambda it: (-BY_TORCH[it[1]].rank, it[0]))]
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(PlannedWriter):
     """Write a safetensors file in two phases: ``add`` every tensor, ``write_header``, ``write`` each in order.
 
     As a context manager, an exception (or an incomplete file at exit) closes and deletes the partial file.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        super().__init__()
         if sys.byteorder != "little":
             raise LoraMigrateError("writing safetensors on a big-endian machine is not supported")
         if metadata is not None and not (
@@ -46,49 +47,34 @@ class SafetensorsWriter:
             raise ValueError("metadata must be a dict of str to str")
         self.path = Path(path)
         self.metadata = None if metadata is None else dict(metadata)
-        self._plan: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, begin, end
-        self._size = 0
-        self._order: list[str] = []
-        self._next = 0
         self._file = None
+        self._started = False
         self._done = False
 
-    def add(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
-        """Plan one tensor (torch dtype and shape). Duplicate names and bad values raise ValueError."""
-        if self._file is not None or self._done:
-            raise ValueError("add() after write_header()")
-        if not isinstance(name, str) or name == "__metadata__":
+    def _check_dtype(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        if name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"tensor name {name!r} is not encodable as UTF-8") from None
-        if name in self._plan:
-            raise ValueError(f"duplicate tensor name {name!r}")
         if dtype not in BY_TORCH:
             raise ValueError(f"tensor {name!r}: safetensors cannot store dtype {dtype}")
-        shape = tuple(shape)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r}: invalid shape {shape!r}")
         if BY_TORCH[dtype].code == "F4" and not shape:
             raise ValueError(f"tensor {name!r}: float4_e2m1fn_x2 needs at least one dimension")
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        self._plan[name] = (dtype, shape, self._size, self._size + nbytes)
-        self._size += nbytes
-        self._order.append(name)
 
     def _header_bytes(self) -> bytes:
-        """The 8-byte length plus padded JSON header for the current plan."""
+        """The 8-byte length plus padded JSON header for the current plan (data laid out in plan order)."""
         header: dict = {}
         if self.metadata is not None:
             header["__metadata__"] = self.metadata
-        for name, (dtype, shape, begin, end) in self._plan.items():
+        begin = 0
+        for name, (dtype, shape, nbytes) in self._plan.items():
             if BY_TORCH[dtype].code == "F4":  # the header counts F4 values, two per float4_e2m1fn_x2 element
                 shape = (*shape[:-1], shape[-1] * 2)
-            header[name] = {"dtype": BY_TORCH[dtype].code, "shape": list(shape), "data_offsets": [begin, end]}
+            header[name] = {"dtype": BY_TORCH[dtype].code, "shape": list(shape),
+                            "data_offsets": [begin, begin + nbytes]}
+            begin += nbytes
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         text += b" " * (-len(text) % 8)
         if len(text) > MAX_HEADER_SIZE:
@@ -97,32 +83,21 @@ class SafetensorsWriter:
 
     def write_header(self) -> None:
         """Create the file and write the header; the plan is frozen from here on."""
-        if self._file is not None or self._done:
+        if self._started or self._done:
             raise ValueError("write_header() called twice")
         header = self._header_bytes()
+        self._started = True
         with write_errors(self.path):
             self._file = open(self.path, "wb")
             self._file.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor; its name, dtype and shape must match the plan exactly."""
-        if self._file is None:
-            raise ValueError("write() before write_header()")
-        if self._next >= len(self._order):
-            raise ValueError(f"write({name!r}): all planned tensors were already written")
-        expected = self._order[self._next]
-        dtype, shape, begin, end = self._plan[expected]
-        if name != expected:
-            raise ValueError(f"write({name!r}): the plan expects {expected!r} next")
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            raise ValueError(f"tensor {name!r}: expected a dense torch.Tensor")
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}"
-            )
+        i = self._take_next(name, tensor)
+        nbytes = self._plan[self._order[i]][2]
         data = _raw_bytes(tensor)
-        if data.nbytes != end - begin:  # cannot happen for a strided tensor; guards the layout invariant
-            raise ValueError(f"tensor {name!r}: {data.nbytes} bytes, planned {end - begin}")
+        if data.nbytes != nbytes:  # cannot happen for a strided tensor; guards the layout invariant
+            raise ValueError(f"tensor {name!r}: {data.nbytes} bytes, planned {nbytes}")
         with write_errors(self.path):
             self._file.write(data)
         self._next += 1
@@ -131,11 +106,7 @@ class SafetensorsWriter:
         """Flush, fsync and close. Raises ValueError (and deletes the file) if the plan was not fully written."""
         if self._done:
             return
-        if self._file is None or self._next < len(self._order):
-            missing = self._order[self._next] if self._file is not None else "the header"
-            n = len(self._order) - self._next
-            self.abort()
-            raise ValueError(f"{self.path}: closed before writing {missing} ({n} planned tensors unwritten)")
+        self._check_complete()
         try:
             with write_errors(self.path):
                 self._file.flush()
@@ -156,16 +127,6 @@ class SafetensorsWriter:
                 pass
             if self.path.is_file():  # never unlink a device node such as /dev/full
                 self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
 
 
 def _raw_bytes(tensor: torch.Tensor):

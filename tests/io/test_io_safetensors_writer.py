@@ -17,27 +17,10 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import OutOfSpace, SafetensorsWriter, open_tensors, safetensors_order
 from lora_migrate.io import safetensors_writer as writer_module
 from lora_migrate.io._common import BY_TORCH
+from tests.io.bitwise import bits, bitwise_equal, random_tensor  # noqa: F401
 
 ALL_DTYPES = sorted(BY_TORCH, key=str)
 
-
-def random_tensor(dtype, shape, gen=None):
-    """Random bit patterns (NaNs, infs, subnormals included) of any dtype, via uint8."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
-    if dtype == torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).reshape(shape)
-
-
-def bits(t):
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def bitwise_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def write_all(path, tensors, metadata=None, order=None):
