@@ -67,7 +67,8 @@ def test_identical_is_exactly_zero():
         assert c.status == "ok" and c.ok
         assert c.rel_fro == 0.0 and c.rel_probe == 0.0 and c.rel_bias is None
         assert c.tolerance == F32_TOL
-        assert math.isclose(c.norm, torch.linalg.matrix_norm(dense(d)).item(), rel_tol=1e-12)
+        # with a shared factor the norm comes from a float32 Gram form (it is only the denominator)
+        assert math.isclose(c.norm, torch.linalg.matrix_norm(dense(d)).item(), rel_tol=1e-6)
 
 
 @settings(max_examples=150, deadline=None)
