@@ -11,6 +11,14 @@ import sys
 import click
 
 
+def _echo_modules(report, indent: str) -> None:
+    for m in report.modules:
+        fro = "-" if m.rel_fro is None else f"{m.rel_fro:.2g}"
+        probe = "-" if m.rel_probe is None else f"{m.rel_probe:.2g}"
+        click.echo(f"{indent}{m.module}: {m.status}, relative error {fro} (Frobenius) / {probe} (probes)"
+                   + (f" {m.detail}" if m.detail and not m.ok else ""))
+
+
 def _echo_json(model) -> None:
     if isinstance(model, list):
         click.echo(json.dumps([m.model_dump(mode="json") for m in model], indent=2))
@@ -73,8 +81,9 @@ def main():
 @click.option("--safetensors", is_flag=True,
               help="Write adapter.safetensors instead of pytorch_adapter.bin (load it with use_safetensors=True).")
 @click.option("--keep-head", is_flag=True, help="Copy head files that only repeat the base model's head.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, as_json):
+@click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
+def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -107,6 +116,8 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
             click.echo(f"  note: {n}")
         if a.verify is not None:
             click.echo(f"  check: {a.verify.summary()}")
+            if verbose:
+                _echo_modules(a.verify, "    ")
         elif not r.dry_run:
             click.echo("  check: skipped (--no-verify)")
 
@@ -153,8 +164,9 @@ def inspect(path, from_, show_modules, as_json):
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--from", "from_", help="Convention of SRC (detected when left out).")
 @click.option("--to", "to", help="Convention of OUT (detected when left out).")
+@click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(src, out, from_, to, as_json):
+def verify(src, out, from_, to, verbose, as_json):
     """Check that OUT computes the same ΔW as SRC, module by module. Exit 1 if it does not."""
     from . import api
 
@@ -165,8 +177,11 @@ def verify(src, out, from_, to, as_json):
         click.echo(f"{r.source} ({r.source_convention}) vs {r.output} ({r.output_convention})")
         for name, rep in r.adapters.items():
             click.echo(f"  {name}: {rep.summary()}")
-            for m in rep.failures()[:10]:
-                click.echo(f"    {m.module}: {m.status} {m.detail}")
+            if verbose:
+                _echo_modules(rep, "    ")
+            else:
+                for m in rep.failures()[:10]:
+                    click.echo(f"    {m.module}: {m.status} {m.detail}")
     if not r.ok:
         sys.exit(1)
 

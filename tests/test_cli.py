@@ -154,3 +154,12 @@ def test_ia3_into_a_target_without_it_is_refused(tmp_path, monkeypatch):
             plan_adapter(s.adapters[0], lora_only, ".")
     finally:
         s.close()
+
+
+def test_verbose_prints_every_module(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    code, out = run("convert", src, tmp_path / "out", "--to", "adapters-1.0", "-v")
+    assert code == 0
+    assert out.count("SelfAttention.") == 2 and "relative error" in out
+    code, out = run("verify", src, tmp_path / "out", "-v")
+    assert code == 0 and out.count(": ok, relative error") == 2
