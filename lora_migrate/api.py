@@ -18,6 +18,7 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .io import atomic_output, refuse_overlap
+from .io._common import release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
 from .schemas import CONVENTIONS, get_convention
 from .source import Source, SourceAdapter
@@ -85,6 +86,7 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
             checks.append(missing(e.module))
             continue
         checks.append(compare(src.load(e), out.load(o), probes=probes))
+        release_memory()
     checks += [extra(m) for m in out_by]
     return build_report(checks, time.perf_counter() - t0)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from .adapter import ModuleDelta, ScaleProvenance
 from .errors import LoraMigrateError
 from .formats.adapterhub import target_config
+from .io._common import release_memory
 from .rules import describe
 from .rules.refuse import refuse_gated, refuse_kinds
 from .rules.scale import SAME, choose_alpha, rescale
@@ -66,6 +67,7 @@ class Execution:
     def deltas(self):
         for e in self.source.modules:
             yield self.apply(self.source.load(e), e.kind)
+            release_memory()
 
 
 def _meta_delta(src: SourceAdapter, e: ModuleEntry) -> ModuleDelta:

@@ -158,3 +158,27 @@ class PlannedWriter:
             self.abort()
         else:
             self.close()
+
+
+def _libc_trim():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        return fn
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), between modules.
+
+    Module-sized tensors (MBs) are freed after each module; glibc's dynamic mmap threshold then serves later
+    ones from the heap, whose fragments it keeps, so resident memory would creep up with the file's size.
+    """
+    if _TRIM is not None:
+        _TRIM(0)

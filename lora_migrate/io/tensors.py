@@ -3,22 +3,26 @@
 ``open_tensors(path)`` returns a :class:`TensorFile` that lists keys and shapes without loading data and loads
 one tensor at a time. Safetensors headers are parsed and checked here, strictly and before safetensors sees the
 file, so that a malformed file ends in a one-line :class:`LoraMigrateError` naming the file, never a traceback.
-Data then comes from ``safetensors.safe_open`` (zero-copy mmap). ``.bin`` files are read with
-``torch.load(weights_only=True)``, mmapped when the file is in the zip format; anything in the pickle other
-than tensors is refused.
+Data is then read tensor by tensor at the header's offsets into fresh memory (no mmap, so resident memory
+stays about one tensor during a pass over the file). ``.bin`` files: ``data.pkl`` is read with torch's own
+weights-only unpickler (anything other than tensors is refused) and each storage's zip record is read on
+demand in the same way; legacy and unusual files fall back to ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import io
 import json
 import os
 import pickle
 import re
 import struct
-from dataclasses import dataclass
+import sys
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
 import torch
 
 from lora_migrate.errors import LoraMigrateError
@@ -35,6 +39,7 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+    offset: int = field(default=-1, compare=False)  # absolute file offset of the data (safetensors), -1 where the format has none
 
 
 class TensorFile:
@@ -67,23 +72,27 @@ class TensorFile:
             raise KeyError(f"{self.path}: no tensor named {_short(key)}") from None
 
     def get(self, key: str) -> torch.Tensor:
-        """Load one tensor (CPU; a zero-copy mmap view where the format allows)."""
+        """Load one tensor into fresh CPU memory.
+
+        Data is read at the offset the validated header gives (``.bin``: the storage's zip record), not through
+        an mmap, so that a pass over a large file keeps about one tensor resident, not the file's pages.
+        """
         if self._closed:
             raise ValueError(f"{self.path}: file is closed")
-        self.meta(key)
+        m = self.meta(key)
         if self._tensors is not None:
             return self._tensors[key]
-        try:
-            return self._handle.get_tensor(key)
-        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise LoraMigrateError(f"{self.path}: cannot read tensor {_short(key)}: {oneline(exc)}") from exc
+        storage = _read_span(self._handle, self.path, key, m.offset, m.nbytes)
+        return torch.empty(0, dtype=m.dtype).set_(storage, 0, m.shape)
 
     def close(self) -> None:
         """Release the file. Tensors already returned by :meth:`get` stay valid."""
         if not self._closed:
             self._closed = True
             if self._handle is not None:
-                self._handle.__exit__(None, None, None)
+                self._handle.close()
+            if isinstance(self._tensors, _LazyBinTensors):
+                self._tensors.close()
             self._handle = self._tensors = None
 
     def __enter__(self) -> TensorFile:
@@ -126,9 +135,9 @@ def open_tensors(path: str | os.PathLike) -> TensorFile:
 def _open_safetensors(path: Path, size: int) -> TensorFile:
     metas, metadata = read_safetensors_header(path, size)
     try:
-        handle = safetensors.safe_open(str(path), framework="pt")
-    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise LoraMigrateError(f"{path}: not a valid safetensors file: {oneline(exc)}") from exc
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed by TensorFile.close()
+    except OSError as exc:
+        raise LoraMigrateError(f"{path}: cannot read: {exc.strerror or oneline(exc)}") from exc
     return TensorFile(path, "safetensors", metas, metadata, handle, None)
 
 
@@ -218,7 +227,7 @@ def read_safetensors_header(
             if not shape or shape[-1] % 2:
                 raise bad(f"tensor {_short(key)} (F4 {_short(shape)}) needs an even last dimension")
             torch_shape = (*shape[:-1], shape[-1] // 2)
-        entries.append((begin, end, TensorMeta(key, torch_shape, dt.torch_dtype, end - begin)))
+        entries.append((begin, end, TensorMeta(key, torch_shape, dt.torch_dtype, end - begin, 8 + n + begin)))
 
     entries.sort(key=lambda e: (e[0], e[1]))  # stable: equal ranges (empty tensors) keep header order
     pos, prev = 0, None
@@ -240,9 +249,14 @@ def read_safetensors_header(
 
 
 def _open_bin(path: Path, head: bytes) -> TensorFile:
-    # torch can mmap only the zip format; legacy (pre-1.6 / _use_new_zipfile_serialization=False) files are
-    # plain pickles and are loaded whole. Checking the magic is the same test torch.load makes internally.
+    # Zip-format files are read lazily, one storage at a time (_open_bin_lazy); torch.load below takes what that
+    # reader leaves to it. torch can mmap only the zip format; legacy (pre-1.6 / _use_new_zipfile_serialization=
+    # False) files are plain pickles and are loaded whole. Checking the magic is the same test torch.load makes.
     mmap = head.startswith(_ZIP_MAGIC)
+    if mmap:
+        lazy = _open_bin_lazy(path)
+        if lazy is not None:
+            return lazy
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -277,6 +291,206 @@ def _open_bin(path: Path, head: bytes) -> TensorFile:
             raise LoraMigrateError(f"{path}: key {_short(key)} holds a {type(value).__name__} value, not a tensor")
         metas[key] = TensorMeta(key, tuple(value.shape), value.dtype, value.numel() * value.element_size())
     return TensorFile(path, "bin", metas, None, None, obj)
+
+
+# Zip-format .bin read one storage at a time. torch.load(mmap=True) maps the whole file, and as a conversion
+# touches every tensor the mapped pages pile up in the process's resident memory (file-backed, but counted), so
+# peak RSS grows with the file. Here data.pkl is unpickled by torch's own weights-only unpickler (the very class
+# torch.load(weights_only=True) uses, so exactly the same pickles are allowed) with storages on the meta device:
+# that yields every tensor's storage key, offset, shape, stride and dtype without any data. Each storage's bytes
+# are then located in the zip (stdlib zipfile + the record's local header) and read on demand with readinto into
+# freshly allocated memory. Anything unusual -- not a flat dict of plain strided tensors, a pickle the
+# unpickler refuses, a compressed record, a big-endian file, a torch without the private unpickler -- returns
+# None and _open_bin goes the torch.load way, so those files keep their former behaviour and error messages.
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature, 22 bytes, name and extra lengths
+
+
+def _open_bin_lazy(path: Path) -> TensorFile | None:
+    """A lazily read :class:`TensorFile` for a zip-format ``.bin``, or ``None`` to fall back to ``torch.load``.
+
+    Raises :class:`LoraMigrateError` only for damage the torch.load path would not report clearly (a data
+    record of the wrong size, or one running past the end of the file).
+    """
+    if sys.byteorder != "little":
+        return None
+    try:
+        from torch._weights_only_unpickler import Unpickler
+    except ImportError:
+        return None
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 -- owned by _LazyBinTensors, closed by TensorFile.close
+    except OSError:
+        return None
+    try:
+        plan = _plan_lazy_bin(path, f, Unpickler)
+    except LoraMigrateError:
+        f.close()
+        raise
+    except MemoryError:
+        f.close()
+        raise
+    except Exception:  # anything the unpickler or zipfile raise: let torch.load judge (and word) it
+        plan = None
+    if plan is None:
+        f.close()
+        return None
+    metas, views, spans = plan
+    return TensorFile(path, "bin", metas, None, None, _LazyBinTensors(path, f, views, spans))
+
+
+def _plan_lazy_bin(path: Path, f, unpickler_class):
+    """``(metas, views, spans)`` for :class:`_LazyBinTensors`, or ``None`` where torch.load must decide."""
+    size = os.fstat(f.fileno()).st_size
+    with zipfile.ZipFile(f) as zf:  # given a file object, ZipFile leaves it open
+        infos = zf.infolist()
+        names = [info.filename for info in infos]
+        if not names or "/" not in names[0] or len(set(names)) != len(names):
+            return None
+        # torch's reader takes the archive folder from the first record's name
+        prefix = names[0].split("/", 1)[0] + "/"
+        records = {info.filename[len(prefix) :]: info for info in infos if info.filename.startswith(prefix)}
+        if "data.pkl" not in records or "constants.pkl" in records:  # constants.pkl: TorchScript, refused
+            return None
+        if "version" not in records and ".data/version" not in names:
+            return None
+        # No record means little-endian (torch's default). A big-endian file is left to torch.load, which
+        # byteswaps it; an unknown value too, which torch.load refuses.
+        if "byteorder" in records and zf.read(records["byteorder"]) != b"little":
+            return None
+        pkl = zf.read(records["data.pkl"])
+
+    storages: dict[str, torch.storage.TypedStorage] = {}
+    key_of: dict[int, str] = {}  # untyped storage's _cdata -> storage key
+
+    def persistent_load(saved_id):
+        # torch.serialization._load's persistent_load, minus the data: a meta storage of the right byte size
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise pickle.UnpicklingError(f"unexpected persistent id {_short(saved_id)}")
+        typename, storage_type, key, _location, numel = saved_id
+        if isinstance(typename, bytes):
+            typename = typename.decode("ascii")
+        if typename != "storage" or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise pickle.UnpicklingError(f"unexpected persistent id {_short(saved_id)}")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key not in storages:
+            untyped = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
+            storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+            key_of[untyped._cdata] = key
+        return storages[key]
+
+    # Sparse tensors register themselves for validation at the end of torch.load; take back any meta ones added
+    # here, so that they cannot trouble a later torch.load (such a file falls back to torch.load anyway).
+    pending = getattr(torch._utils, "_sparse_tensors_to_validate", None)
+    mark = len(pending) if isinstance(pending, list) else None
+    try:
+        unpickler = unpickler_class(io.BytesIO(pkl), encoding="utf-8")  # as torch.load(weights_only=True)
+        unpickler.persistent_load = persistent_load
+        obj = unpickler.load()
+    finally:
+        if mark is not None:
+            del pending[mark:]
+
+    if not isinstance(obj, dict):
+        return None
+    metas: dict[str, TensorMeta] = {}
+    views: dict[str, tuple] = {}
+    for name, t in obj.items():
+        if not isinstance(name, str) or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        if t.layout != torch.strided or t.is_quantized or t.device.type != "meta":
+            return None
+        key = key_of.get(t.untyped_storage()._cdata)
+        if key is None:
+            return None
+        metas[name] = TensorMeta(name, tuple(t.shape), t.dtype, t.numel() * t.element_size())
+        views[name] = (key, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    spans: dict[str, tuple[int, int]] = {}  # storage key -> (data start in the file, byte size)
+    for key in dict.fromkeys(v[0] for v in views.values()):
+        nbytes = storages[key]._untyped_storage.nbytes()
+        info = records.get(f"data/{key}")
+        if info is None:
+            raise LoraMigrateError(
+                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): record data/{key} is missing"
+            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        if info.file_size != nbytes or info.compress_size != nbytes:
+            raise LoraMigrateError(
+                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): record data/{key} holds "
+                f"{info.file_size} bytes, its tensors need {nbytes}"
+            )
+        f.seek(info.header_offset)
+        raw = f.read(_LOCAL_HEADER.size)
+        if len(raw) != _LOCAL_HEADER.size:
+            return None
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+        if signature != _ZIP_MAGIC:
+            return None
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if start + nbytes > size:
+            raise LoraMigrateError(
+                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): record data/{key} runs past "
+                "the end of the file"
+            )
+        spans[key] = (start, nbytes)
+    return metas, views, spans
+
+
+class _LazyBinTensors:
+    """``name -> tensor`` for :class:`TensorFile`: each get reads its storage's bytes into fresh memory.
+
+    The last storage read is kept, so views of one storage (a fused matrix saved as slices) read it once;
+    tensors returned for views of one storage share it, as they would from ``torch.load``.
+    """
+
+    def __init__(self, path: Path, file, views: dict[str, tuple], spans: dict[str, tuple[int, int]]):
+        self._path = path
+        self._file = file
+        self._views = views
+        self._spans = spans
+        self._last: tuple[str, torch.UntypedStorage] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key, offset, shape, stride, dtype = self._views[name]
+        storage = self._storage(key, name)
+        return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+
+    def _storage(self, key: str, name: str) -> torch.UntypedStorage:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        self._last = None  # let the previous storage go before allocating the next
+        start, nbytes = self._spans[key]
+        storage = _read_span(self._file, self._path, name, start, nbytes)
+        self._last = (key, storage)
+        return storage
+
+    def close(self) -> None:
+        self._last = None
+        self._file.close()
+
+
+def _read_span(f, path: Path, name: str, start: int, nbytes: int) -> torch.UntypedStorage:
+    """``nbytes`` bytes at ``start`` of the open file ``f``, read into a fresh CPU storage (no mmap; a read may
+    return short, e.g. at 2 GiB on Linux, so it loops)."""
+    storage = torch.UntypedStorage(nbytes)
+    if not nbytes:
+        return storage
+    buf = memoryview((ctypes.c_ubyte * nbytes).from_address(storage.data_ptr()))
+    done = 0
+    try:
+        f.seek(start)
+        while done < nbytes:
+            got = f.readinto(buf[done:])
+            if not got:
+                break
+            done += got
+    except OSError as exc:
+        raise LoraMigrateError(f"{path}: cannot read tensor {_short(name)}: {exc.strerror or oneline(exc)}") from exc
+    if done != nbytes:
+        raise LoraMigrateError(f"{path}: tensor {_short(name)} is cut short (file truncated?)")
+    return storage
 
 
 class _Duplicate(ValueError):
