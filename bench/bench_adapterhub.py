@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HIDDEN, INTER, LAYERS = 4096, 11008, 32
