@@ -26,6 +26,12 @@ def _pick(path: Path, cands: list[Convention], reasons: list[str], from_: str | 
                          f"({'; '.join(reasons[1:])}); pass --from")
 
 
+def _keys_reason(a) -> str:
+    n = sum(len(e.keys) for e in a.modules)
+    tmpl = a.convention.keys.b.format(module="<module>", adapter=a.info.name)
+    return f"{n} tensor keys of adapter {a.info.name!r} are all claimed by {tmpl.replace('lora_B', 'lora_A|lora_B')}"
+
+
 def open_source(path: str | Path, from_: str | None = None) -> Source:
     """Read SRC (an adapter folder, a full-model folder, or a folder of adapter folders) lazily."""
     path = Path(path)
@@ -39,11 +45,12 @@ def open_source(path: str | Path, from_: str | None = None) -> Source:
         cands, reasons, wrapper = ah.detect_adapter_dir(path)
         conv, reasons = _pick(path, cands, reasons, from_)
         adapter = ah.read_adapter_dir(path, conv, wrapper)
-        return Source(path, conv, "adapter", [adapter], reasons)
+        return Source(path, conv, "adapter", [adapter], [*reasons, _keys_reason(adapter)])
     if ah.is_full_model_dir(path):
         cands, reasons, cfg = ah.detect_full_model(path)
         conv, reasons = _pick(path, cands, reasons, from_)
-        return Source(path, conv, "full-model", ah.read_full_model(path, conv, cfg), reasons)
+        adapters = ah.read_full_model(path, conv, cfg)
+        return Source(path, conv, "full-model", adapters, [*reasons, *(_keys_reason(a) for a in adapters)])
     if (path / "adapter_config.json").is_file():
         ah.detect_adapter_dir(path)  # says what it is (e.g. PEFT) when it can
         raise LoraMigrateError(f"{path}: adapter_config.json but no weights file (pytorch_adapter.bin or "

@@ -163,3 +163,17 @@ def test_mixed_scaling_of_adapters_1_0_gpt2_is_folded_per_layer(tmp_path):
     p = r.adapters[0].plan
     assert p.scales_in == {"fused_qkv": 4.0, "linear": 1.0}
     assert (load_and_run("gpt2", tmp_path / "out") - ref_101).abs().max().item() <= TOL
+
+
+def test_sharded_full_model(tmp_path):
+    model = build("llama")
+    adapters.init(model)
+    model.add_adapter("m1", config=adapters.LoRAConfig(r=4, alpha=8, intermediate_lora=True))
+    randomize_loras(model, "m1", 7)
+    model.set_active_adapters("m1")
+    ref = logits(model, inputs_for(model))
+    model.save_pretrained(str(tmp_path / "full"), max_shard_size="40KB")
+    assert list((tmp_path / "full").glob("*.index.json")), "the checkpoint should be sharded"
+    r = api.convert(tmp_path / "full", tmp_path / "out", to="adapters-1.0")
+    assert r.layout == "full-model" and r.ok
+    assert (load_and_run("llama", tmp_path / "out") - ref).abs().max().item() <= TOL
