@@ -62,6 +62,13 @@ class FusedQKV:
         return A, B_full
 
 
+def config_rank(kind: str, fused: FusedQKV | None, a_rows: int | None) -> int:
+    """r as a config counts it: 1 for (IA)³, A's rows per enabled group for fused QKV, else A's rows."""
+    if kind == "ia3":
+        return 1
+    return a_rows // (len(fused.groups) if fused else 1)
+
+
 @dataclass(frozen=True)
 class ModuleDelta:
     """ΔW = scale · B @ A for one module of the base model (see the module docstring for (IA)³ and fused QKV)."""
@@ -78,10 +85,7 @@ class ModuleDelta:
     @property
     def rank(self) -> int:
         """The rank r as the library's config counts it (per group for fused QKV)."""
-        if self.kind == "ia3":
-            return 1
-        n = len(self.fused.groups) if self.fused else 1
-        return self.A.shape[0] // n
+        return config_rank(self.kind, self.fused, None if self.A is None else self.A.shape[0])
 
     def factors(self) -> tuple[Tensor | None, Tensor]:
         """(A, B) such that ΔW = scale · B @ A holds for a plain (non-fused) product."""
@@ -103,4 +107,3 @@ class AdapterInfo:
     alpha: float | None = None
     config: dict = field(default_factory=dict)  # the library's own adapter config (``config`` block)
     wrapper: dict = field(default_factory=dict)  # the rest of adapter_config.json (model_type, hidden_size, ...)
-    notes: list[str] = field(default_factory=list)  # things the user should hear (dropped files, shims, ...)

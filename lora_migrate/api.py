@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .adapter import ModuleDelta
 from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
@@ -311,5 +310,4 @@ def conventions() -> list[ConventionInfo]:
             for c in CONVENTIONS]
 
 
-__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "conventions", "inspect", "verify",
-           "ModuleDelta"]
+__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "conventions", "inspect", "verify"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance
+from .adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance, config_rank
 from .errors import LoraMigrateError
 from .io import TensorFile, TensorMeta, open_tensors
 from .schemas import Convention, LayerKind
@@ -59,10 +59,7 @@ class ModuleEntry:
 
     @property
     def rank(self) -> int:
-        if self.kind == "ia3":
-            return 1
-        n = len(self.fused.groups) if self.fused else 1
-        return self.metas["a"].shape[0] // n
+        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None)
 
 
 @dataclass

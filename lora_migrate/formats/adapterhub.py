@@ -176,7 +176,7 @@ def _validate_config(conv: Convention, raw: dict, where: str):
         raise LoraMigrateError(validation_message(where, e) + f" (read as {conv.name})") from None
 
 
-def read_head(path: Path, conv: Convention, adapter: str) -> HeadFiles | None:
+def read_head(path: Path, conv: Convention) -> HeadFiles | None:
     """Head files beside an adapter; a static-head model's are a copy of the base model's own head."""
     files = [path / f for f in conv.head_files if (path / f).is_file()]
     weights = [f for f in files if f.suffix in (".bin", ".safetensors")]
@@ -223,7 +223,7 @@ def read_adapter_dir(path: Path, conv: Convention, wrapper: AdapterHubWrapper) -
         info = AdapterInfo(name=wrapper.name, convention=conv.name, r=int(config.r), alpha=float(config.alpha),
                            config=config.model_dump(exclude_unset=True),
                            wrapper=wrapper.model_dump(exclude={"config"}))
-        head = read_head(path, conv, wrapper.name)
+        head = read_head(path, conv)
     except BaseException:
         store.close()
         raise
