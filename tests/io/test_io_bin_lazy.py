@@ -3,7 +3,6 @@ each storage read on demand into fresh memory (no mmap) -- bitwise equal to torc
 files left to torch.load, refusals unchanged, and peak memory about one tensor instead of the whole file."""
 
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -17,6 +16,7 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, TensorMeta, open_tensors
 from lora_migrate.io import tensors as tensors_module
 from tests.io.bitwise import bitwise_equal, random_tensor
+from tests.io.memprobe import run_script
 
 DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
@@ -325,20 +325,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import sys, torch
     from lora_migrate.io import BinWriter, open_tensors
     from lora_migrate.io import tensors as tensors_module
+    from tests.io.memprobe import reset_peak, status
 
     N, NUMEL = 38, 4 << 20  # 38 float32 tensors of 16 MiB: 608 MiB
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-    def reset_peak():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-                f.write("5")
-        except OSError:
-            pass  # then the growth is over-, never under-estimated
-        return status("VmRSS")
 
     with BinWriter(sys.argv[1]) as w:
         for i in range(N):
@@ -373,18 +362,8 @@ def test_peak_memory_is_about_one_tensor(tmp_path):
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         path = Path(tmp) / "pytorch_model.bin"
-        # fixed glibc mmap threshold: each 16 MiB tensor is its own mapping, unmapped when freed (no heap noise)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), MALLOC_MMAP_THRESHOLD_="1048576")
-        out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_SCRIPT, str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        (lazy, grown), (mmapped_lazy, mmapped) = (map(int, line.split()) for line in out.stdout.split("\n")[:2])
+        lines = run_script(_MEMORY_SCRIPT, str(path))
+        (lazy, grown), (mmapped_lazy, mmapped) = (map(int, line.split()) for line in lines[:2])
         assert lazy == 1 and mmapped_lazy == 0
         assert grown < 100 << 20, f"lazy .bin reading grew peak RSS by {grown >> 20} MiB"
         assert mmapped > 500 << 20, f"the mmap path grew peak RSS by only {mmapped >> 20} MiB"

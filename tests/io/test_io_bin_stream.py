@@ -5,7 +5,6 @@ import errno
 import gc
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, OutOfSpace
 from lora_migrate.io import bin_writer as bin_module
+from tests.io.memprobe import run_script
 from tests.io.bitwise import bits, bitwise_equal, random_tensor  # noqa: F401
 
 DTYPES = [
@@ -340,24 +340,16 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from lora_migrate.io import BinWriter
+    from tests.io.memprobe import reset_peak, status
 
     N, NUMEL = 40, 4 << 20  # 40 float32 tensors of 16 MiB: 640 MiB
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     def tensors():
         for i in range(N):
             yield f"layer.{i}.weight", torch.full((NUMEL,), float(i))
 
     torch.full((NUMEL,), 0.0).sum()  # warm up allocator and kernels
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-            f.write("5")
-    except OSError:
-        pass  # then the streamed growth is over-, never under-estimated
-    before = status("VmRSS")
+    before = reset_peak()
     with BinWriter(sys.argv[1]) as w:
         for i in range(N):
             w.add(f"layer.{i}.weight", torch.float32, (NUMEL,))
@@ -382,17 +374,8 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path):
         (Path(tmp) / "a").mkdir()
         (Path(tmp) / "b").mkdir()
         ours, ref = Path(tmp) / "a" / "pytorch_adapter.bin", Path(tmp) / "b" / "pytorch_adapter.bin"
-        # A fixed glibc mmap threshold makes every 16 MiB tensor its own mapping, unmapped when freed, so RSS
-        # is the memory actually alive. With glibc's default dynamic threshold, freed tensors may stay in a
-        # fragmented heap: even a loop that only creates and drops the 40 tensors, writing nothing, then
-        # peaks anywhere from ~100 MiB to the full 640 MiB -- noise that says nothing about the writer.
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), MALLOC_MMAP_THRESHOLD_="1048576")
-        out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_SCRIPT, str(ours), str(ref)],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        streamed, saved = map(int, out.stdout.split())
+        lines = run_script(_MEMORY_SCRIPT, str(ours), str(ref), timeout=120)
+        streamed, saved = map(int, lines)
         assert streamed < 100 << 20, f"streaming peak RSS grew by {streamed >> 20} MiB"
         assert saved > 600 << 20, f"torch.save peak RSS grew by only {saved >> 20} MiB"
         assert ours.stat().st_size == ref.stat().st_size > 640 << 20
