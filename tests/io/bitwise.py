@@ -20,3 +20,10 @@ def bits(t):
 
 def bitwise_equal(a, b):
     return type(a) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+#: Every dtype torch.save can store (the ones this torch has), for .bin round-trip tests.
+SAVE_DTYPES = [getattr(torch, n) for n in (
+    "float32", "float64", "float16", "bfloat16", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
+    "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "int8", "uint8", "int16", "uint16",
+    "int32", "uint32", "int64", "uint64", "bool") if isinstance(getattr(torch, n, None), torch.dtype)]

@@ -20,15 +20,9 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, OutOfSpace
 from lora_migrate.io import bin_writer as bin_module
 from tests.io.memprobe import run_script
-from tests.io.bitwise import bits, bitwise_equal, random_tensor  # noqa: F401
+from tests.io.bitwise import SAVE_DTYPES, bits, bitwise_equal, random_tensor  # noqa: F401
 
-DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
-    torch.float4_e2m1fn_x2, torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32,
-    torch.int64, torch.uint64, torch.bool,
-]  # fmt: skip
-DTYPES = [dt for dt in DTYPES if isinstance(dt, torch.dtype)]
+DTYPES = SAVE_DTYPES
 
 
 
