@@ -93,8 +93,15 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
     return ah.read_adapter_dir(folder, target, wrapper)
 
 
-def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) -> VerifyReport:
-    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time."""
+def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None
+                    ) -> VerifyReport:
+    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
+
+    With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
+    s·(BA − B₀A₀), which the rank-2r output must reproduce."""
+    from .rules.shape import pissa_to_lora
+
+    init_by = {e.module: e for e in initial.modules} if initial is not None else {}
     t0 = time.perf_counter()
     out_by = {e.module: e for e in out.modules}
     checks = []
@@ -104,6 +111,8 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
             checks.append(missing(e.module))
             continue
         d_src, d_out = src.load(e), out.load(o)
+        if e.module in init_by:
+            d_src = pissa_to_lora(d_src, initial.load(init_by[e.module]))
         check = compare(d_src, d_out, probes=probes)
         if (d_src.magnitude is None) != (d_out.magnitude is None) or (
                 d_src.magnitude is not None and not torch.equal(d_src.magnitude, d_out.magnitude)):
@@ -180,7 +189,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                     if verify:
                         back = _read_back(folder, target, ex.source.info.name)
                         try:
-                            report = verify_adapters(ex.source, back)
+                            report = verify_adapters(ex.source, back, initial=ex.initial)
                         finally:
                             back.store.close()
                         if not report.ok:
