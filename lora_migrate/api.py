@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .formats import peft as pf
 from .io import atomic_output, refuse_overlap
 from .io._common import release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
-from .schemas import CONVENTIONS, get_convention
+from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
 from .verify import VerifyReport, build_report, compare, extra, missing
 
@@ -298,8 +299,59 @@ class InspectResult(BaseModel):
     adapters: list[AdapterInspection]
 
 
+def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
+    """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
+    §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
+    from .formats.peft import module_r_alpha
+    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, fields_of
+
+    cfg = a.peft
+    out = []
+    for c in CONVENTIONS:
+        if c.family != "peft" or c is a.convention:
+            continue
+        problems = []
+        if c.strict_config_fields:
+            unknown = sorted(k for k, v in a.info.config.items() if k not in fields_of("0.13"))
+            if unknown:
+                out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                     detail=f"FAILS to load: TypeError: unexpected keyword argument "
+                                            f"{unknown[0]!r}; convert with --to {c.name}"))
+                continue
+        drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
+        for f in sorted(a.features):
+            if f in drops:
+                problems.append(drops[f])
+        rs = cfg.use_rslora and "rslora" in c.features
+        wrong = []
+        for e in a.modules:
+            if "patterns" in c.features:
+                r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
+                                          cfg.rank_pattern, cfg.alpha_pattern)
+            else:
+                r, alpha = cfg.r, float(cfg.lora_alpha)
+            s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            if r != e.rank:
+                wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
+            elif abs(s / e.scale - 1) > 1e-12:
+                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
+        if wrong:
+            problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
+        if cfg.use_rslora and not rs:
+            who = "vLLM before PR #6909 " if c.name == "vllm" else ""
+            problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
+                            f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
+                            f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
+        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; convert with --to {c.name}"
+        out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
+                             detail=detail))
+    return out
+
+
 def _as_loaded(a: SourceAdapter) -> list[LoadCheck]:
     """For each other convention of the family: the scales it would apply to this file, loaded as is."""
+    if a.convention.family == "peft":
+        return _as_loaded_peft(a)
     version = a.info.wrapper.get("version")
     r, alpha = a.info.r, a.info.alpha
     out = []

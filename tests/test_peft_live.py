@@ -242,3 +242,19 @@ def test_unknown_module_keys_are_refused(tmp_path, tmp_path_factory):
     save_file(sd, d / "adapter_model.safetensors")
     with pytest.raises(LoraMigrateError, match="no PEFT LoRA schema claims"):
         api.convert(d, tmp_path / "o", to="peft")
+
+
+def test_inspect_predicts_what_each_peft_era_and_server_computes(tmp_path_factory):
+    src, _ = _source("rslora", tmp_path_factory)
+    r = api.inspect(src)
+    a = r.adapters[0]
+    assert r.convention == "peft" and a.scales["linear"].startswith("5.65685")
+    by = {c.convention: c for c in a.as_loaded}
+    assert "TypeError" in by["peft-0.13"].detail and not by["peft-0.13"].same
+    assert by["peft-0.16"].same
+    lorax = by["lorax"].detail
+    assert not by["lorax"].same and "×2 instead of ×5.65685" in lorax and "alpha·√r = 45.2548" in lorax
+    assert "alpha·r = 128" in lorax
+    src, _ = _source("patterns", tmp_path_factory)
+    by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
+    assert not by["vllm"].same and "built at r=4 for a rank-8 tensor" in by["vllm"].detail
