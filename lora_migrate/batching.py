@@ -106,7 +106,7 @@ def _derive_names(sources: list[str]) -> list[str]:
             not sources[i].startswith("hf://") for i in idx) else ""
         for i in idx:
             rel = os.path.relpath(os.path.abspath(sources[i]), common) if common else sources[i]
-            names[i] = "--".join(p for p in Path(rel).parts if p not in ("/", "."))
+            names[i] = "--".join(p for p in Path(rel).parts if p not in ("/", ".")) or names[i]  # same source
     return names
 
 
