@@ -44,7 +44,7 @@ def test_parallel_batch_one_failure_stops_nothing(tmp_path):
     for s in srcs:
         r = recs[s.name]
         assert r["status"] == "ok" and r["convention"] == "adapter-transformers-3.1" and r["target"] == "adapters-1.0"
-        assert r["rules"][0] == "read" and "verify" in r["rules"] and r["modules"] == 2
+        assert r["rules"][0] == "read" and {"rescale", "write"} <= set(r["rules"]) and r["modules"] == 2
         assert 0 <= r["max_rel_fro"] <= r["tolerance"] and r["bytes"] > 0 and r["seconds"] > 0
         v = lora_migrate.verify(s, tmp_path / "out" / s.name)  # the output really holds the same ΔW
         assert v.ok
