@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from pydantic import BaseModel
 
 from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
+from .formats import peft as pf
 from .io import atomic_output, refuse_overlap
 from .io._common import release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
@@ -51,7 +54,8 @@ class ConvertResult(BaseModel):
 # ------------------------------------------------------------------------------------------------ convert
 
 
-def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool) -> list[Execution]:
+def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool,
+           initial: Source | None = None, model_type: str | None = None) -> list[Execution]:
     from .rules.select import select_adapters
 
     names = select_adapters([a.info.name for a in source.adapters], adapter)
@@ -62,11 +66,26 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
             sub = "." if single else a.info.name
             if sub != "." and (sub in ("..", "") or "/" in sub or "\\" in sub or "\0" in sub):
                 raise LoraMigrateError(f"adapter name {sub!r} cannot be a folder name")
-            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head))
+            init = None
+            if initial is not None:
+                by = {x.info.name: x for x in initial.adapters}
+                init = by.get(a.info.name) or (initial.adapters[0] if len(initial.adapters) == 1 else None)
+                if init is None:
+                    raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
+            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head, initial=init,
+                                    model_type=model_type))
     return out
 
 
-def _read_back(folder: Path, target) -> SourceAdapter:
+def _read_back(folder: Path, target, name: str) -> SourceAdapter:
+    if target.family == "peft":
+        raw = pf.read_json(folder / "adapter_config.json")
+        if target.name not in ("lorax", "vllm"):
+            cands, _ = pf.eras_for(raw)
+            if target not in cands:
+                raise VerificationFailed(f"{folder}: the written config would be read as "
+                                         f"{', '.join(c.name for c in cands)}, not {target.name}")
+        return pf.read_peft_dir(folder, target, raw, name)
     cands, _, wrapper = ah.detect_adapter_dir(folder)
     if target not in cands:
         raise VerificationFailed(f"{folder}: the written config would be read as "
@@ -84,20 +103,55 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
         if o is None:
             checks.append(missing(e.module))
             continue
-        checks.append(compare(src.load(e), out.load(o), probes=probes))
+        d_src, d_out = src.load(e), out.load(o)
+        check = compare(d_src, d_out, probes=probes)
+        if (d_src.magnitude is None) != (d_out.magnitude is None) or (
+                d_src.magnitude is not None and not torch.equal(d_src.magnitude, d_out.magnitude)):
+            check = check.model_copy(update=dict(ok=False, status="mismatch",
+                                                 detail="DoRA magnitude vector differs or is missing"))
+        checks.append(check)
         release_memory()
     checks += [extra(m) for m in out_by]
+    out_extras = set(out.extras)
+    for k in src.extras:
+        same = k in out_extras and torch.equal(src.store.get(k), out.store.get(k))
+        if not same:
+            checks.append(missing(k, "non-LoRA tensor not carried over bit for bit"))
     return build_report(checks, time.perf_counter() - t0)
 
 
 def _write(ex: Execution, folder: Path) -> list[str]:
+    if ex.target.family == "peft":
+        return _write_peft(ex, folder)
     return ah.write_adapter(folder, ex.target, ex.source.info, ex.deltas(), ex.plan.r, ex.plan.alpha_out,
-                            ex.tensors, safetensors=ex.safetensors, head=ex.source.head, keep_head=ex.keep_head)
+                            ex.tensors, safetensors=ex.safetensors, head=ex.source.head, keep_head=ex.keep_head,
+                            config=ex.config)
+
+
+def _write_peft(ex: Execution, folder: Path) -> list[str]:
+    keys = ex.target.keys
+    planned = [(keys.key(p, m), shape, dtype) for m, p, shape, dtype in ex.tensors]
+    store = ex.source.store
+    planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.source.extras]
+
+    def tensors():
+        for d in ex.deltas():
+            emb = d.kind == "embedding"
+            for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
+                if t is not None:
+                    yield keys.key(("emb_" + p) if emb and p in ("a", "b") else p, d.module), t
+        for k in ex.source.extras:
+            yield k, store.get(k)
+
+    pf.write_peft(folder, ex.target, ex.config, tensors(), planned, safetensors=not ex.target.weights_write
+                  .endswith(".bin"))
+    return [f"copied {len(ex.source.extras)} non-LoRA tensors unchanged"] if ex.source.extras else []
 
 
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
-            keep_head: bool = False) -> ConvertResult:
+            keep_head: bool = False, initial_adapter: str | Path | None = None,
+            model_type: str | None = None) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, then check every module numerically.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
@@ -108,8 +162,11 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     target = get_convention(to)
     refuse_overlap(src, out)
     source = open_source(src, from_)
+    initial = None
     try:
-        execs = _plans(source, target, adapter, safetensors, keep_head)
+        if initial_adapter is not None:
+            initial = open_source(initial_adapter)
+        execs = _plans(source, target, adapter, safetensors, keep_head, initial, model_type)
         results = []
         if dry_run:
             results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
@@ -118,10 +175,10 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
             with atomic_output(out, overwrite=overwrite) as tmp:
                 for ex in execs:
                     folder = tmp / ex.plan.output
-                    notes = [*ex.source.notes, *_write(ex, folder)]
+                    notes = [*ex.plan.notes, *_write(ex, folder)]
                     report = None
                     if verify:
-                        back = _read_back(folder, target)
+                        back = _read_back(folder, target, ex.source.info.name)
                         try:
                             report = verify_adapters(ex.source, back)
                         finally:
@@ -137,6 +194,8 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                              dry_run=dry_run, adapters=results, seconds=time.perf_counter() - t0)
     finally:
         source.close()
+        if initial is not None:
+            initial.close()
 
 
 # ------------------------------------------------------------------------------------------------ verify

@@ -26,3 +26,36 @@ def refuse_kinds(adapter: str, kinds: set[str], target: Convention) -> None:
     if missing:
         raise UnsupportedFeature(f"{adapter}: {target.name} cannot express {', '.join(names[k] for k in missing)} "
                                  "layers")
+
+
+_WHY = {
+    "dora": "DoRA (lora_magnitude_vector) rescales every row of W + s·BA by m/‖W + s·BA‖: that needs the base "
+            "weights, and diag(m/n − 1)·W is not low rank, so no LoRA pair can express it",
+    "lora_bias": "lora_B.bias (lora_bias=true) adds s·l to the layer's output, which {t} cannot hold",
+    "modules_to_save": "modules_to_save holds full trained copies of modules, which {t} cannot hold",
+    "bias": "trained base biases (bias != \"none\") are full tensors, which {t} cannot hold",
+    "trainable_tokens": "trainable tokens replace embedding rows, which {t} cannot hold",
+}
+
+
+@rule("refuse_features")
+def refuse_features(adapter: str, features: set[str], target: Convention) -> None:
+    """A feature of the source that the target cannot express exactly (DoRA outside PEFT, LoRA bias outside
+    PEFT ≥ 0.14, full module copies outside PEFT, PEFT-only forward variants) is refused with the reason, and for
+    the serving targets with the message the server itself gives or the thing it silently drops."""
+    from ..schemas.peft import LORAX_DROPS, VLLM_REFUSALS
+
+    for f in sorted(features):
+        if f in ("rslora", "patterns", "embedding", "conv"):
+            continue  # rewritten exactly (alpha per module, padding) or refused by kind
+        if target.family == "peft" and target.name not in ("lorax", "vllm"):
+            if f == "lora_bias" and "lora_bias" not in target.features:
+                raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
+                                         f"{target.name} would ignore it")
+            continue  # other config fields are checked field by field when the config is written
+        if target.name == "vllm" and f in VLLM_REFUSALS:
+            raise UnsupportedFeature(f"{adapter}: vLLM refuses it: \"{VLLM_REFUSALS[f]}\"")
+        if target.name == "lorax" and f in LORAX_DROPS:
+            raise UnsupportedFeature(f"{adapter}: {LORAX_DROPS[f]}; refused rather than served wrong")
+        why = _WHY.get(f, f"{f} changes the forward pass in a way only PEFT reproduces")
+        raise UnsupportedFeature(f"{adapter}: {why.format(t=target.name)}; {target.name} cannot express it")
