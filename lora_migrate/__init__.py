@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult"}
+_API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult",
+        "fix_merged", "FixMergedResult"}
 
 
 def __getattr__(name):

@@ -369,4 +369,7 @@ def conventions() -> list[ConventionInfo]:
             for c in CONVENTIONS]
 
 
-__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "conventions", "inspect", "verify"]
+from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)
+
+__all__ = ["ConvertResult", "FixMergedResult", "InspectResult", "VerifyResult", "convert", "conventions",
+           "fix_merged", "inspect", "verify"]
