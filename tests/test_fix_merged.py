@@ -231,3 +231,30 @@ def test_golden_peft_0152_merge_is_the_simulated_bug(tmp_path):
     for k in merged:
         if not any(k.startswith(m + ".") for m in modules):
             assert torch.equal(merged[k], base[k]), k
+
+
+def test_gpt2_conv1d_wrong_scale(tmp_path):
+    """GPT-2 Conv1D weights are stored (in, out): the correction is (B·A)ᵀ (fan_in_fan_out)."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    base = build("gpt2", 0)
+    inputs = inputs_for(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, use_rslora=True, fan_in_fan_out=True,
+                                            target_modules=["c_attn", "c_fc"]))
+    randomize(model, 1)
+    model.eval()
+    ref = run_logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    for m in model.modules():
+        if hasattr(m, "scaling") and "default" in m.scaling:
+            m.scaling["default"] = 16 / 4  # a merger that ignored use_rslora: alpha/r
+    plain = model.merge_and_unload()
+    plain.save_pretrained(tmp_path / "merged")
+    broken = run_logits(tf.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval(), inputs)
+    assert (broken - ref).abs().max() > 1e-2
+    r = lora_migrate.fix_merged(tmp_path / "merged", tmp_path / "fixed", adapter=tmp_path / "adapter",
+                                merged_with="vllm")
+    assert r.ok and len(r.repaired) == 4 and all(t.scale_used == 4 and t.scale_true == 8 for t in r.repaired)
+    fixed = run_logits(tf.GPT2LMHeadModel.from_pretrained(tmp_path / "fixed").eval(), inputs)
+    assert (fixed - ref).abs().max() <= 1e-5
