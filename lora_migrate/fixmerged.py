@@ -200,9 +200,11 @@ def _open_set(shards: list[Path]):
     return files
 
 
-def _rewrite(files, out_dir: Path, merged: Path, adapter: SourceAdapter, fixes: dict[str, _Fix]) -> None:
+def _rewrite(files, out_dir: Path, root: Path, target: dict) -> None:
+    """Write every file of ``files`` under ``out_dir`` with the same names, order and metadata; a tensor whose
+    key is in ``target`` becomes ``target[key](float64 tensor)`` cast back to its dtype once."""
     for tf in files:
-        dest = out_dir / tf.path.relative_to(merged)
+        dest = out_dir / tf.path.relative_to(root)
         writer = SafetensorsWriter(dest, metadata=tf.metadata) if tf.format == "safetensors" else BinWriter(dest)
         with writer as w:
             for k in tf.keys():
@@ -211,18 +213,19 @@ def _rewrite(files, out_dir: Path, merged: Path, adapter: SourceAdapter, fixes: 
             w.write_header()
             for k in tf.keys():
                 t = tf.get(k)
-                f = fixes.get(k)
-                if f is not None:
-                    t = (t.double() + _unit(adapter, f)).to(t.dtype)
+                if k in target:
+                    t = target[k](t.double()).to(t.dtype)
                 w.write(k, t)
                 del t
         release_memory()
 
 
-def _check(files_in, out_dir: Path, merged: Path, adapter: SourceAdapter, fixes: dict[str, _Fix]):
-    repaired, untouched, identical = [], 0, True
+def _check(files_in, out_dir: Path, root: Path, target: dict):
+    """Read the written files back. Returns ([(key, file, tensor_in, error, ‖want − in‖, ‖want‖, tol)] for the
+    changed tensors, count of untouched ones, whether those are all byte-identical)."""
+    changed, untouched, identical = [], 0, True
     for tf in files_in:
-        rel = tf.path.relative_to(merged)
+        rel = tf.path.relative_to(root)
         with open_tensors(out_dir / rel) as back:
             if back.keys() != tf.keys():
                 raise VerificationFailed(f"{rel}: written tensor names differ from the input's")
@@ -230,28 +233,33 @@ def _check(files_in, out_dir: Path, merged: Path, adapter: SourceAdapter, fixes:
                 a, b = tf.get(k), back.get(k)
                 if a.dtype != b.dtype or a.shape != b.shape:
                     raise VerificationFailed(f"{rel}: {k!r} changed dtype or shape")
-                f = fixes.get(k)
-                if f is None:
+                if k not in target:
                     untouched += 1
-                    same = torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                                       b.contiguous().reshape(-1).view(torch.uint8))
-                    identical &= same
+                    identical &= torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                             b.contiguous().reshape(-1).view(torch.uint8))
                     continue
-                corr = _unit(adapter, f)
-                want = a.double() + corr
-                err = float(torch.linalg.vector_norm((b.double() - a.double()) - corr))
-                cn = float(torch.linalg.vector_norm(corr))
+                a64 = a.double()
+                want = target[k](a64)
+                err = float(torch.linalg.vector_norm(b.double() - want))
+                cn = float(torch.linalg.vector_norm(want - a64))
                 wn = float(torch.linalg.vector_norm(want))
-                tol = tolerance_for(a.dtype)
-                rw = err / wn if wn > 0 else err
-                repaired.append(RepairedTensor(
-                    key=k, module=f.module, what=f.what, file=str(rel), dtype=str(a.dtype).removeprefix("torch."),
-                    shape=list(a.shape), scale_true=f.s_true, scale_used=f.s_used, correction_norm=cn, error=err,
-                    rel_to_correction=err / cn if cn > 0 else err, rel_to_weight=rw, tolerance=tol,
-                    ok=math.isfinite(err) and rw <= tol))
-                del a, b, corr, want
+                changed.append((k, str(rel), a, err, cn, wn, tolerance_for(a.dtype)))
+                del b, want, a64
         release_memory()
-    return repaired, untouched, identical
+    return changed, untouched, identical
+
+
+def _repaired(changed, fixes: dict[str, _Fix]) -> list[RepairedTensor]:
+    out = []
+    for k, rel, a, err, cn, wn, tol in changed:
+        f = fixes[k]
+        rw = err / wn if wn > 0 else err
+        out.append(RepairedTensor(
+            key=k, module=f.module, what=f.what, file=rel, dtype=str(a.dtype).removeprefix("torch."),
+            shape=list(a.shape), scale_true=f.s_true, scale_used=f.s_used, correction_norm=cn, error=err,
+            rel_to_correction=err / cn if cn > 0 else err, rel_to_weight=rw, tolerance=tol,
+            ok=math.isfinite(err) and rw <= tol))
+    return out
 
 
 def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merged_with: str,
@@ -315,10 +323,11 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
                     shutil.copy2(p, tmp / p.name)
                 copied.append(p.name)
             repaired, untouched, identical = [], 0, True
+            target = {k: (lambda w, f=f: w + _unit(a, f)) for k, f in check_keys.items()}
             for files in opened:
-                _rewrite(files, tmp, merged, a, check_keys)
-                r, u, i = _check(files, tmp, merged, a, check_keys)
-                repaired += r
+                _rewrite(files, tmp, merged, target)
+                changed, u, i = _check(files, tmp, merged, target)
+                repaired += _repaired(changed, check_keys)
                 untouched += u
                 identical &= i
                 written += [str(f.path.relative_to(merged)) for f in files]
