@@ -370,6 +370,7 @@ def conventions() -> list[ConventionInfo]:
 
 
 from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)
+from .merge import MergeResult, merge_adapter  # noqa: E402  (lora-migrate merge)
 
 __all__ = ["ConvertResult", "FixMergedResult", "InspectResult", "VerifyResult", "convert", "conventions",
-           "fix_merged", "inspect", "verify"]
+           "fix_merged", "inspect", "merge_adapter", "MergeResult", "verify"]

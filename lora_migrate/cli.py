@@ -259,5 +259,27 @@ def fix_merged(merged_dir, out, adapter, merged_with, scale_used, adapter_from, 
     click.echo(f"  check: {r.summary()}")
 
 
+@main.command("merge")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("base_dir", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--from", "from_", help="Convention of SRC (detected when left out).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(src, base_dir, out, from_, overwrite, as_json):
+    """Merge the adapter SRC into the model BASE_DIR and write the dense model to OUT (LoRA and DoRA).
+
+    The exact way to move a DoRA adapter into a library without DoRA. Streamed, then read back and checked.
+    """
+    from .merge import merge_adapter as run
+
+    r = run(src, base_dir, out, from_=from_, overwrite=overwrite)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r.source} ({r.convention}) into {r.base} → {r.output}")
+    click.echo(f"  check: {r.summary()}")
+
+
 if __name__ == "__main__":
     main()

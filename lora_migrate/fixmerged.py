@@ -98,7 +98,7 @@ class _Fix:
     shape: tuple[int, ...]
 
 
-def _weight_sets(merged: Path) -> list[list[Path]]:
+def weight_sets(merged: Path) -> list[list[Path]]:
     """The weight files of each format present, as lists of shard paths (one list per format)."""
     sets = []
     for index_name, single in WEIGHT_SETS:
@@ -123,7 +123,38 @@ def _weight_sets(merged: Path) -> list[list[Path]]:
     return sets
 
 
-def _unit_shape(e: ModuleEntry, transpose: bool) -> tuple[int, ...]:
+def close_sets(opened: list[list]) -> None:
+    for files in opened:
+        for f in files:
+            f.close()
+
+
+def model_folder(model: Path, adapter_dir: Path, out: Path) -> tuple[dict, list[list[Path]]]:
+    """The config and weight files of a saved transformers model; refuses an OUT that overlaps an input."""
+    if not model.is_dir():
+        raise LoraMigrateError(f"{model}: not a folder (expected a saved transformers model)")
+    config = read_json(model / "config.json")
+    refuse_overlap(model, out)
+    refuse_overlap(adapter_dir, out)
+    return config, weight_sets(model)
+
+
+def copy_others(root: Path, dest: Path, sets: list[list[Path]]) -> list[str]:
+    """Copy every file and folder of ``root`` except the weight files (config, tokenizer, …) to ``dest``."""
+    weight_files = {p for shards in sets for p in shards}
+    copied = []
+    for p in sorted(root.iterdir()):
+        if p in weight_files:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dest / p.name, symlinks=False)
+        else:
+            shutil.copy2(p, dest / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def unit_shape(e: ModuleEntry, transpose: bool) -> tuple[int, ...]:
     A, B = e.metas["a"].shape, e.metas["b"].shape
     if e.fused is not None:
         out = 3 * (B[0] // len(e.fused.groups))
@@ -169,7 +200,7 @@ def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with:
                 raise UnsupportedFeature(f"module {e.module!r}: DoRA merged at a wrong scale cannot be repaired by "
                                          "adding a delta (the row norms change); merge again from the base model")
             fixes.append(_Fix(f"{e.module}.weight", e.module, "weight", e, s_true - s_w, s_true, s_w, transpose,
-                              _unit_shape(e, transpose)))
+                              unit_shape(e, transpose)))
         if "bias" in e.keys and not math.isclose(s_true, s_b, rel_tol=1e-12, abs_tol=0.0):
             fixes.append(_Fix(f"{e.module}.bias", e.module, "bias", e, s_true - s_b, s_true, s_b, False,
                               tuple(e.metas["bias"].shape)))
@@ -188,7 +219,7 @@ def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with:
     return fixes
 
 
-def _open_set(shards: list[Path]):
+def open_set(shards: list[Path]):
     files = []
     try:
         for p in shards:
@@ -200,7 +231,7 @@ def _open_set(shards: list[Path]):
     return files
 
 
-def _rewrite(files, out_dir: Path, root: Path, target: dict) -> None:
+def rewrite(files, out_dir: Path, root: Path, target: dict) -> None:
     """Write every file of ``files`` under ``out_dir`` with the same names, order and metadata; a tensor whose
     key is in ``target`` becomes ``target[key](float64 tensor)`` cast back to its dtype once."""
     for tf in files:
@@ -220,7 +251,7 @@ def _rewrite(files, out_dir: Path, root: Path, target: dict) -> None:
         release_memory()
 
 
-def _check(files_in, out_dir: Path, root: Path, target: dict):
+def check(files_in, out_dir: Path, root: Path, target: dict):
     """Read the written files back. Returns ([(key, file, tensor_in, error, ‖want − in‖, ‖want‖, tol)] for the
     changed tensors, count of untouched ones, whether those are all byte-identical)."""
     changed, untouched, identical = [], 0, True
@@ -275,12 +306,7 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
     conv = get_convention(merged_with)
     if scale_used is not None and not (math.isfinite(scale_used) and scale_used != 0):
         raise LoraMigrateError(f"--scale-used {scale_used}: expected a finite, nonzero number")
-    if not merged.is_dir():
-        raise LoraMigrateError(f"{merged}: not a folder (expected a saved transformers model)")
-    config = read_json(merged / "config.json")
-    refuse_overlap(merged, out)
-    refuse_overlap(adapter_dir, out)
-    sets = _weight_sets(merged)
+    config, sets = model_folder(merged, adapter_dir, out)
     src = open_source(adapter_dir, adapter_from)
     used = None
     opened: list = []
@@ -301,7 +327,7 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
                              f"not {a.modules[0].provenance.describe()}")
         fan = bool(getattr(a.peft, "fan_in_fan_out", False)) or config.get("model_type") == "gpt2"
         for shards in sets:
-            opened.append(_open_set(shards))
+            opened.append(open_set(shards))
         check_keys = {}
         for files in opened:
             metas = {k: f.meta(k) for f in files for k in f.keys()}
@@ -311,22 +337,14 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
             why = (f"{conv.name} merges this adapter at its own scale" if scale_used is None
                    else f"--scale-used {scale_used:g} is the adapter's own scale")
             raise LoraMigrateError(f"nothing to repair: {why} (and its lora_B.bias, if any, correctly)")
-        written, copied = [], []
+        written = []
         with atomic_output(out, overwrite=overwrite) as tmp:
-            weight_files = {p for shards in sets for p in shards}
-            for p in sorted(merged.iterdir()):
-                if p in weight_files:
-                    continue
-                if p.is_dir():
-                    shutil.copytree(p, tmp / p.name, symlinks=False)
-                else:
-                    shutil.copy2(p, tmp / p.name)
-                copied.append(p.name)
+            copied = copy_others(merged, tmp, sets)
             repaired, untouched, identical = [], 0, True
             target = {k: (lambda w, f=f: w + _unit(a, f)) for k, f in check_keys.items()}
             for files in opened:
-                _rewrite(files, tmp, merged, target)
-                changed, u, i = _check(files, tmp, merged, target)
+                rewrite(files, tmp, merged, target)
+                changed, u, i = check(files, tmp, merged, target)
                 repaired += _repaired(changed, check_keys)
                 untouched += u
                 identical &= i
@@ -345,9 +363,7 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
         res.seconds = time.perf_counter() - t0
         return res
     finally:
-        for files in opened:
-            for f in files:
-                f.close()
+        close_sets(opened)
         src.close()
         if used is not None:
             used.store.close()
