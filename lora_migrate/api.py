@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .formats import peft as pf
+from .hub import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
-from .schemas import CONVENTIONS, get_convention
+from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
 from .verify import VerifyReport, build_report, compare, extra, missing
 
@@ -93,8 +95,15 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
     return ah.read_adapter_dir(folder, target, wrapper)
 
 
-def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) -> VerifyReport:
-    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time."""
+def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None
+                    ) -> VerifyReport:
+    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
+
+    With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
+    s·(BA − B₀A₀), which the rank-2r output must reproduce."""
+    from .rules.shape import pissa_to_lora
+
+    init_by = {e.module: e for e in initial.modules} if initial is not None else {}
     t0 = time.perf_counter()
     out_by = {e.module: e for e in out.modules}
     checks = []
@@ -104,6 +113,8 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
             checks.append(missing(e.module))
             continue
         d_src, d_out = src.load(e), out.load(o)
+        if e.module in init_by:
+            d_src = pissa_to_lora(d_src, initial.load(init_by[e.module]))
         check = compare(d_src, d_out, probes=probes)
         if (d_src.magnitude is None) != (d_out.magnitude is None) or (
                 d_src.magnitude is not None and not torch.equal(d_src.magnitude, d_out.magnitude)):
@@ -158,7 +169,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     check fails (nothing is left at OUT).
     """
     t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src, out = Path(resolve_source(src)), Path(out)
     target = get_convention(to)
     refuse_overlap(src, out)
     source = open_source(src, from_)
@@ -180,7 +191,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                     if verify:
                         back = _read_back(folder, target, ex.source.info.name)
                         try:
-                            report = verify_adapters(ex.source, back)
+                            report = verify_adapters(ex.source, back, initial=ex.initial)
                         finally:
                             back.store.close()
                         if not report.ok:
@@ -215,9 +226,9 @@ class VerifyResult(BaseModel):
 
 def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: str | None = None) -> VerifyResult:
     """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``)."""
-    a = open_source(src, from_)
+    a = open_source(resolve_source(src), from_)
     try:
-        b = open_source(out, to)
+        b = open_source(resolve_source(out), to)
         try:
             names_a = {x.info.name: x for x in a.adapters}
             names_b = {x.info.name: x for x in b.adapters}
@@ -289,8 +300,59 @@ class InspectResult(BaseModel):
     adapters: list[AdapterInspection]
 
 
+def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
+    """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
+    §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
+    from .formats.peft import module_r_alpha
+    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, fields_of
+
+    cfg = a.peft
+    out = []
+    for c in CONVENTIONS:
+        if c.family != "peft" or c is a.convention:
+            continue
+        problems = []
+        if c.strict_config_fields:
+            unknown = sorted(k for k, v in a.info.config.items() if k not in fields_of("0.13"))
+            if unknown:
+                out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                     detail=f"FAILS to load: TypeError: unexpected keyword argument "
+                                            f"{unknown[0]!r}; convert with --to {c.name}"))
+                continue
+        drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
+        for f in sorted(a.features):
+            if f in drops:
+                problems.append(drops[f])
+        rs = cfg.use_rslora and "rslora" in c.features
+        wrong = []
+        for e in a.modules:
+            if "patterns" in c.features:
+                r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
+                                          cfg.rank_pattern, cfg.alpha_pattern)
+            else:
+                r, alpha = cfg.r, float(cfg.lora_alpha)
+            s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            if r != e.rank:
+                wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
+            elif abs(s / e.scale - 1) > 1e-12:
+                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
+        if wrong:
+            problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
+        if cfg.use_rslora and not rs:
+            who = "vLLM before PR #6909 " if c.name == "vllm" else ""
+            problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
+                            f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
+                            f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
+        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; convert with --to {c.name}"
+        out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
+                             detail=detail))
+    return out
+
+
 def _as_loaded(a: SourceAdapter) -> list[LoadCheck]:
     """For each other convention of the family: the scales it would apply to this file, loaded as is."""
+    if a.convention.family == "peft":
+        return _as_loaded_peft(a)
     version = a.info.wrapper.get("version")
     r, alpha = a.info.r, a.info.alpha
     out = []
@@ -337,7 +399,7 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
 
 def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:
     """Name the convention and version of PATH with the reasons, and describe every adapter in it."""
-    s = open_source(path, from_)
+    s = open_source(resolve_source(path), from_)
     try:
         files = sorted({str(f) for a in s.adapters for f in a.files})
         return InspectResult(path=str(path), layout=s.layout, convention=s.convention.name,

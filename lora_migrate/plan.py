@@ -191,7 +191,7 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
     refuse_features(name, src.features, target)
     initial_entries = _check_initial(src, initial, steps)
     if target.family == "adapterhub":
-        ex = _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head)
+        ex = _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, initial is not None)
     else:
         ex = _plan_peft(src, target, output, steps, doubled=initial is not None)
     ex.initial, ex._initial_entries = initial, initial_entries
@@ -230,7 +230,7 @@ def _check_initial(src: SourceAdapter, initial: SourceAdapter | None, steps: lis
     return by
 
 
-def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head) -> Execution:
+def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, doubled) -> Execution:
     name = src.info.name
     out: dict[str, ModuleOut] = {}
     fused_modules = set()
@@ -244,7 +244,7 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
                           + ")"))
         if fused_modules:
             steps.append(Step(rule="to_fused_qkv", what=describe("to_fused_qkv")))
-        ranks = {e.rank for e in src.modules}
+        ranks = {e.rank * (2 if doubled else 1) for e in src.modules}
     else:
         mt, locs = src.info.wrapper.get("model_type"), None
         ranks = {e.rank for e in src.modules}
@@ -265,7 +265,7 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
         scales_in.setdefault(k, e.scale)
         t = out_scales[k]
         prov = ScaleProvenance(alpha=alpha_out, r=r, rule=f"{target.scaling[k].value} ({k})", convention=target.name)
-        out[e.module] = ModuleOut(scale=t, provenance=prov, pad_to=r if e.rank != r else None,
+        out[e.module] = ModuleOut(scale=t, provenance=prov, pad_to=r if e.rank * (2 if doubled else 1) != r else None,
                                   to_fused=e.module in fused_modules)
         rescaled += abs(e.scale / t - 1) > SAME
     _rescale_steps(steps, src, kind_of, out)

@@ -150,13 +150,13 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
     if body is None:
         return None
-    for rx, what in _EXTRA_RX:
-        if rx.search(body):
-            return what
     path = body.rsplit(".", 1)[0]
     for m in module_set:
         if path == m or path.endswith("." + m) or f".{m}." in f".{path}.":
             return "modules_to_save"
+    for rx, what in _EXTRA_RX:
+        if rx.search(body):
+            return what
     if bias_mode != "none" and body.endswith(".bias"):
         return f"trained base biases (bias={bias_mode!r})"
     return None
@@ -221,7 +221,8 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
             raise LoraMigrateError(f"{cfg_path}: use_dora is true but {weights.name} has no lora_magnitude_vector")
         for what, keys in kinds_of_extra.items():
             features.add("bias" if what.startswith("trained base") else
-                         "trainable_tokens" if what == "trainable tokens" else "modules_to_save")
+                         "trainable_tokens" if what == "trainable tokens" else
+                         "saved_embeddings" if what.startswith("saved embedding") else "modules_to_save")
             notes.append(f"{len(keys)} non-LoRA tensors ({what}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})")
         if cfg.use_rslora:
             features.add("rslora")

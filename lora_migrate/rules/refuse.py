@@ -21,7 +21,8 @@ def refuse_gated(adapter: str, gated: bool) -> None:
 def refuse_kinds(adapter: str, kinds: set[str], target: Convention) -> None:
     """A layer kind the target has no scaling rule for ((IA)³ into a LoRA-only target, fused QKV where the target
     cannot hold it) is refused."""
-    names = {"ia3": "(IA)³", "fused_qkv": "fused-QKV LoRA", "linear": "LoRA"}
+    names = {"ia3": "(IA)³", "fused_qkv": "fused-QKV LoRA", "linear": "LoRA", "embedding": "embedding LoRA",
+             "conv": "conv LoRA"}
     missing = sorted(k for k in kinds if k not in target.scaling)
     if missing:
         raise UnsupportedFeature(f"{adapter}: {target.name} cannot express {', '.join(names[k] for k in missing)} "
@@ -35,6 +36,8 @@ _WHY = {
     "modules_to_save": "modules_to_save holds full trained copies of modules, which {t} cannot hold",
     "bias": "trained base biases (bias != \"none\") are full tensors, which {t} cannot hold",
     "trainable_tokens": "trainable tokens replace embedding rows, which {t} cannot hold",
+    "saved_embeddings": "full embedding/lm_head weights saved beside the adapter (save_embedding_layers), which "
+                        "{t} cannot hold",
 }
 
 
@@ -53,6 +56,8 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
                                          f"{target.name} would ignore it")
             continue  # other config fields are checked field by field when the config is written
+        if target.name == "vllm" and f == "saved_embeddings":
+            continue  # vLLM skips base embedding weights by name (is_base_embedding_weights); carried through
         if target.name == "vllm" and f in VLLM_REFUSALS:
             raise UnsupportedFeature(f"{adapter}: vLLM refuses it: \"{VLLM_REFUSALS[f]}\"")
         if target.name == "lorax" and f in LORAX_DROPS:
