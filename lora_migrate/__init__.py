@@ -1,8 +1,8 @@
 """lora-migrate: rewrite LoRA checkpoints between library conventions so the math is identical, and prove it.
 
 The API mirrors the CLI: :func:`convert`, :func:`inspect`, :func:`verify`, :func:`conventions`, :func:`check`,
-:func:`batch`, :func:`push`. They are loaded on first use so that importing the package (and ``lora-migrate
---help``) does not import torch.
+:func:`batch`, :func:`push`, :func:`fix_merged`, :func:`merge_adapter` (``lora-migrate merge``). They are loaded on
+first use so that importing the package (and ``lora-migrate --help``) does not import torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import types
 
 _API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult"}
 _MORE = {"check": "checks", "CheckResult": "checks", "batch": "batching", "BatchResult": "batching",
-         "push": "hub", "PushResult": "hub"}
+         "push": "hub", "PushResult": "hub", "fix_merged": "fixmerged", "FixMergedResult": "fixmerged",
+         "merge_adapter": "merge", "MergeResult": "merge"}
 
 
 def __getattr__(name):

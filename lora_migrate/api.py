@@ -431,4 +431,8 @@ def conventions() -> list[ConventionInfo]:
             for c in CONVENTIONS]
 
 
-__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "conventions", "inspect", "verify"]
+from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)
+from .merge import MergeResult, merge_adapter  # noqa: E402  (lora-migrate merge)
+
+__all__ = ["ConvertResult", "FixMergedResult", "InspectResult", "VerifyResult", "convert", "conventions",
+           "fix_merged", "inspect", "merge_adapter", "MergeResult", "verify"]

@@ -218,6 +218,69 @@ def conventions(as_json):
             click.echo(f"{'':26} also: {', '.join(c.aliases[:6])}{' …' if len(c.aliases) > 6 else ''}")
 
 
+@main.command("fix-merged")
+@click.argument("merged_dir", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=str),
+              help="The adapter folder that was merged into MERGED_DIR.")
+@click.option("--merged-with", "merged_with", required=True,
+              help="The convention/library that merged it, e.g. peft-0.15, peft@0.15.2, lorax.")
+@click.option("--scale-used", "scale_used", type=float,
+              help="The scale the merge actually applied to B·A (when it differs from the adapter's own).")
+@click.option("--adapter-from", "adapter_from", help="Convention of the adapter (detected when left out).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every repaired tensor).")
+def fix_merged(merged_dir, out, adapter, merged_with, scale_used, adapter_from, overwrite, as_json):
+    """Repair a merged model (merge_and_unload + save_pretrained) that was merged wrongly, into OUT.
+
+    \b
+    PEFT 0.14.0-0.15.2 merged lora_B.bias unscaled (b + l, not b + s*l): add (s-1)*l.
+    A merge at the wrong scale: add (s_true - s_used)*B*A to each adapted weight.
+    Untouched tensors are copied byte for byte; the result is read back and checked.
+
+    \b
+    Example:
+      lora-migrate fix-merged merged/ fixed/ --adapter adapter/ --merged-with peft@0.15.2
+      lora-migrate fix-merged merged/ fixed/ --adapter rslora/ --merged-with peft --scale-used 4
+    """
+    from .fixmerged import fix_merged as run
+
+    r = run(merged_dir, out, adapter=adapter, merged_with=merged_with, scale_used=scale_used,
+            adapter_from=adapter_from, overwrite=overwrite)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r.merged} (merged with {r.merged_with}, adapter {r.adapter_convention}) → {r.output}")
+    for n in r.notes:
+        click.echo(f"  note: {n}")
+    for t in r.repaired:
+        click.echo(f"  {t.key}: scale {t.scale_used:g} → {t.scale_true:g}, error {t.rel_to_weight:.2g} "
+                   f"(tolerance {t.tolerance:.2g})")
+    click.echo(f"  check: {r.summary()}")
+
+
+@main.command("merge")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("base_dir", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--from", "from_", help="Convention of SRC (detected when left out).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(src, base_dir, out, from_, overwrite, as_json):
+    """Merge the adapter SRC into the model BASE_DIR and write the dense model to OUT (LoRA and DoRA).
+
+    The exact way to move a DoRA adapter into a library without DoRA. Streamed, then read back and checked.
+    """
+    from .merge import merge_adapter as run
+
+    r = run(src, base_dir, out, from_=from_, overwrite=overwrite)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r.source} ({r.convention}) into {r.base} → {r.output}")
+    click.echo(f"  check: {r.summary()}")
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--expect", help="The convention PATH must be in; a mismatch fails naming both.")
