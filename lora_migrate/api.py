@@ -17,11 +17,12 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .io import atomic_output, refuse_overlap
-from .io._common import release_memory
+from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
 from .schemas import CONVENTIONS, get_convention
 from .source import Source, SourceAdapter
-from .verify import VerifyReport, build_report, compare, extra, missing
+from .rules.values import refuse_nonfinite
+from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
 
 
 class AdapterResult(BaseModel):
@@ -90,15 +91,37 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
     return build_report(checks, time.perf_counter() - t0)
 
 
-def _write(ex: Execution, folder: Path) -> list[str]:
-    return ah.write_adapter(folder, ex.target, ex.source.info, ex.deltas(), ex.plan.r, ex.plan.alpha_out,
-                            ex.tensors, safetensors=ex.safetensors, head=ex.source.head, keep_head=ex.keep_head)
+def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
+    """The output deltas in write order; each is checked against its source module while both are in memory."""
+    for e in ex.source.modules:
+        d = ex.source.load(e)
+        bad = refuse_nonfinite(d, allow=allow_nonfinite)
+        notes += bad
+        o = ex.apply(d, e.kind)
+        if check is not None:
+            check.module(d, o, nonfinite=bool(bad))
+        yield o
+        nbytes = sum(t.nbytes for t in (d.A, d.B, d.bias) if t is not None)
+        del d, o
+        release_memory(nbytes)
+
+
+def _write(ex: Execution, folder: Path, check: WriteCheck | None = None, allow_nonfinite: bool = False) -> list[str]:
+    notes: list[str] = []
+    notes += ah.write_adapter(folder, ex.target, ex.source.info, _checked_deltas(ex, check, allow_nonfinite, notes),
+                              ex.plan.r, ex.plan.alpha_out, ex.tensors, safetensors=ex.safetensors,
+                              head=ex.source.head, keep_head=ex.keep_head)
+    return notes
 
 
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
-            keep_head: bool = False) -> ConvertResult:
-    """Convert SRC into the ``to`` convention at OUT, then check every module numerically.
+            keep_head: bool = False, allow_nonfinite: bool = False) -> ConvertResult:
+    """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
+
+    Each module is compared with its source while both are in memory, as it is written; the written folder is
+    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`).
+    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
     check fails (nothing is left at OUT).
@@ -115,15 +138,16 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
             results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
                                      notes=ex.plan.notes, verify=None) for ex in execs]
         else:
-            with atomic_output(out, overwrite=overwrite) as tmp:
+            with few_threads(), atomic_output(out, overwrite=overwrite) as tmp:
                 for ex in execs:
                     folder = tmp / ex.plan.output
-                    notes = [*ex.source.notes, *_write(ex, folder)]
+                    check = WriteCheck() if verify else None
+                    notes = [*ex.source.notes, *_write(ex, folder, check, allow_nonfinite)]
                     report = None
-                    if verify:
+                    if check is not None:
                         back = _read_back(folder, target)
                         try:
-                            report = verify_adapters(ex.source, back)
+                            report = check.confirm(((o.module, o) for o in back.modules), back.load)
                         finally:
                             back.store.close()
                         if not report.ok:
