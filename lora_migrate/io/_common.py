@@ -219,3 +219,40 @@ def few_threads():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named point in the writers where tests inject failures (never set in normal use).
+
+    ``LORA_MIGRATE_FAULT=ACTION:POINT:N`` acts at the N-th time POINT is reached in this process:
+    ``enospc`` raises ENOSPC as a full disk does; ``pause`` creates the file named by
+    ``LORA_MIGRATE_FAULT_MARKER`` and sleeps, so that a test can kill -9 the process at exactly that point.
+    """
+    import os
+
+    spec = os.environ.get("LORA_MIGRATE_FAULT")
+    if not spec:
+        return
+    try:
+        action, point, n = spec.split(":")
+        n = int(n)
+    except ValueError:
+        return
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] != n:
+        return
+    _FAULT_COUNTS.pop(name)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "pause":
+        import time
+
+        marker = os.environ.get("LORA_MIGRATE_FAULT_MARKER")
+        if marker:
+            open(marker, "w").close()
+        time.sleep(600)

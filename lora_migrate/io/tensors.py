@@ -277,7 +277,7 @@ def _open_bin(path: Path, head: bytes) -> TensorFile:
         raise
     except Exception as exc:  # torch.load raises EOFError, IndexError, KeyError, RuntimeError, ... on bad files
         raise LoraMigrateError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {oneline(exc)}"
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_sentence(oneline(exc))}"
         ) from None
     if not isinstance(obj, dict):
         raise LoraMigrateError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
@@ -508,6 +508,11 @@ def _no_duplicates(pairs):
 
 def _no_constant(name):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _first_sentence(text: str) -> str:
+    """torch's zip reader appends several sentences of advice to its error; keep the first."""
+    return text.split(". ", 1)[0] if text.startswith("PytorchStreamReader") else text
 
 
 def _short(value, limit: int = 80) -> str:
