@@ -53,7 +53,7 @@ elif mode == "users":  # what a user does today: the base model, the source libr
     import adapters, transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[4])
     adapters.init(model)
-    name = model.load_adapter(src)
+    name = model.load_adapter(src, use_safetensors=True)
     model.save_adapter(out, name)
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))

@@ -5,6 +5,10 @@ Per adapted module the update is
     LoRA:   ΔW = s · B @ A        A: (r, in), B: (out, r), ΔW in nn.Linear layout (out, in)
             Δb = s · bias         (a LoRA bias, where a library has one)
     (IA)³:  y  = (W x + b) ⊙ (s · l)      l: (out,), stored as B with shape (out, 1) and A = None
+    Embedding (PEFT ``lora_embedding_A/B``): A: (r, vocab), B: (dim, r); the table's update is (s · B @ A)ᵀ
+    Conv (PEFT ``_ConvNd``): A: (r, in, *k), B: (out, r, 1, …); ΔW = s · B.flatten(1) @ A.flatten(1), reshaped
+    DoRA: ``magnitude`` m (PEFT ``lora_magnitude_vector``) rides along; it needs the base weight to apply, so it
+    is carried through between conventions that know DoRA and refused elsewhere
 
 The effective scale ``s`` is kept apart from the factors (readers never fold it in) and its provenance — the alpha
 and rank it came from and the rule that turned them into ``s`` — is recorded, so that every rewrite can be
@@ -23,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Kind = Literal["lora", "ia3"]
+Kind = Literal["lora", "ia3", "embedding", "conv"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class FusedQKV:
         return A, B_full
 
 
+def delta_kind(layer_kind: str) -> Kind:
+    """The ModuleDelta kind of a convention's layer kind (linear and fused QKV are both plain LoRA products)."""
+    return layer_kind if layer_kind in ("ia3", "embedding", "conv") else "lora"
+
+
 def config_rank(kind: str, fused: FusedQKV | None, a_rows: int | None) -> int:
     """r as a config counts it: 1 for (IA)³, A's rows per enabled group for fused QKV, else A's rows."""
     if kind == "ia3":
@@ -81,6 +90,7 @@ class ModuleDelta:
     kind: Kind = "lora"
     bias: Tensor | None = None
     fused: FusedQKV | None = None
+    magnitude: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -91,6 +101,8 @@ class ModuleDelta:
         """(A, B) such that ΔW = scale · B @ A holds for a plain (non-fused) product."""
         if self.fused is not None:
             return self.fused.expand(self.A, self.B)
+        if self.kind == "conv":
+            return self.A.flatten(1), self.B.flatten(1)
         return self.A, self.B
 
     def replace(self, **changes) -> "ModuleDelta":

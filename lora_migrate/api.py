@@ -8,18 +8,22 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+
+import torch
 
 from pydantic import BaseModel
 
 from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
+from .formats import peft as pf
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
-from .schemas import CONVENTIONS, get_convention
+from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
 from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
@@ -52,7 +56,8 @@ class ConvertResult(BaseModel):
 # ------------------------------------------------------------------------------------------------ convert
 
 
-def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool) -> list[Execution]:
+def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool,
+           initial: Source | None = None, model_type: str | None = None) -> list[Execution]:
     from .rules.select import select_adapters
 
     names = select_adapters([a.info.name for a in source.adapters], adapter)
@@ -63,11 +68,26 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
             sub = "." if single else a.info.name
             if sub != "." and (sub in ("..", "") or "/" in sub or "\\" in sub or "\0" in sub):
                 raise LoraMigrateError(f"adapter name {sub!r} cannot be a folder name")
-            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head))
+            init = None
+            if initial is not None:
+                by = {x.info.name: x for x in initial.adapters}
+                init = by.get(a.info.name) or (initial.adapters[0] if len(initial.adapters) == 1 else None)
+                if init is None:
+                    raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
+            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head, initial=init,
+                                    model_type=model_type))
     return out
 
 
-def _read_back(folder: Path, target) -> SourceAdapter:
+def _read_back(folder: Path, target, name: str) -> SourceAdapter:
+    if target.family == "peft":
+        raw = pf.read_json(folder / "adapter_config.json")
+        if target.name not in ("lorax", "vllm"):
+            cands, _ = pf.eras_for(raw)
+            if target not in cands:
+                raise VerificationFailed(f"{folder}: the written config would be read as "
+                                         f"{', '.join(c.name for c in cands)}, not {target.name}")
+        return pf.read_peft_dir(folder, target, raw, name)
     cands, _, wrapper = ah.detect_adapter_dir(folder)
     if target not in cands:
         raise VerificationFailed(f"{folder}: the written config would be read as "
@@ -75,8 +95,15 @@ def _read_back(folder: Path, target) -> SourceAdapter:
     return ah.read_adapter_dir(folder, target, wrapper)
 
 
-def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) -> VerifyReport:
-    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time."""
+def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None
+                    ) -> VerifyReport:
+    """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
+
+    With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
+    s·(BA − B₀A₀), which the rank-2r output must reproduce."""
+    from .rules.shape import pissa_to_lora
+
+    init_by = {e.module: e for e in initial.modules} if initial is not None else {}
     t0 = time.perf_counter()
     out_by = {e.module: e for e in out.modules}
     checks = []
@@ -85,19 +112,29 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4) 
         if o is None:
             checks.append(missing(e.module))
             continue
-        checks.append(compare(src.load(e), out.load(o), probes=probes))
+        d_src, d_out = src.load(e), out.load(o)
+        if e.module in init_by:
+            d_src = pissa_to_lora(d_src, initial.load(init_by[e.module]))
+        check = compare(d_src, d_out, probes=probes)
+        if (d_src.magnitude is None) != (d_out.magnitude is None) or (
+                d_src.magnitude is not None and not torch.equal(d_src.magnitude, d_out.magnitude)):
+            check = check.model_copy(update=dict(ok=False, status="mismatch",
+                                                 detail="DoRA magnitude vector differs or is missing"))
+        checks.append(check)
         release_memory()
     checks += [extra(m) for m in out_by]
+    checks += _extras_checks(src, out)
     return build_report(checks, time.perf_counter() - t0)
 
 
 def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
-    """The output deltas in write order; each is checked against its source module while both are in memory."""
+    """The output deltas in write order. Each source module is refused if it holds NaN/Inf (unless allowed) and,
+    with ``check``, compared with its output while both are in memory (see :class:`verify.WriteCheck`)."""
     for e in ex.source.modules:
         d = ex.source.load(e)
         bad = refuse_nonfinite(d, allow=allow_nonfinite)
         notes += bad
-        o = ex.apply(d, e.kind)
+        o = ex.apply(d, e)
         if check is not None:
             check.module(d, o, nonfinite=bool(bad))
         yield o
@@ -106,21 +143,51 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         release_memory(nbytes)
 
 
-def _write(ex: Execution, folder: Path, check: WriteCheck | None = None, allow_nonfinite: bool = False) -> list[str]:
-    notes: list[str] = []
-    notes += ah.write_adapter(folder, ex.target, ex.source.info, _checked_deltas(ex, check, allow_nonfinite, notes),
-                              ex.plan.r, ex.plan.alpha_out, ex.tensors, safetensors=ex.safetensors,
-                              head=ex.source.head, keep_head=ex.keep_head)
-    return notes
+def _extras_checks(src: SourceAdapter, out: SourceAdapter) -> list:
+    """Non-LoRA tensors (PEFT ``modules_to_save`` and the like) must be carried over bit for bit."""
+    out_extras = set(out.extras)
+    return [missing(k, "non-LoRA tensor not carried over bit for bit") for k in src.extras
+            if not (k in out_extras and torch.equal(src.store.get(k), out.store.get(k)))]
+
+
+def _write(ex: Execution, folder: Path, deltas=None) -> list[str]:
+    deltas = ex.deltas() if deltas is None else deltas
+    if ex.target.family == "peft":
+        return _write_peft(ex, folder, deltas)
+    return ah.write_adapter(folder, ex.target, ex.source.info, deltas, ex.plan.r, ex.plan.alpha_out,
+                            ex.tensors, safetensors=ex.safetensors, head=ex.source.head, keep_head=ex.keep_head,
+                            config=ex.config)
+
+
+def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
+    keys = ex.target.keys
+    planned = [(keys.key(p, m), shape, dtype) for m, p, shape, dtype in ex.tensors]
+    store = ex.source.store
+    planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.source.extras]
+
+    def tensors():
+        for d in deltas:
+            emb = d.kind == "embedding"
+            for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
+                if t is not None:
+                    yield keys.key(("emb_" + p) if emb and p in ("a", "b") else p, d.module), t
+        for k in ex.source.extras:
+            yield k, store.get(k)
+
+    pf.write_peft(folder, ex.target, ex.config, tensors(), planned, safetensors=not ex.target.weights_write
+                  .endswith(".bin"))
+    return [f"copied {len(ex.source.extras)} non-LoRA tensors unchanged"] if ex.source.extras else []
 
 
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
-            keep_head: bool = False, allow_nonfinite: bool = False) -> ConvertResult:
+            keep_head: bool = False, initial_adapter: str | Path | None = None,
+            model_type: str | None = None, allow_nonfinite: bool = False) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
-    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`).
+    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`;
+    PiSSA-style sources, whose reference needs the initial adapter, are checked after writing instead).
     A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
@@ -131,8 +198,11 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     target = get_convention(to)
     refuse_overlap(src, out)
     source = open_source(src, from_)
+    initial = None
     try:
-        execs = _plans(source, target, adapter, safetensors, keep_head)
+        if initial_adapter is not None:
+            initial = open_source(initial_adapter)
+        execs = _plans(source, target, adapter, safetensors, keep_head, initial, model_type)
         results = []
         if dry_run:
             results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
@@ -141,13 +211,18 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
             with few_threads(), atomic_output(out, overwrite=overwrite) as tmp:
                 for ex in execs:
                     folder = tmp / ex.plan.output
-                    check = WriteCheck() if verify else None
-                    notes = [*ex.source.notes, *_write(ex, folder, check, allow_nonfinite)]
+                    check = WriteCheck() if verify and ex.initial is None else None
+                    notes = list(ex.plan.notes)
+                    notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
                     report = None
-                    if check is not None:
-                        back = _read_back(folder, target)
+                    if verify:
+                        back = _read_back(folder, target, ex.source.info.name)
                         try:
-                            report = check.confirm(((o.module, o) for o in back.modules), back.load)
+                            if check is None:
+                                report = verify_adapters(ex.source, back, initial=ex.initial)
+                            else:
+                                report = check.confirm(((o.module, o) for o in back.modules), back.load,
+                                                       _extras_checks(ex.source, back))
                         finally:
                             back.store.close()
                         if not report.ok:
@@ -161,6 +236,8 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                              dry_run=dry_run, adapters=results, seconds=time.perf_counter() - t0)
     finally:
         source.close()
+        if initial is not None:
+            initial.close()
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -254,8 +331,59 @@ class InspectResult(BaseModel):
     adapters: list[AdapterInspection]
 
 
+def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
+    """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
+    §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
+    from .formats.peft import module_r_alpha
+    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, fields_of
+
+    cfg = a.peft
+    out = []
+    for c in CONVENTIONS:
+        if c.family != "peft" or c is a.convention:
+            continue
+        problems = []
+        if c.strict_config_fields:
+            unknown = sorted(k for k, v in a.info.config.items() if k not in fields_of("0.13"))
+            if unknown:
+                out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                     detail=f"FAILS to load: TypeError: unexpected keyword argument "
+                                            f"{unknown[0]!r}; convert with --to {c.name}"))
+                continue
+        drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
+        for f in sorted(a.features):
+            if f in drops:
+                problems.append(drops[f])
+        rs = cfg.use_rslora and "rslora" in c.features
+        wrong = []
+        for e in a.modules:
+            if "patterns" in c.features:
+                r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
+                                          cfg.rank_pattern, cfg.alpha_pattern)
+            else:
+                r, alpha = cfg.r, float(cfg.lora_alpha)
+            s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            if r != e.rank:
+                wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
+            elif abs(s / e.scale - 1) > 1e-12:
+                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
+        if wrong:
+            problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
+        if cfg.use_rslora and not rs:
+            who = "vLLM before PR #6909 " if c.name == "vllm" else ""
+            problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
+                            f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
+                            f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
+        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; convert with --to {c.name}"
+        out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
+                             detail=detail))
+    return out
+
+
 def _as_loaded(a: SourceAdapter) -> list[LoadCheck]:
     """For each other convention of the family: the scales it would apply to this file, loaded as is."""
+    if a.convention.family == "peft":
+        return _as_loaded_peft(a)
     version = a.info.wrapper.get("version")
     r, alpha = a.info.r, a.info.alpha
     out = []

@@ -6,15 +6,21 @@ from pathlib import Path
 
 from .errors import DetectionError, LoraMigrateError
 from .formats import adapterhub as ah
+from .formats import peft as pf
 from .schemas import Convention, get_convention
 from .source import Source
 
-ADAPTER_FILE_NAMES = {"adapter_config.json", "pytorch_adapter.bin", "adapter.safetensors"}
+ADAPTER_FILE_NAMES = {"adapter_config.json", "pytorch_adapter.bin", "adapter.safetensors",
+                      "adapter_model.safetensors", "adapter_model.bin"}
 
 
 def _pick(path: Path, cands: list[Convention], reasons: list[str], from_: str | None) -> tuple[Convention, list[str]]:
     if from_:
         conv = get_convention(from_)
+        if cands and conv.family != cands[0].family:
+            fam = {"peft": "a PEFT", "adapterhub": "an AdapterHub"}
+            raise DetectionError(f"{path}: --from {from_} names {fam[conv.family]} convention, but this is "
+                                 f"{fam[cands[0].family]} adapter ({reasons[0]})")
         if conv not in cands:
             reasons = [*reasons, f"--from {from_} overrides the detected {' / '.join(c.name for c in cands)}"]
         else:
@@ -41,6 +47,10 @@ def open_source(path: str | Path, from_: str | None = None) -> Source:
         if path.name not in ADAPTER_FILE_NAMES:
             raise LoraMigrateError(f"{path}: expected an adapter folder (with adapter_config.json), not a file")
         path = path.parent
+    if pf.is_peft_dir(path):
+        adapters, reasons = _read_peft_tree(path, from_)
+        layout = "adapter" if len(adapters) == 1 else "adapter-folders"
+        return Source(path, adapters[0].convention, layout, adapters, reasons)
     if ah.is_adapter_dir(path):
         cands, reasons, wrapper = ah.detect_adapter_dir(path)
         conv, reasons = _pick(path, cands, reasons, from_)
@@ -55,6 +65,9 @@ def open_source(path: str | Path, from_: str | None = None) -> Source:
         ah.detect_adapter_dir(path)  # says what it is (e.g. PEFT) when it can
         raise LoraMigrateError(f"{path}: adapter_config.json but no weights file (pytorch_adapter.bin or "
                                "adapter.safetensors)")
+    if any(p.is_dir() and pf.is_peft_dir(p) for p in path.iterdir()):
+        adapters, reasons = _read_peft_tree(path, from_)
+        return Source(path, adapters[0].convention, "adapter-folders", adapters, reasons)
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and ah.is_adapter_dir(p))
     if subdirs:
         adapters, reasons = [], []
@@ -78,3 +91,37 @@ def open_source(path: str | Path, from_: str | None = None) -> Source:
     raise DetectionError(f"{path}: no adapter found: expected adapter_config.json with pytorch_adapter.bin or "
                          "adapter.safetensors, a full model (config.json with an \"adapters\" section and its "
                          "weights), or folders of those")
+
+
+def read_peft_one(path: Path, from_: str | None, name: str = "default"):
+    cands, reasons, raw = pf.detect_peft_dir(path)
+    conv, reasons = _pick(path, cands, reasons, from_)
+    return pf.read_peft_dir(path, conv, raw, name), reasons
+
+
+def _read_peft_tree(path: Path, from_: str | None):
+    """PEFT's multi-adapter layout: the default adapter at the top (if any), every other one in a subfolder
+    named after it (``save_pretrained`` of several adapters, or a folder of adapter folders)."""
+    adapters, reasons = [], []
+    try:
+        if pf.is_peft_dir(path):
+            a, why = read_peft_one(path, from_)
+            adapters.append(a)
+            reasons += why + [_keys_reason_peft(a)]
+        for d in sorted(p for p in path.iterdir() if p.is_dir() and pf.is_peft_dir(p)):
+            a, why = read_peft_one(d, from_, d.name)
+            adapters.append(a)
+            reasons.append(f"{d.name}/: {a.convention.name}: " + "; ".join(why[1:]))
+    except BaseException:
+        for a in adapters:
+            a.store.close()
+        raise
+    if len(adapters) > 1:
+        reasons.insert(0, f"{len(adapters)} PEFT adapters: " + ", ".join(a.info.name for a in adapters))
+    return adapters, reasons
+
+
+def _keys_reason_peft(a) -> str:
+    n = sum(len(e.keys) for e in a.modules)
+    extra = f" (+{len(a.extras)} non-LoRA tensors)" if a.extras else ""
+    return f"{n} tensor keys are all claimed by base_model.model.<module>.lora_A|lora_B…{extra}"

@@ -1,24 +1,32 @@
 """The planner: (source adapter, target convention) → the ordered rules, and the output they produce.
 
 A plan is made from names, shapes and dtypes alone: the rule pipeline runs on ``meta`` tensors, so the output's
-tensor list (the header of a streamed safetensors file) is known before any data is read.
+tensor list (the header of a streamed safetensors file) is known before any data is read. Refusals happen here,
+before anything is written.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel
 
-from .adapter import ModuleDelta, ScaleProvenance
-from .errors import LoraMigrateError
+from .adapter import ModuleDelta, ScaleProvenance, delta_kind
+from .errors import LoraMigrateError, UnsupportedFeature
+from .formats import peft as pf
 from .formats.adapterhub import target_config
 from .io._common import release_memory
 from .rules import describe
-from .rules.refuse import refuse_gated, refuse_kinds
-from .rules.scale import SAME, choose_alpha, rescale
-from .schemas import Convention
+from .rules.refuse import refuse_features, refuse_gated, refuse_kinds
+from .rules.scale import SAME, choose_alpha, module_alpha, rescale
+from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
+from .schemas import Convention, Scaling
+from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
+from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
+from .schemas.peft import FIELDS_SINCE, MUTATING_INITS
 from .source import ModuleEntry, SourceAdapter
 
 
@@ -39,11 +47,23 @@ class AdapterPlan(BaseModel):
     r: int
     alpha_in: float | None
     alpha_out: float
-    scales_in: dict[str, float]  # layer kind → source effective scale
+    scales_in: dict[str, float]  # layer kind → source effective scale (the first module's, if they differ)
     scales_out: dict[str, float]  # layer kind → target effective scale
     rescaled: int  # modules whose B is multiplied
     steps: list[Step]
     notes: list[str]
+
+
+@dataclass
+class ModuleOut:
+    """What the pipeline does to one module."""
+
+    scale: float  # the target's effective scale for it
+    provenance: ScaleProvenance
+    pad_to: int | None = None
+    to_fused: bool = False
+    alpha: float | None = None  # PEFT targets: the module's alpha
+    r: int | None = None
 
 
 @dataclass
@@ -53,73 +73,214 @@ class Execution:
     plan: AdapterPlan
     source: SourceAdapter
     target: Convention
-    out_scales: dict[str, float]
+    out: dict[str, ModuleOut]
+    initial: SourceAdapter | None = None  # PiSSA-style: the saved initial adapter
     tensors: list[tuple[str, str, tuple, torch.dtype]] = field(default_factory=list)  # module, param, shape, dtype
+    config: dict = field(default_factory=dict)  # PEFT targets: the adapter_config.json to write
     safetensors: bool = False
     keep_head: bool = False
 
-    def apply(self, d: ModuleDelta, kind: str) -> ModuleDelta:
+    @property
+    def out_scales(self) -> dict[str, float]:
+        return self.plan.scales_out
+
+    def apply(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
         """The per-module rule pipeline."""
-        prov = ScaleProvenance(alpha=self.plan.alpha_out, r=self.plan.r,
-                               rule=f"{self.target.scaling[kind].value} ({kind})", convention=self.target.name)
-        return rescale(d, self.out_scales[kind], prov)
+        o = self.out[e.module]
+        if self.initial is not None:
+            d = pissa_to_lora(d, self._initial_delta(e, d.A.device.type == "meta"))
+        d = expand_fused_qkv(d) if self.target.family == "peft" else d
+        if o.pad_to:
+            d = pad_rank(d, o.pad_to)
+        if o.to_fused:
+            d = to_fused_qkv(d)
+        return rescale(d, o.scale, o.provenance)
+
+    def _initial_delta(self, e: ModuleEntry, meta: bool) -> ModuleDelta:
+        ie = self._initial_entries[e.module]
+        return _meta_delta(ie) if meta else self.initial.load(ie)
 
     def deltas(self):
         for e in self.source.modules:
-            yield self.apply(self.source.load(e), e.kind)
+            yield self.apply(self.source.load(e), e)
             release_memory()
 
 
-def _meta_delta(src: SourceAdapter, e: ModuleEntry) -> ModuleDelta:
+def _meta_delta(e: ModuleEntry) -> ModuleDelta:
     def empty(p):
         m = e.metas.get(p)
         return None if m is None else torch.empty(m.shape, dtype=m.dtype, device="meta")
 
     return ModuleDelta(module=e.module, A=empty("a"), B=empty("b"), scale=e.scale, provenance=e.provenance,
-                       kind="ia3" if e.kind == "ia3" else "lora", fused=e.fused)
+                       kind=delta_kind(e.kind), fused=e.fused, bias=empty("bias"), magnitude=empty("magnitude"))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, str]:
+    """The base model's type (AdapterHub configs name it; PEFT configs do not), and how we know."""
+    if model_type:
+        return model_type, f"--model-type {model_type}"
+    mt = src.info.wrapper.get("model_type")
+    if mt:
+        return mt, f"model_type {mt!r} from the source config"
+    found = Counter()
+    for e in src.modules:
+        for rx, t in MODEL_TYPE_BY_PATH:
+            if re.search(rx, e.module):
+                found[t] += 1
+                break
+    if not found:
+        raise LoraMigrateError(f"{src.info.name}: cannot tell the base model's type from module paths like "
+                               f"{src.modules[0].module!r}; pass --model-type")
+    t = found.most_common(1)[0][0]
+    why = f"model type {t!r} from module paths like {src.modules[0].module!r}"
+    if t == "llama":
+        why += " (built-in Llama/Mistral mapping; pass --model-type qwen2/gemma2/… for plug-in models)"
+    return t, why
+
+
+def _ah_locations(src: SourceAdapter, model_type: str) -> dict[str, tuple[str, str | None]]:
+    table = AH_LOCATIONS.get(model_type)
+    if table is None:
+        raise UnsupportedFeature(f"{src.info.name}: no AdapterHub LoRA location table for model type "
+                                 f"{model_type!r} (known: {', '.join(sorted(AH_LOCATIONS))})")
+    out = {}
+    for e in src.modules:
+        hit = next(((loc, key) for rx, loc, key in table if re.search(rx, "." + e.module)), None)
+        if hit is None:
+            raise UnsupportedFeature(
+                f"{src.info.name}: AdapterHub LoRA cannot attach to {e.module!r}: for {model_type} it wraps only "
+                + ", ".join(rx.strip("\\.$").replace("\\.", ".") for rx, _, _ in table))
+        out[e.module] = hit
+    return out
+
+
+def _lorax_rank(r: int) -> int:
+    """LoRAX pads ranks for its SGMV kernel (utils/punica.py pad_rank at world size 1: ≤ 8 → 8, else the next
+    multiple of 16) and then computes later layer types' scale from the padded r (peft.md §7.3). Writing the
+    padded rank makes that mutation a no-op."""
+    return 8 if r <= 8 else -(-r // 16) * 16
+
+
+def _mode(values, prefer=None):
+    c = Counter(values)
+    best = max(c.values())
+    if prefer is not None and c.get(prefer) == best:
+        return prefer
+    return next(v for v in values if c[v] == best)
+
+
+# ------------------------------------------------------------------------------------------------ planning
 
 
 def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safetensors: bool = False,
-                 keep_head: bool = False) -> Execution:
+                 keep_head: bool = False, initial: SourceAdapter | None = None,
+                 model_type: str | None = None) -> Execution:
     """Plan the conversion of one adapter into ``target``; refusals raise here, before anything is written."""
     name = src.info.name
-    if target.family != "adapterhub":
-        raise LoraMigrateError(f"writing {target.name} is not supported yet")
     steps = [Step(rule="read", what=f"read {len(src.modules)} modules as {src.convention.name} "
                                     f"({src.convention.scaling_notes})")]
     refuse_gated(name, src.gated)
     kinds = {e.kind for e in src.modules}
+    if target.family == "peft" and "fused_qkv" in kinds:
+        kinds = (kinds - {"fused_qkv"}) | {"linear"}
+        steps.append(Step(rule="expand_fused_qkv", what=describe("expand_fused_qkv")))
     refuse_kinds(name, kinds, target)
-    ranks = {e.rank for e in src.modules}
-    if len(ranks) != 1:
-        raise LoraMigrateError(f"{name}: modules have ranks {sorted(ranks)}, but an AdapterHub config holds one r")
-    r = ranks.pop()
-    alpha_out, out_scales = choose_alpha([(e.kind, e.scale, e.rank) for e in src.modules], target,
+    refuse_features(name, src.features, target)
+    initial_entries = _check_initial(src, initial, steps)
+    if target.family == "adapterhub":
+        ex = _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, initial is not None)
+    else:
+        ex = _plan_peft(src, target, output, steps, doubled=initial is not None)
+    ex.initial, ex._initial_entries = initial, initial_entries
+    ex.safetensors, ex.keep_head = safetensors, keep_head
+    for e in src.modules:  # the output header, from meta tensors run through the same pipeline
+        d = ex.apply(_meta_delta(e), e)
+        for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
+            if t is not None:
+                ex.tensors.append((d.module, p if d.kind != "embedding" or p not in "ab" else "emb_" + p,
+                                   tuple(t.shape), t.dtype))
+    if src.extras:
+        steps.append(Step(rule="copy_extras", what=f"copy {len(src.extras)} non-LoRA tensors unchanged"))
+    steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output "
+                                          "(read back as the target) with the source's"))
+    return ex
+
+
+def _check_initial(src: SourceAdapter, initial: SourceAdapter | None, steps: list[Step]):
+    if src.init in MUTATING_INITS and initial is None:
+        raise UnsupportedFeature(
+            f"{src.info.name}: init_lora_weights={src.init!r} changed the base weights at init, so this adapter "
+            "only holds on the residual model; pass --initial-adapter DIR (the adapter saved before training) to "
+            "re-express it as rank-2r LoRA against the original weights")
+    if initial is None:
+        return None
+    if src.init is not None and src.init not in MUTATING_INITS:
+        raise LoraMigrateError(f"{src.info.name}: --initial-adapter given, but init_lora_weights={src.init!r} did "
+                               "not change the base weights")
+    by = {e.module: e for e in initial.modules}
+    missing = [e.module for e in src.modules if e.module not in by]
+    if missing:
+        raise LoraMigrateError(f"initial adapter has no module {missing[0]!r}")
+    if any(e.kind != "linear" for e in src.modules) or src.features & {"dora", "lora_bias"}:
+        raise UnsupportedFeature(f"{src.info.name}: the rank-2r re-expression covers plain linear LoRA only")
+    steps.append(Step(rule="pissa_to_lora", what=describe("pissa_to_lora") + f" (init was {src.init or 'mutating'!r})"))
+    return by
+
+
+def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, doubled) -> Execution:
+    name = src.info.name
+    out: dict[str, ModuleOut] = {}
+    fused_modules = set()
+    notes = list(src.notes)
+    if src.convention.family == "peft":
+        mt, why = infer_model_type(src, model_type)
+        locs = _ah_locations(src, mt)
+        fused_modules = {m for m, (loc, _) in locs.items() if loc == "fused"}
+        steps.append(Step(rule="map_locations", what=f"{why}: every module maps by path to an AdapterHub LoRA "
+                          "location (selfattn / intermediate / output" + (" / fused QKV" if fused_modules else "")
+                          + ")"))
+        if fused_modules:
+            steps.append(Step(rule="to_fused_qkv", what=describe("to_fused_qkv")))
+        ranks = {e.rank * (2 if doubled else 1) for e in src.modules}
+    else:
+        mt, locs = src.info.wrapper.get("model_type"), None
+        ranks = {e.rank for e in src.modules}
+        if len(ranks) != 1:
+            raise LoraMigrateError(f"{name}: modules have ranks {sorted(ranks)}, but an AdapterHub config holds one r")
+    r = max(ranks)
+    if len(ranks) > 1:
+        steps.append(Step(rule="pad_rank", what=f"ranks {sorted(ranks)} → {r}: " + describe("pad_rank")))
+    kind_of = {e.module: ("fused_qkv" if e.module in fused_modules else e.kind) for e in src.modules}
+    alpha_out, out_scales = choose_alpha([(kind_of[e.module], e.scale, r) for e in src.modules], target,
                                          src.info.alpha, r)
     steps.append(Step(rule="choose_alpha", what=f"write alpha={alpha_out:g}, r={r}: {target.name} then applies "
                       + ", ".join(f"{s:g} to {k}" for k, s in sorted(out_scales.items()))))
     scales_in: dict[str, float] = {}
     rescaled = 0
     for e in src.modules:
-        scales_in.setdefault(e.kind, e.scale)
-        if scales_in[e.kind] != e.scale:
-            raise LoraMigrateError(f"{name}: modules of one kind with different scales are not supported")
-        rescaled += abs(e.scale / out_scales[e.kind] - 1) > SAME
-    for k in sorted(kinds):
-        s, t = scales_in[k], out_scales[k]
-        if abs(s / t - 1) > SAME:
-            steps.append(Step(rule="rescale", what=f"{k}: B' = {s / t:.10g}·B (source scale {s:g} → target {t:g}); "
-                              + describe("rescale")))
-        else:
-            steps.append(Step(rule="rescale", what=f"{k}: scale {s:g} is kept; factors copied bit for bit"))
-    _, cfg_notes = target_config(target, src.info, r, alpha_out)
+        k = kind_of[e.module]
+        scales_in.setdefault(k, e.scale)
+        t = out_scales[k]
+        prov = ScaleProvenance(alpha=alpha_out, r=r, rule=f"{target.scaling[k].value} ({k})", convention=target.name)
+        out[e.module] = ModuleOut(scale=t, provenance=prov, pad_to=r if e.rank * (2 if doubled else 1) != r else None,
+                                  to_fused=e.module in fused_modules)
+        rescaled += abs(e.scale / t - 1) > SAME
+    _rescale_steps(steps, src, kind_of, out)
+    if src.convention.family == "peft":
+        config, cfg_notes = ah_config_from_locations(target, locs, r, alpha_out)
+        src.info.wrapper.update(model_type=mt)
+    else:
+        config, cfg_notes = target_config(target, src.info, r, alpha_out)
     weights = target.weights_write_safetensors if safetensors else target.weights_write
     files = [target.config_file, weights]
-    notes = [*src.notes, *cfg_notes]
+    notes += cfg_notes
     if src.head is not None:
         if src.head.static_copy and not keep_head:
             steps.append(Step(rule="drop_static_head", what=f"leave out {', '.join(f.name for f in src.head.files)}: "
-                              f"{src.head.reason}"))
+                              f"{src.head.reason} (--keep-head copies it)"))
         else:
             files += [f.name for f in src.head.files]
             steps.append(Step(rule="copy_head", what=f"copy {', '.join(f.name for f in src.head.files)} unchanged"))
@@ -129,13 +290,167 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
                        output=output, files=files, modules=len(src.modules), r=r, alpha_in=src.info.alpha,
                        alpha_out=alpha_out, scales_in=scales_in, scales_out=out_scales, rescaled=rescaled,
                        steps=steps, notes=notes)
-    ex = Execution(plan=plan, source=src, target=target, out_scales=out_scales, safetensors=safetensors,
-                   keep_head=keep_head)
-    for e in src.modules:  # the output header, from meta tensors run through the same pipeline
-        d = ex.apply(_meta_delta(src, e), e.kind)
-        if d.A is not None:
-            ex.tensors.append((d.module, "a", tuple(d.A.shape), d.A.dtype))
-        ex.tensors.append((d.module, "b", tuple(d.B.shape), d.B.dtype))
-    ex.plan.steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output "
-                              "(read back as the target) with the source's"))
-    return ex
+    return Execution(plan=plan, source=src, target=target, out=out, config=config)
+
+
+def _rescale_steps(steps, src, kind_of, out):
+    by_kind: dict[str, list[float]] = {}
+    for e in src.modules:
+        by_kind.setdefault(kind_of[e.module], []).append(e.scale / out[e.module].scale)
+    for k, cs in sorted(by_kind.items()):
+        changed = [c for c in cs if abs(c - 1) > SAME]
+        if not changed:
+            steps.append(Step(rule="rescale", what=f"{k}: scale kept; factors copied bit for bit"))
+        elif len(set(changed)) == 1:
+            steps.append(Step(rule="rescale", what=f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} "
+                              f"modules; " + describe("rescale")))
+        else:
+            steps.append(Step(rule="rescale", what=f"{k}: B rescaled per module in {len(changed)} of {len(cs)} "
+                              f"modules (factors {min(changed):.6g}…{max(changed):.6g}); " + describe("rescale")))
+
+
+def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: float) -> tuple[dict, list[str]]:
+    """An AdapterHub LoRA config that builds LoRA at the given modules' locations (and, where the flags cover
+    more modules than the source adapted, at others too: those start with B = 0 and change nothing)."""
+    keys = [k for loc, k in locs.values() if loc == "selfattn"]
+    fused = any(loc == "fused" for loc, _ in locs.values())
+    attn = [k for k in ("q", "k", "v") if k in keys or fused]
+    cfg = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn or ["q", "v"],
+           "intermediate_lora": any(loc == "intermediate" for loc, _ in locs.values()),
+           "output_lora": any(loc == "output" for loc, _ in locs.values()),
+           "r": int(r), "alpha": int(alpha) if float(alpha).is_integer() else float(alpha), "dropout": 0.0,
+           "composition_mode": "add", "init_weights": "lora", "use_gating": False}
+    for f in target.config_write_fields:
+        cfg.setdefault(f, target.config_defaults.get(f))
+    return {f: cfg[f] for f in target.config_write_fields}, []
+
+
+def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
+    name = src.info.name
+    serving = target.name in ("lorax", "vllm")
+    notes = list(src.notes)
+    out: dict[str, ModuleOut] = {}
+    src_rule = Scaling.ALPHA_OVER_SQRT_R if "rslora" in src.features else Scaling.ALPHA_OVER_R
+    rslora_out = ("rslora" in src.features and "use_rslora" in target.config_write_fields)
+    rule_out = Scaling.ALPHA_OVER_SQRT_R if rslora_out else Scaling.ALPHA_OVER_R
+    ranks = {e.module: (e.rank * (len(e.fused.groups) if e.fused else 1)) * (2 if doubled else 1)
+             for e in src.modules}
+    if serving:
+        R = max(ranks.values())
+        if target.name == "lorax":
+            R = _lorax_rank(R)
+        if set(ranks.values()) != {R}:
+            steps.append(Step(rule="pad_rank", what=f"ranks {sorted(set(ranks.values()))} → {R} (one rank: "
+                              f"{target.name} stacks one rank per layer type{'; LoRAX kernel padding' if target.name == 'lorax' else ''}): "
+                              + describe("pad_rank")))
+        prov = ScaleProvenance(alpha=float(R), r=R, rule="alpha/r (folded: 1)", convention=target.name)
+        for e in src.modules:
+            out[e.module] = ModuleOut(scale=1.0, provenance=prov, pad_to=R if ranks[e.module] != R else None,
+                                      alpha=float(R), r=R)
+        steps.append(Step(rule="fold_scale", what="B' = s·B, lora_alpha = r, use_rslora = false, no patterns: "
+                          f"{target.name} applies one global alpha/r"
+                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")))
+        r_glob, alpha_glob, rank_pattern, alpha_pattern = R, float(R), {}, {}
+    else:
+        for e in src.modules:
+            rm = ranks[e.module]
+            same_rank = e.fused is None and not doubled
+            a = module_alpha(e.scale, rm, rule_out, e.provenance.alpha if same_rank else None,
+                             src_rule if src.convention.family == "peft" else None)
+            prov = ScaleProvenance(alpha=a, r=rm, rule=f"{rule_out.value} ({e.kind})", convention=target.name)
+            out[e.module] = ModuleOut(scale=rule_out.scale(a, rm), provenance=prov, alpha=a, r=rm)
+        if "rslora" in src.features and not rslora_out:
+            steps.append(Step(rule="module_alpha", what=f"{target.name} has no use_rslora: alpha' = alpha·√r per "
+                              "module (" + describe("module_alpha") + ")"))
+        mods = [e.module for e in src.modules]
+        src_r = src.peft.r if src.peft is not None else src.info.r
+        r_glob = _mode([out[m].r for m in mods], prefer=src_r * (2 if doubled else 1) if src_r else None)
+        alpha_glob = _mode([out[m].alpha for m in mods])
+        key = target.pattern_matching or "regex"
+        rank_pattern = {pf.pattern_key_for(key, m): out[m].r for m in mods if out[m].r != r_glob}
+        alpha_pattern = {pf.pattern_key_for(key, m): _num(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
+        if src.peft is not None and not doubled and (rslora_out == ("rslora" in src.features)):
+            # keep the source's own patterns when the target era reads them to the same (r, alpha) everywhere
+            cfg = src.peft
+            same = all(pf.module_r_alpha(key, m, cfg.r, float(cfg.lora_alpha), cfg.rank_pattern, cfg.alpha_pattern)
+                       == (out[m].r, out[m].alpha) for m in mods)
+            if same:
+                r_glob, alpha_glob = cfg.r, float(cfg.lora_alpha)
+                rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+            elif cfg.rank_pattern or cfg.alpha_pattern:
+                steps.append(Step(rule="rewrite_patterns", what=f"{target.name} matches the source's rank/alpha "
+                                  f"patterns differently ({target.pattern_matching}); written as full-path keys"))
+        if rank_pattern or alpha_pattern:
+            steps.append(Step(rule="patterns", what=f"r={r_glob}, lora_alpha={alpha_glob:g}; "
+                              f"{len(rank_pattern)} rank_pattern and {len(alpha_pattern)} alpha_pattern entries"))
+    config = peft_config(src, target, r_glob, alpha_glob, rslora_out and not serving, rank_pattern, alpha_pattern,
+                         notes, serving)
+    kind_of = {e.module: e.kind for e in src.modules}
+    _rescale_steps(steps, src, kind_of, out)
+    rescaled = sum(abs(e.scale / out[e.module].scale - 1) > SAME for e in src.modules)
+    weights = target.weights_write
+    steps.append(Step(rule="write", what=f"write {weights} with keys base_model.model.<module>.lora_A.weight / "
+                      f"lora_B.weight{' (+ extras)' if src.extras else ''}; adapter_config.json for {target.name}"))
+    scales_in, scales_out = {}, {}
+    for e in src.modules:
+        scales_in.setdefault(e.kind, e.scale)
+        scales_out.setdefault(e.kind, out[e.module].scale)
+    plan = AdapterPlan(adapter=name, source_convention=src.convention.name, target_convention=target.name,
+                       output=output, files=[target.config_file, weights], modules=len(src.modules), r=r_glob,
+                       alpha_in=src.info.alpha, alpha_out=alpha_glob, scales_in=scales_in, scales_out=scales_out,
+                       rescaled=rescaled, steps=steps, notes=notes)
+    return Execution(plan=plan, source=src, target=target, out=out, config=config)
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rslora: bool, rank_pattern: dict,
+                alpha_pattern: dict, notes: list[str], serving: bool) -> dict:
+    """adapter_config.json for a PEFT-family target: the fields the target era knows, from the source where it
+    is PEFT, else built from the modules. A field the target lacks is dropped only at its default value."""
+    fields = list(target.config_write_fields)
+    mods = [e.module for e in src.modules]
+    if src.peft is not None and not serving:
+        base = dict(src.info.config)
+    else:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in mods})
+        base = {"peft_type": "LORA", "task_type": src.info.config.get("task_type") if src.peft else None,
+                "base_model_name_or_path": src.info.wrapper.get("model_name"),
+                "target_modules": leaves if serving else sorted(mods), "bias": "none",
+                "fan_in_fan_out": bool(src.peft.fan_in_fan_out) if src.peft else
+                src.info.wrapper.get("model_type") == "gpt2"}
+    base.update(r=int(r), lora_alpha=_num(alpha), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                init_lora_weights=True, use_rslora=rslora, inference_mode=True)
+    if "dora" in src.features:
+        base["use_dora"] = True
+    if "lora_bias" in src.features:
+        base["lora_bias"] = True
+    out = {}
+    for f in fields:
+        out[f] = base.pop(f) if f in base else PEFT_DEFAULTS.get(f)
+    for f, v in base.items():
+        if v == PEFT_DEFAULTS.get(f, object()) or v in (None, [], {}) or f in ("peft_version",):
+            continue
+        since = FIELDS_SINCE.get(f)
+        if since and target.pattern_matching and not serving and _known_within(target, since):
+            out[f] = v
+            notes.append(f"{f}={v!r} written: it needs PEFT ≥ {since}")
+            continue
+        raise UnsupportedFeature(f"{src.info.name}: config field {f}={v!r} cannot be expressed in {target.name}"
+                                 + (f" (PEFT ≥ {since})" if since else ""))
+    if "peft_version" in fields:
+        out["peft_version"] = target.version_to_write
+    if out.get("task_type") is None and "auto_mapping" in out:
+        out.setdefault("auto_mapping", None)
+    return out
+
+
+def _known_within(target: Convention, since: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    spec = SpecifierSet(target.versions)
+    return any(Version(v) in spec for v in (since, f"{since}.0", "0.13", "0.14", "0.15", "0.17", "0.21")
+               if Version(v) >= Version(since))

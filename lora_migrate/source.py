@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance, config_rank
+from .adapter import AdapterInfo, FusedQKV, ModuleDelta, ScaleProvenance, config_rank, delta_kind
 from .errors import LoraMigrateError
 from .io import TensorFile, TensorMeta, open_tensors
 from .schemas import Convention, LayerKind
@@ -56,6 +56,7 @@ class ModuleEntry:
     scale: float
     provenance: ScaleProvenance
     fused: FusedQKV | None = None
+    alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
 
     @property
     def rank(self) -> int:
@@ -82,12 +83,17 @@ class SourceAdapter:
     gated: bool = False
     head: HeadFiles | None = None
     notes: list[str] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)  # non-LoRA tensor keys carried through as they are
+    features: set[str] = field(default_factory=set)  # e.g. "rslora", "dora", "lora_bias", "modules_to_save"
+    init: str | None = None  # PEFT init_lora_weights when it is a string ("pissa", "olora", …)
+    peft: object | None = None  # the validated PEFT config (PeftLoraConfig) for PEFT sources
 
     def load(self, e: ModuleEntry) -> ModuleDelta:
-        A = self.store.get(e.keys["a"]) if "a" in e.keys else None
-        B = self.store.get(e.keys["b"])
-        return ModuleDelta(module=e.module, A=A, B=B, scale=e.scale, provenance=e.provenance,
-                           kind="ia3" if e.kind == "ia3" else "lora", fused=e.fused)
+        def get(p):
+            return self.store.get(e.keys[p]) if p in e.keys else None
+
+        return ModuleDelta(module=e.module, A=get("a"), B=get("b"), scale=e.scale, provenance=e.provenance,
+                           kind=delta_kind(e.kind), fused=e.fused, bias=get("bias"), magnitude=get("magnitude"))
 
     def deltas(self):
         for e in self.modules:

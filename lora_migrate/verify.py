@@ -502,10 +502,20 @@ def tensor_crc(t: Tensor) -> tuple[str, tuple[int, ...], int]:
     return str(t.dtype), tuple(t.shape), zlib.crc32(raw)
 
 
+_TENSORS = ("A", "B", "bias", "magnitude")
+
+
 def _fingerprint(d: ModuleDelta) -> tuple:
+    """kind, fused layout, scale, and (dtype, shape, CRC-32) of every tensor of a delta."""
     fused = None if d.fused is None else d.fused.groups
-    return (d.kind, fused, float(d.scale),
-            *(None if t is None else tensor_crc(t) for t in (d.A, d.B, d.bias)))
+    tensors = (getattr(d, name, None) for name in _TENSORS)
+    return (d.kind, fused, float(d.scale), *(None if t is None else tensor_crc(t) for t in tensors))
+
+
+def _same_print(a: tuple, b: tuple) -> bool:
+    """Fingerprints agree: everything exactly, but the scale to 1e-12 (a reader derives it from the config's
+    alpha and r, possibly in another order of operations than the planner)."""
+    return a[:2] == b[:2] and a[3:] == b[3:] and abs(a[2] - b[2]) <= 1e-12 * max(abs(a[2]), abs(b[2]))
 
 
 class WriteCheck:
@@ -538,12 +548,18 @@ class WriteCheck:
                 module=src.module, status="nonfinite_allowed", tolerance=tolerance_for(*_dtypes(src)), ok=True,
                 detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
         else:
-            self.checks[src.module] = compare(src, out, probes=self.probes)
+            check = compare(src, out, probes=self.probes)
+            m1, m2 = getattr(src, "magnitude", None), getattr(out, "magnitude", None)
+            if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
+                check = check.model_copy(update=dict(ok=False, status="mismatch",
+                                                     detail="DoRA magnitude vector differs or is missing"))
+            self.checks[src.module] = check
         self.prints[src.module] = _fingerprint(out)
         self.seconds += time.perf_counter() - t0
 
-    def confirm(self, back: Iterable[tuple[str, object]], load) -> VerifyReport:
-        """``back``: (module name, entry) of the written output as the target reads it; ``load(entry)`` its delta."""
+    def confirm(self, back: Iterable[tuple[str, object]], load, more: Iterable[ModuleCheck] = ()) -> VerifyReport:
+        """``back``: (module name, entry) of the written output as the target reads it; ``load(entry)`` its delta.
+        ``more``: further checks for the report (non-LoRA tensors carried over)."""
         import time
 
         t0 = time.perf_counter()
@@ -556,7 +572,7 @@ class WriteCheck:
                 continue
             seen.add(name)
             got = _fingerprint(load(entry))
-            if got != self.prints[name] and checks[name].ok:
+            if not _same_print(got, self.prints[name]) and checks[name].ok:
                 c = checks[name]
                 checks[name] = c.model_copy(update=dict(
                     status="mismatch", ok=False,
@@ -564,13 +580,13 @@ class WriteCheck:
                            f"(written {_describe(self.prints[name])}, read {_describe(got)})"))
         result = [c if n in seen else missing(n, "checked in memory but not found when reading the output back")
                   for n, c in checks.items()]
-        return build_report(result + extras, self.seconds + time.perf_counter() - t0)
+        return build_report(result + extras + list(more), self.seconds + time.perf_counter() - t0)
 
 
 def _describe(fp: tuple) -> str:
     kind, fused, scale, *tensors = fp
     parts = [f"{kind}, scale {scale:g}"]
-    for label, t in zip(("A", "B", "bias"), tensors):
+    for label, t in zip(_TENSORS, tensors):
         if t is not None:
             parts.append(f"{label} {t[0].removeprefix('torch.')} {list(t[1])} crc {t[2]:08x}")
     return "; ".join(parts)

@@ -11,23 +11,23 @@ INPUT_IDS = [[5, 17, 33, 2, 90, 1], [7, 7, 64, 120, 3, 1]]
 DECODER_IDS = [[0, 11, 42, 9], [0, 3, 100, 77]]
 
 
-def build(arch: str, seed: int = 0):
-    """A tiny T5 / GPT-2 / Llama with fixed-seed weights."""
+def build(arch: str, seed: int = 0, **overrides):
+    """A tiny T5 / GPT-2 / Llama with fixed-seed weights (``overrides`` change config fields)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if arch == "t5":
         cfg = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
                           num_decoder_layers=2, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **overrides)
         model = tf.T5ForConditionalGeneration(cfg)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0)
+                            embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
         model = tf.GPT2LMHeadModel(cfg)
     elif arch == "llama":
         cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
         model = tf.LlamaForCausalLM(cfg)
     else:
         raise ValueError(arch)

@@ -64,7 +64,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--to", "adapters-9"], "unknown convention"),
-    (["--to", "adapters-1.0", "--from", "peft"], "unknown convention"),
+    (["--to", "adapters-1.0", "--from", "peft"], "names a PEFT convention, but this is an AdapterHub"),
+    (["--to", "adapters-1.0", "--from", "peftx"], "unknown convention"),
     (["--to", "adapters-1.0", "--adapter", "nope"], "no adapter 'nope'"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(tmp_path, args, message):
@@ -126,7 +127,9 @@ def test_conventions_lists_every_scaling_rule():
     code, out = run("conventions", "--json")
     rows = json.loads(out)
     assert {r["name"]: r["scaling"]["linear"] for r in rows} == {
-        "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r"}
+        "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r",
+        "peft-0.13": "alpha/r", "peft-0.14": "alpha/r", "peft-0.15": "alpha/r", "peft-0.16": "alpha/r",
+        "peft": "alpha/r", "lorax": "alpha/r", "vllm": "alpha/r"}
 
 
 def test_converting_onto_itself_or_inside_the_source_is_refused(tmp_path):

@@ -113,11 +113,19 @@ def test_invalid_json(tmp_path):
         api.inspect(tmp_path / "a")
 
 
-def test_peft_adapter_is_named(tmp_path):
+def test_peft_adapter_with_an_empty_weights_file_names_the_file(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     (tmp_path / "p" / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(LoraMigrateError, match="PEFT"):
+    with pytest.raises(LoraMigrateError, match="adapter_model.safetensors: file is empty"):
+        api.inspect(tmp_path / "p")
+
+
+def test_peft_non_lora_adapter_is_refused_by_name(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 8}))
+    (tmp_path / "p" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(LoraMigrateError, match="'LOHA' adapter, not LoRA"):
         api.inspect(tmp_path / "p")
 
 

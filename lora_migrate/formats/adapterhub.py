@@ -65,8 +65,8 @@ def detect_adapter_dir(path: Path) -> tuple[list[Convention], list[str], Adapter
     """Candidate conventions for an adapter folder, with the reasons for them."""
     raw = read_json(path / "adapter_config.json")
     if "peft_type" in raw:
-        raise DetectionError(f"{path}: a PEFT adapter (adapter_config.json has peft_type={raw['peft_type']!r}); "
-                             "PEFT conventions are not supported yet")
+        raise DetectionError(f"{path}: a PEFT adapter (adapter_config.json has peft_type={raw['peft_type']!r}) "
+                             "but no adapter_model.safetensors or adapter_model.bin")
     try:
         wrapper = AdapterHubWrapper.model_validate(raw)
     except ValidationError as e:
@@ -353,14 +353,17 @@ def target_config(target: Convention, info: AdapterInfo, r: int, alpha: float) -
 
 def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, r: int, alpha: float,
                   planned: list[tuple[str, str, tuple, object]], *, safetensors: bool = False,
-                  head: HeadFiles | None = None, keep_head: bool = False) -> list[str]:
+                  head: HeadFiles | None = None, keep_head: bool = False, config: dict | None = None) -> list[str]:
     """Write one adapter folder: adapter_config.json and the weights, streaming one module at a time.
 
     ``planned`` lists (module, param, shape, dtype) in write order; ``deltas`` yields the output ModuleDelta in
     the same module order. Returns notes for the report.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    config, notes = target_config(target, info, r, alpha)
+    if config is None:
+        config, notes = target_config(target, info, r, alpha)
+    else:
+        notes = []
     wrapper = {k: v for k, v in info.wrapper.items() if k in AdapterHubWrapper.model_fields and k != "config_id"}
     wrapper.update(config=config, name=info.name, version=target.version_to_write)
     for k in ("hidden_size", "model_class", "model_name", "model_type"):

@@ -21,8 +21,46 @@ def refuse_gated(adapter: str, gated: bool) -> None:
 def refuse_kinds(adapter: str, kinds: set[str], target: Convention) -> None:
     """A layer kind the target has no scaling rule for ((IA)³ into a LoRA-only target, fused QKV where the target
     cannot hold it) is refused."""
-    names = {"ia3": "(IA)³", "fused_qkv": "fused-QKV LoRA", "linear": "LoRA"}
+    names = {"ia3": "(IA)³", "fused_qkv": "fused-QKV LoRA", "linear": "LoRA", "embedding": "embedding LoRA",
+             "conv": "conv LoRA"}
     missing = sorted(k for k in kinds if k not in target.scaling)
     if missing:
         raise UnsupportedFeature(f"{adapter}: {target.name} cannot express {', '.join(names[k] for k in missing)} "
                                  "layers")
+
+
+_WHY = {
+    "dora": "DoRA (lora_magnitude_vector) rescales every row of W + s·BA by m/‖W + s·BA‖: that needs the base "
+            "weights, and diag(m/n − 1)·W is not low rank, so no LoRA pair can express it",
+    "lora_bias": "lora_B.bias (lora_bias=true) adds s·l to the layer's output, which {t} cannot hold",
+    "modules_to_save": "modules_to_save holds full trained copies of modules, which {t} cannot hold",
+    "bias": "trained base biases (bias != \"none\") are full tensors, which {t} cannot hold",
+    "trainable_tokens": "trainable tokens replace embedding rows, which {t} cannot hold",
+    "saved_embeddings": "full embedding/lm_head weights saved beside the adapter (save_embedding_layers), which "
+                        "{t} cannot hold",
+}
+
+
+@rule("refuse_features")
+def refuse_features(adapter: str, features: set[str], target: Convention) -> None:
+    """A feature of the source that the target cannot express exactly (DoRA outside PEFT, LoRA bias outside
+    PEFT ≥ 0.14, full module copies outside PEFT, PEFT-only forward variants) is refused with the reason, and for
+    the serving targets with the message the server itself gives or the thing it silently drops."""
+    from ..schemas.peft import LORAX_DROPS, VLLM_REFUSALS
+
+    for f in sorted(features):
+        if f in ("rslora", "patterns", "embedding", "conv"):
+            continue  # rewritten exactly (alpha per module, padding) or refused by kind
+        if target.family == "peft" and target.name not in ("lorax", "vllm"):
+            if f == "lora_bias" and "lora_bias" not in target.features:
+                raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
+                                         f"{target.name} would ignore it")
+            continue  # other config fields are checked field by field when the config is written
+        if target.name == "vllm" and f == "saved_embeddings":
+            continue  # vLLM skips base embedding weights by name (is_base_embedding_weights); carried through
+        if target.name == "vllm" and f in VLLM_REFUSALS:
+            raise UnsupportedFeature(f"{adapter}: vLLM refuses it: \"{VLLM_REFUSALS[f]}\"")
+        if target.name == "lorax" and f in LORAX_DROPS:
+            raise UnsupportedFeature(f"{adapter}: {LORAX_DROPS[f]}; refused rather than served wrong")
+        why = _WHY.get(f, f"{f} changes the forward pass in a way only PEFT reproduces")
+        raise UnsupportedFeature(f"{adapter}: {why.format(t=target.name)}; {target.name} cannot express it")

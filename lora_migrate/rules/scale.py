@@ -87,3 +87,22 @@ def choose_alpha(modules: list[tuple[str, float, int]], target: Convention, sour
     order = {a: i for i, a in enumerate(dict.fromkeys(cands))}
     best = max(order, key=lambda a: (kept(a), -order[a]))
     return best, targets(best)
+
+
+@rule("module_alpha")
+def module_alpha(scale: float, r: int, rule_out, source_alpha: float | None = None, rule_in=None) -> float:
+    """The alpha a PEFT-style writer stores for a module so that rule_out(alpha, r) = s, leaving B untouched.
+
+    Same rule as the source: the source alpha, unchanged. rsLoRA (s = α/√r) into alpha/r: α' = α·√r, computed
+    from α itself (not the rounded s), so that α'/r = α/√r to the last bit where it can be. (The workaround posted
+    for LoRAX, α' = α·r, over-scales by √r: 2.83× at r = 8.) Otherwise α' = rule_out.alpha_for(s, r).
+    """
+    if source_alpha is not None and rule_in is not None and rule_in == rule_out:
+        return float(source_alpha)
+    if (source_alpha is not None and rule_in is not None and rule_in.value == "alpha/sqrt(r)"
+            and rule_out.value == "alpha/r"):
+        return float(source_alpha) * math.sqrt(r)
+    a = rule_out.alpha_for(scale, r)
+    if a is None or not (math.isfinite(a) and a > 0):
+        raise UnsupportedFeature(f"scale {scale:g} cannot be expressed with {rule_out.value} at r={r}")
+    return a

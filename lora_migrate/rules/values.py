@@ -28,7 +28,8 @@ def refuse_nonfinite(d: ModuleDelta, *, allow: bool = False) -> list[str]:
     refused with its name and the counts; with ``allow`` (``--allow-nonfinite``) it is passed through as it is
     (the rescale of B still applies: c·NaN = NaN, c·Inf = Inf) and the note is returned instead."""
     found = []
-    for label, t in (("lora_A", d.A), ("lora_B", d.B), ("bias", d.bias)):
+    tensors = (("lora_A", d.A), ("lora_B", d.B), ("bias", d.bias), ("magnitude", getattr(d, "magnitude", None)))
+    for label, t in tensors:
         if t is None:
             continue
         nan, inf = _count(t)

@@ -8,9 +8,10 @@ from ..errors import LoraMigrateError
 from .adapter_transformers_3_1 import ADAPTER_TRANSFORMERS_3_1
 from .adapters_1_0 import ADAPTERS_1_0
 from .adapters_1_1 import ADAPTERS_1_1
+from .peft import LORAX, PEFT_ERAS, VLLM
 from .base import Convention, KeyTemplates, LayerKind, Scaling, VersionPattern
 
-CONVENTIONS: tuple[Convention, ...] = (ADAPTER_TRANSFORMERS_3_1, ADAPTERS_1_0, ADAPTERS_1_1)
+CONVENTIONS: tuple[Convention, ...] = (ADAPTER_TRANSFORMERS_3_1, ADAPTERS_1_0, ADAPTERS_1_1, *PEFT_ERAS, LORAX, VLLM)
 
 _BY_NAME: dict[str, Convention] = {}
 for _c in CONVENTIONS:

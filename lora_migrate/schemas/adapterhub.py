@@ -111,3 +111,39 @@ FUSED_QKV_MODULES: dict[str, re.Pattern] = {
 }
 
 HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
+
+# Where AdapterHub LoRA attaches, by model_type: (module-path suffix regex, location, attn key) — adapterhub.md §5.
+# A LoRA module at a path no row claims cannot be expressed (e.g. Llama o_proj / gate_proj, GPT-2 attn.c_proj).
+# Built-in Llama/Mistral mixins wrap mlp.down_proj as "intermediate" and mlp.up_proj as "output"; the ≥1.2.0
+# plug-in interfaces (Qwen2, Gemma, …) use the opposite, so the flag is chosen by module path per model_type.
+_T5 = ((r"\.(SelfAttention|EncDecAttention)\.q$", "selfattn", "q"),
+       (r"\.(SelfAttention|EncDecAttention)\.k$", "selfattn", "k"),
+       (r"\.(SelfAttention|EncDecAttention)\.v$", "selfattn", "v"),
+       (r"\.DenseReluDense\.wi(_1)?$", "intermediate", None), (r"\.DenseReluDense\.wo$", "output", None))
+_LLAMA = ((r"\.self_attn\.q_proj$", "selfattn", "q"), (r"\.self_attn\.k_proj$", "selfattn", "k"),
+          (r"\.self_attn\.v_proj$", "selfattn", "v"),
+          (r"\.mlp\.down_proj$", "intermediate", None), (r"\.mlp\.up_proj$", "output", None))
+_PLUGIN = (*_LLAMA[:3], (r"\.mlp\.up_proj$", "intermediate", None), (r"\.mlp\.down_proj$", "output", None))
+_BART = ((r"\.(self_attn|encoder_attn)\.q_proj$", "selfattn", "q"),
+         (r"\.(self_attn|encoder_attn)\.k_proj$", "selfattn", "k"),
+         (r"\.(self_attn|encoder_attn)\.v_proj$", "selfattn", "v"),
+         (r"\.fc1$", "intermediate", None), (r"\.fc2$", "output", None))
+_BERT = ((r"\.attention\.self\.query$", "selfattn", "q"), (r"\.attention\.self\.key$", "selfattn", "k"),
+         (r"\.attention\.self\.value$", "selfattn", "v"),
+         (r"\.intermediate\.dense$", "intermediate", None), (r"(?<!attention)\.output\.dense$", "output", None))
+AH_LOCATIONS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
+    "t5": _T5, "mt5": _T5, "llama": _LLAMA, "mistral": _LLAMA,
+    "qwen2": _PLUGIN, "qwen3": _PLUGIN, "gemma2": _PLUGIN, "gemma3": _PLUGIN,
+    "bart": _BART, "mbart": _BART,
+    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT,
+    "gpt2": ((r"\.attn\.c_attn$", "fused", None), (r"\.mlp\.c_fc$", "intermediate", None),
+             (r"\.mlp\.c_proj$", "output", None)),
+}
+# Recognising a model family from module paths alone (PEFT configs carry no model_type).
+MODEL_TYPE_BY_PATH: tuple[tuple[str, str], ...] = (
+    (r"^transformer\.h\.\d+\.(attn|mlp)\.", "gpt2"),
+    (r"\.block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention|DenseReluDense)\.", "t5"),
+    (r"^model\.layers\.\d+\.(self_attn|mlp)\.", "llama"),
+    (r"^model\.(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn|fc1|fc2)", "bart"),
+    (r"(^|\.)encoder\.layer\.\d+\.(attention|intermediate|output)\.", "bert"),
+)

@@ -16,7 +16,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, field_validator
 
-LayerKind = Literal["linear", "fused_qkv", "ia3"]
+LayerKind = Literal["linear", "fused_qkv", "ia3", "embedding", "conv"]
 
 
 class Scaling(str, Enum):
@@ -68,16 +68,24 @@ class VersionPattern(Frozen):
 
 
 class KeyTemplates(Frozen):
-    """Tensor key templates with ``{module}`` and ``{adapter}`` placeholders."""
+    """Tensor key templates with a ``{module}`` placeholder, and ``{adapter}`` where keys name the adapter.
+
+    ``emb_a``/``emb_b`` are an embedding layer's factors (PEFT stores them as bare parameters), ``magnitude`` is
+    DoRA's vector, ``bias`` a LoRA bias on B.
+    """
 
     a: str
     b: str
+    bias: str | None = None
+    emb_a: str | None = None
+    emb_b: str | None = None
+    magnitude: str | None = None
     gate_weight: str | None = None
     gate_bias: str | None = None
 
     def items(self) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in (("a", self.a), ("b", self.b), ("gate_weight", self.gate_weight),
-                                    ("gate_bias", self.gate_bias)) if v]
+        return [(k, getattr(self, k)) for k in ("a", "b", "bias", "emb_a", "emb_b", "magnitude", "gate_weight",
+                                                "gate_bias") if getattr(self, k)]
 
     @cached_property
     def patterns(self) -> list[tuple[str, re.Pattern]]:
@@ -90,15 +98,15 @@ class KeyTemplates(Frozen):
             out.append((param, re.compile(f"^{body}$")))
         return out
 
-    def claim(self, key: str) -> tuple[str, str, str] | None:
+    def claim(self, key: str) -> tuple[str, str | None, str] | None:
         """``(module, adapter, param)`` if a template claims ``key``, else None."""
         for param, rx in self.patterns:
             m = rx.match(key)
             if m:
-                return m.group("module"), m.group("adapter"), param
+                return m.group("module"), m.groupdict().get("adapter"), param
         return None
 
-    def key(self, param: str, module: str, adapter: str) -> str:
+    def key(self, param: str, module: str, adapter: str | None = None) -> str:
         return getattr(self, param).format(module=module, adapter=adapter)
 
 
@@ -154,12 +162,18 @@ class Convention(Frozen):
     string_config_ids: dict[str, dict[str, object]] = {}  # "lora", "ia3" → library default config
     features: frozenset[str]
 
+    # PEFT family: how rank_pattern / alpha_pattern keys match module names (peft.md §1.3)
+    pattern_matching: Literal["combined", "split", "regex"] | None = None
+    # PEFT family: True when this era's config loader raises TypeError on fields it does not know (peft.md §4.5)
+    strict_config_fields: bool = False
+
     @field_validator("keys")
     @classmethod
-    def _templates_have_placeholders(cls, v: KeyTemplates) -> KeyTemplates:
+    def _templates_have_placeholders(cls, v: KeyTemplates, info) -> KeyTemplates:
+        need = ("{module}", "{adapter}") if info.data.get("family") == "adapterhub" else ("{module}",)
         for param, tmpl in v.items():
-            if "{module}" not in tmpl or "{adapter}" not in tmpl:
-                raise ValueError(f"key template {param}={tmpl!r} needs {{module}} and {{adapter}}")
+            if any(p not in tmpl for p in need):
+                raise ValueError(f"key template {param}={tmpl!r} needs {' and '.join(need)}")
         return v
 
     def scale(self, kind: LayerKind, alpha: float, r: int) -> float:
