@@ -8,7 +8,8 @@ GQA k/v 1024, 80 layers; q, k, v, up, down: every linear layer AdapterHub's LoRA
 RSS) and the best of ``--repeat`` runs counts, because the 2-core machine is shared:
 
   (a) ``convert --to adapters-1.0`` (scale 2 folded into every B, with the numeric check) vs a raw
-      ``safetensors.load_file`` + ``save_file`` of the same file;
+      ``safetensors.load_file`` + ``save_file`` of the same file; wall and CPU time. The default output is
+      pytorch_adapter.bin (torch's zip writer, CRC-32 per record); ``st`` columns: with ``--safetensors``;
   (b) peak RSS of convert minus that of ``python -c "import torch"``, for both sizes;
   (c) the check's share of the conversion (``VerifyReport.seconds`` / convert's own time);
   (d) ``lora-migrate --help`` and ``lora-migrate conventions`` wall time;
@@ -42,10 +43,10 @@ extra = {}
 if mode == "copy":
     from safetensors.torch import load_file, save_file
     save_file(load_file(src + "/adapter.safetensors"), out)
-elif mode == "convert":
+elif mode in ("convert", "convert_st"):
     import lora_migrate
     t1 = time.perf_counter()
-    r = lora_migrate.convert(src, out, to="adapters-1.0")
+    r = lora_migrate.convert(src, out, to="adapters-1.0", safetensors=mode == "convert_st")
     assert r.ok, r
     extra = {"convert_seconds": time.perf_counter() - t1, "check_seconds": r.adapters[0].verify.seconds,
              "summary": r.adapters[0].verify.summary()}
@@ -154,16 +155,19 @@ def main() -> None:
         floor = best("baseline", 3, tmp, tmp / "x")
         print(f"`import torch` alone: {floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mb']:.0f} MB")
         print(f"{'layers':>6} {'MB':>6} {'copy s':>7} {'conv s':>7} {'(a) wall':>8} {'(a) cpu':>8} "
-              f"{'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9}")
+              f"{'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9} {'st s':>6} {'st wall':>8} {'st cpu':>7}")
         for layers in (int(x) for x in args.layers.split(",")):
             src = tmp / f"l{layers}"
             size = make_adapter(src, layers, args.rank)
             copy = best("copy", args.repeat, src, tmp / "copy.safetensors")
             conv = best("convert", args.repeat, src, tmp / "out")
+            conv_st = best("convert_st", args.repeat, src, tmp / "out")  # like for like: safetensors out
             print(f"{layers:>6} {size / 1e6:>6.0f} {copy['seconds']:>7.2f} {conv['seconds']:>7.2f} "
                   f"{conv['seconds'] / copy['seconds']:>7.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
                   f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
-                  f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M {copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M")
+                  f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M {copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M"
+                  f" {conv_st['seconds']:>6.2f} {conv_st['seconds'] / copy['seconds']:>7.2f}×"
+                  f" {conv_st['cpu'] / copy['cpu']:>6.2f}×")
             print(f"       check: {conv['summary']}")
             shutil.rmtree(src)
         print("(e) batch of 500 small adapters: not measured, lora-migrate has no batch command yet")
