@@ -63,6 +63,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time(
 
 def make_adapter(folder: Path, layers: int, r: int, modules=MODULES, hidden=HIDDEN, dtype="bfloat16") -> int:
     """An adapters-1.1 adapter (adapter.safetensors), streamed to disk one tensor at a time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
     from lora_migrate.io import SafetensorsWriter
@@ -114,22 +115,32 @@ def wall(cmd: list[str], repeat: int) -> float:
     return min(times)
 
 
-def users_today(tmp: Path, repeat: int) -> None:
-    """(f): a tiny Llama saved as a base model, an adapters-1.3.0 adapter for it, both routes timed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SMALL = {"self_attn.q_proj": (512, 512), "self_attn.k_proj": (512, 512), "self_attn.v_proj": (512, 512),
+         "mlp.up_proj": (512, 1376), "mlp.down_proj": (1376, 512)}
+
+
+def make_base(base: Path) -> None:
     import torch
     import transformers as tf
 
     cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=8)
     torch.manual_seed(0)
-    base = tmp / "base"
     tf.LlamaForCausalLM(cfg).save_pretrained(base)
+    make_adapter(base.parent / "small", 8, 16, SMALL, hidden=512, dtype="float32")
+
+
+def in_child(*args) -> None:
+    """Build inputs in a subprocess: Linux keeps a process's peak RSS across fork + exec, so a parent that had
+    imported torch (or built a model) would lift every measured child's peak RSS to its own."""
+    subprocess.run([sys.executable, __file__, *map(str, args)], check=True)
+
+
+def users_today(tmp: Path, repeat: int) -> None:
+    """(f): a small Llama saved as a base model, an adapters-1.3.0 adapter for it, both routes timed."""
+    base, src = tmp / "base", tmp / "small"
+    in_child("--make-base", base)
     base_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
-    src = tmp / "small"
-    mods = {"self_attn.q_proj": (512, 512), "self_attn.k_proj": (512, 512), "self_attn.v_proj": (512, 512),
-            "mlp.up_proj": (512, 1376), "mlp.down_proj": (1376, 512)}
-    make_adapter(src, 8, 16, mods, hidden=512, dtype="float32")
     users = best("users", repeat, src, tmp / "users_out", base)
     ours = best("convert", repeat, src, tmp / "ours_out")
     print(f"(f) small Llama (8 layers, hidden 512, base model {base_mb:.0f} MB), r=16 adapter: load base + "
@@ -144,7 +155,16 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-users", action="store_true", help="skip (f), which loads a small base model")
+    ap.add_argument("--make-adapter", nargs=3, help=argparse.SUPPRESS)  # folder layers rank (in a child)
+    ap.add_argument("--make-base", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_adapter:
+        folder, layers, rank = args.make_adapter
+        make_adapter(Path(folder), int(layers), int(rank))
+        return
+    if args.make_base:
+        make_base(Path(args.make_base))
+        return
     print(f"cores: {os.cpu_count()}, torch threads in convert: {os.environ.get('LORA_MIGRATE_THREADS', '1')}, "
           f"load average at start: {os.getloadavg()[0]:.1f}")
     exe = Path(sys.executable).with_name("lora-migrate")
@@ -158,7 +178,8 @@ def main() -> None:
               f"{'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9} {'st s':>6} {'st wall':>8} {'st cpu':>7}")
         for layers in (int(x) for x in args.layers.split(",")):
             src = tmp / f"l{layers}"
-            size = make_adapter(src, layers, args.rank)
+            in_child("--make-adapter", src, layers, args.rank)
+            size = (src / "adapter.safetensors").stat().st_size
             copy = best("copy", args.repeat, src, tmp / "copy.safetensors")
             conv = best("convert", args.repeat, src, tmp / "out")
             conv_st = best("convert_st", args.repeat, src, tmp / "out")  # like for like: safetensors out

@@ -154,6 +154,12 @@ def _escaping_name(name):
     return build
 
 
+def _dup_adapters(d: Path) -> Path:
+    make_adapter(d / "src" / "a", name="m1")
+    make_adapter(d / "src" / "b", name="m1", sd=tensors("m1", seed=5))
+    return d / "src"
+
+
 def _nonfinite(value):
     def mutate(sd):
         sd[_key(1, "B")][2, 1] = value
@@ -216,6 +222,8 @@ CASES: list[Case] = [
          _config_case({"r": 8}), "contradict the config's r=8"),
     Case("keys_two_adapters", "two adapters in one save_adapter file",
          _sd_case(lambda sd: sd.update(tensors("m2"))), "adapters ['m2'] besides 'm1'"),
+    Case("keys_duplicate_adapters", "two adapter folders holding adapters of the same name",
+         lambda d: _conv(_dup_adapters(d), d / "out"), "two adapter folders hold adapters of the same name"),
     # names and paths
     Case("name_dotdot", "adapter name that would escape the output folder (../x)", _escaping_name("../x"),
          "keys no AdapterHub LoRA template claims"),
