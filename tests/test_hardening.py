@@ -176,3 +176,21 @@ def test_fault_hook_is_inert_without_the_variable(tmp_path, monkeypatch):
     src = make_adapter(tmp_path / "src")
     assert api.convert(src, tmp_path / "out", to="adapters-1.0").ok
     shutil.rmtree(tmp_path / "out")
+
+
+def test_digest_sees_any_change_and_is_stable_as_the_cache_grows():
+    from lora_migrate.verify import tensor_digest
+
+    a = torch.randn(1000, 7).bfloat16()
+    d = tensor_digest(a)
+    tensor_digest(torch.randn(3_000_000))  # grows the multiplier cache
+    assert tensor_digest(a) == d and tensor_digest(a.clone()) == d
+    words = a.clone().view(-1).view(torch.int64)
+    words[[3, 4]] = words[[4, 3]]  # two 64-bit words swapped: same bytes, other places
+    assert tensor_digest(words.view(torch.bfloat16).view(1000, 7)) != d
+    b = a.clone()
+    b.view(-1)[-1] = -b.view(-1)[-1]  # the last element
+    assert tensor_digest(b) != d
+    odd = torch.arange(11, dtype=torch.uint8)
+    assert tensor_digest(odd) != tensor_digest(torch.cat([odd[:-1], torch.tensor([99], dtype=torch.uint8)]))
+    assert tensor_digest(a.view(7, 1000)) != d  # the shape is part of it
