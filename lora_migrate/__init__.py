@@ -1,14 +1,20 @@
 """lora-migrate: rewrite LoRA checkpoints between library conventions so the math is identical, and prove it.
 
-The API mirrors the CLI: :func:`convert`, :func:`inspect`, :func:`verify`, :func:`conventions`. They are loaded
-on first use so that importing the package (and ``lora-migrate --help``) does not import torch.
+The API mirrors the CLI: :func:`convert`, :func:`inspect`, :func:`verify`, :func:`conventions`, :func:`check`,
+:func:`batch`, :func:`push`. They are loaded on first use so that importing the package (and ``lora-migrate
+--help``) does not import torch.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import sys
+import types
+
 _API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult"}
+_MORE = {"check": "checks", "CheckResult": "checks", "batch": "batching", "BatchResult": "batching",
+         "push": "hub", "PushResult": "hub"}
 
 
 def __getattr__(name):
@@ -16,6 +22,10 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in _MORE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MORE[name]}", __name__), name)
     if name in ("LoraMigrateError", "VerificationFailed"):
         from . import errors
 
@@ -23,4 +33,17 @@ def __getattr__(name):
     raise AttributeError(f"module 'lora_migrate' has no attribute {name!r}")
 
 
-__all__ = sorted(_API | {"LoraMigrateError", "VerificationFailed"})
+__all__ = sorted(_API | set(_MORE) | {"LoraMigrateError", "VerificationFailed"})
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``lora_migrate.verify`` would otherwise bind the package attribute ``verify`` to the
+    module, hiding the API function of that name: API names always resolve to the functions."""
+
+    def __getattribute__(self, name):
+        if name in _API or name in _MORE:
+            return __getattr__(name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package

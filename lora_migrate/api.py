@@ -20,6 +20,7 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .formats import peft as pf
+from .hub import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
@@ -194,7 +195,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     check fails (nothing is left at OUT).
     """
     t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src, out = Path(resolve_source(src)), Path(out)
     target = get_convention(to)
     refuse_overlap(src, out)
     source = open_source(src, from_)
@@ -257,9 +258,9 @@ class VerifyResult(BaseModel):
 
 def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: str | None = None) -> VerifyResult:
     """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``)."""
-    a = open_source(src, from_)
+    a = open_source(resolve_source(src), from_)
     try:
-        b = open_source(out, to)
+        b = open_source(resolve_source(out), to)
         try:
             names_a = {x.info.name: x for x in a.adapters}
             names_b = {x.info.name: x for x in b.adapters}
@@ -430,7 +431,7 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
 
 def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:
     """Name the convention and version of PATH with the reasons, and describe every adapter in it."""
-    s = open_source(path, from_)
+    s = open_source(resolve_source(path), from_)
     try:
         files = sorted({str(f) for a in s.adapters for f in a.files})
         return InspectResult(path=str(path), layout=s.layout, convention=s.convention.name,

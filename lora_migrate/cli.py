@@ -39,7 +39,7 @@ class Group(click.Group):
             if e.report is not None:
                 for m in e.report.failures()[:10]:
                     click.echo(f"  {m.module}: {m.status} {m.detail}", err=True)
-            click.echo("nothing was written", err=True)
+            click.echo(getattr(e, "tail", "nothing was written"), err=True)
             sys.exit(1)
         except LoraMigrateError as e:
             click.echo(f"error: {e}", err=True)
@@ -219,6 +219,150 @@ def conventions(as_json):
         click.echo(f"{'':26} writes: {c.config_file} + {c.weights_write} (version {c.version_to_write!r})")
         if c.aliases:
             click.echo(f"{'':26} also: {', '.join(c.aliases[:6])}{' …' if len(c.aliases) > 6 else ''}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--expect", help="The convention PATH must be in; a mismatch fails naming both.")
+@click.option("--convert-check", "convert_to", metavar="CONVENTION",
+              help="Also convert (to a temporary folder) and fail if the numeric check does.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (a list, one per path).")
+def check(paths, expect, convert_to, as_json):
+    """Gate adapters before an upload or commit: exit 1 on an ambiguous or mis-declared convention, inconsistent
+    ranks or shapes, NaN/Inf values, or a failed --convert-check.
+
+    PATHS are adapter folders, files inside them (as pre-commit passes them), or hf:// ids.
+    """
+    from . import checks
+
+    folders = checks.gate_targets(paths)
+    results = [checks.check(p, expect=expect, convert_to=convert_to) for p in folders]
+    if as_json:
+        _echo_json(results)
+    else:
+        for r in results:
+            state = "OK" if r.ok else "FAILED"
+            click.echo(f"{r.path}: {state} ({r.convention or 'convention unknown'}, {len(r.adapters)} adapter(s), "
+                       f"{r.modules_checked} modules checked)")
+            for f in r.findings:
+                where = "".join(f" {x}" for x in (f.adapter, f.module) if x)
+                click.echo(f"  {f.level} [{f.code}]{where}: {f.message}")
+            if r.conversion is not None:
+                click.echo(f"  conversion to {r.conversion.target}: {r.conversion.summary}")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("repo_id")
+@click.option("--to", "to", required=True, help="Convention to upload in, e.g. adapters-1.1.")
+@click.option("--from", "from_", help="Source convention; detected when left out.")
+@click.option("--adapter", help="Upload only this adapter (of several side by side).")
+@click.option("--revision", help="Branch to commit to (default: main).")
+@click.option("--private", is_flag=True, default=None, help="Create the repository private if it does not exist.")
+@click.option("--safetensors", is_flag=True, help="Upload adapter.safetensors instead of pytorch_adapter.bin.")
+@click.option("--keep-head", is_flag=True, help="Upload head files that only repeat the base model's head.")
+@click.option("-m", "--message", help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="Convert and check, list what would be uploaded; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_head, message, dry_run, as_json):
+    """Convert SRC, check it, and upload it to the Hub repo REPO_ID with a model-card section.
+
+    Nothing is uploaded when the numeric check fails. The token comes from huggingface_hub (HF_TOKEN or the saved
+    login) and is never printed.
+    """
+    from . import hub
+
+    r = hub.push(src, repo_id, to=to, from_=from_, adapter=adapter, revision=revision, private=private,
+                 dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, commit_message=message)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r.source}: {r.source_convention} → {r.target_convention}, checked for {r.checked_for}")
+    for name, summary in r.checks.items():
+        click.echo(f"  check {name}: {summary}")
+    verb = "would upload" if r.dry_run else "uploaded"
+    click.echo(f"{verb} to {r.repo_id}{'@' + r.revision if r.revision else ''}:")
+    for f in r.files:
+        click.echo(f"  {f.path} ({f.bytes} bytes)")
+    if r.commit_url:
+        click.echo(f"commit: {r.commit_url}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Output folder: OUT/<name>/ each.")
+@click.option("-j", "--jobs", default=1, show_default=True, help="Parallel workers.")
+@click.option("--report", type=click.Path(path_type=str), help="JSON-lines report [default: OUT/report.jsonl].")
+@click.option("--to", "to", help="Target convention for items (and globs) that do not name one.")
+@click.option("--from", "from_", help="Source convention for items that do not name one.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool; ray: tasks on a Ray cluster (pip install lora-migrate[ray]).")
+@click.option("--address", help="Ray cluster address (auto, ray://head:10001); a local instance when left out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
+def batch(manifest, out, jobs, report, to, from_, executor, address, as_json):
+    """Convert every adapter of MANIFEST (JSON lines or CSV: source, to, from, name, options; or a glob of
+    folders) into OUT, in parallel. A rerun skips items already done with the same inputs and options.
+    Exit 1 if any item failed (the others still run)."""
+    from . import batching
+
+    show = _progress(as_json)
+    try:
+        r = batching.batch(manifest, out, jobs=jobs, report=report, to=to, from_=from_, executor=executor,
+                           address=address, on_record=show.update)
+    finally:
+        show.close()
+    if as_json:
+        _echo_json(r)
+    else:
+        click.echo(batching.summary_table(r))
+    if not r.ok:
+        sys.exit(1)
+
+
+class _Lines:
+    """Progress as plain lines on stderr (not a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def update(self, rec, done, total):
+        if not self.quiet:
+            extra = f": {rec.error}" if rec.error else ""
+            click.echo(f"[{done}/{total}] {rec.name}: {rec.status} ({rec.seconds:.1f} s){extra}", err=True)
+
+    def close(self):
+        pass
+
+
+class _Bar:
+    """A rich progress bar on stderr (a terminal)."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=Console(stderr=True), transient=False)
+        self.task = None
+        self.failed = 0
+
+    def update(self, rec, done, total):
+        if self.task is None:
+            self.p.start()
+            self.task = self.p.add_task("converting", total=total)
+        self.failed += rec.status == "failed"
+        self.p.update(self.task, completed=done,
+                      description=f"converting ({self.failed} failed)" if self.failed else "converting")
+
+    def close(self):
+        if self.task is not None:
+            self.p.stop()
+
+
+def _progress(quiet: bool):
+    return _Bar() if sys.stderr.isatty() and not quiet else _Lines(quiet)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class VerificationFailed(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, report=None):
+    def __init__(self, message: str, report=None, tail: str = "nothing was written"):
         super().__init__(message)
         self.report = report
+        self.tail = tail  # the CLI's last line: what was (not) done because of it

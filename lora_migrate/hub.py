@@ -1,0 +1,202 @@
+"""The Hugging Face Hub: ``hf://org/name[@revision]`` sources, and ``push`` (convert, verify, then upload).
+
+Sources are resolved with :func:`huggingface_hub.snapshot_download`, so ``HF_HUB_OFFLINE=1`` reads the local cache
+and nothing else. Uploads go through :class:`huggingface_hub.HfApi` (``create_repo`` + ``create_commit``) to
+``HF_ENDPOINT``; the token comes from huggingface_hub's usual places (``HF_TOKEN``, the saved login) and is
+never printed: every message that leaves this module has it masked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .errors import LoraMigrateError, VerificationFailed
+
+HF_PREFIX = "hf://"
+_REPO_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CARD_BEGIN = "<!-- lora-migrate:begin -->"
+CARD_END = "<!-- lora-migrate:end -->"
+
+
+def is_hub_ref(src) -> bool:
+    return isinstance(src, str) and src.startswith(HF_PREFIX)
+
+
+def parse_hub_ref(src: str) -> tuple[str, str | None]:
+    """``hf://org/name@rev`` → ``("org/name", "rev")``; a one-line error for anything else."""
+    body = src[len(HF_PREFIX):]
+    repo_id, _, rev = body.partition("@")
+    if not _REPO_RX.match(repo_id) or ".." in repo_id or (body.count("@") and not rev):
+        raise LoraMigrateError(f"{src}: expected hf://org/name or hf://org/name@revision")
+    return repo_id, rev or None
+
+
+def resolve_source(src):
+    """A local path as is; an ``hf://`` id → the snapshot folder in the Hugging Face cache (downloaded if needed
+    and allowed)."""
+    if not is_hub_ref(src):
+        return src
+    repo_id, rev = parse_hub_ref(src)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id, revision=rev))
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise LoraMigrateError(f"{src}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {how}; "
+                               "download it first or unset HF_HUB_OFFLINE") from None
+    except RevisionNotFoundError:
+        raise LoraMigrateError(f"{src}: revision {rev!r} not found") from None
+    except GatedRepoError:
+        raise LoraMigrateError(f"{src}: gated repository; accept its terms and log in") from None
+    except RepositoryNotFoundError:
+        raise LoraMigrateError(f"{src}: repository not found (or private and no valid token)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LoraMigrateError(f"{src}: cannot download: {_mask(_first_line(e))}") from None
+
+
+# --------------------------------------------------------------------------------------------------- push
+
+
+class PushedFile(BaseModel):
+    path: str
+    bytes: int
+
+
+class PushResult(BaseModel):
+    source: str
+    repo_id: str
+    revision: str | None
+    source_convention: str
+    target_convention: str
+    checked_for: str  # the library versions the target convention describes
+    dry_run: bool
+    files: list[PushedFile]
+    checks: dict[str, str]  # adapter → the numeric check's summary
+    model_card_section: str
+    commit_url: str | None
+    convert: dict  # the ConvertResult as JSON (api.ConvertResult.model_validate() gives it back typed)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _mask(text: str) -> str:
+    """The token, wherever huggingface_hub would find it, never leaves this module."""
+    try:
+        from huggingface_hub import get_token
+
+        tok = get_token()
+    except Exception:  # noqa: BLE001 - masking must never fail
+        tok = None
+    if tok:
+        text = text.replace(tok, "***")
+    return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)
+
+
+def card_section(result, target) -> str:
+    """The model-card section: convention, library versions it was checked for, the numeric check's figures."""
+    from . import __version__
+
+    try:
+        import torch
+
+        tv = torch.__version__
+    except ImportError:  # pragma: no cover
+        tv = "?"
+    lines = [CARD_BEGIN, "## LoRA convention (lora-migrate)", "",
+             f"This adapter is in the **{target.name}** convention: {target.library} {target.versions} "
+             f"(scaling: {target.scaling_notes}).", "",
+             f"Checked for {target.library} {target.versions}: converted from {result.source_convention} "
+             f"by lora-migrate {__version__} (torch {tv}), and every module's ΔW = s·B·A compared with the "
+             "source's:", "",
+             "| adapter | modules | r | alpha | max rel. error (Frobenius) | max rel. error (probes) | tolerance "
+             "| result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in result.adapters:
+        v = a.verify
+        lines.append(f"| {a.plan.adapter} | {a.plan.modules} | {a.plan.r} | {a.plan.alpha_out:g} "
+                     f"| {v.max_rel_fro:.3g} | {v.max_rel_probe:.3g} "
+                     f"| {v.tolerance:.2g} | {'OK' if v.ok else 'FAILED'} |")
+    lines += ["", f"Load it with {target.library} {target.versions}.", CARD_END]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(existing: str | None, section: str) -> str:
+    """``existing`` (the source's README.md) with our section added, or replacing the one a previous push added."""
+    if not existing:
+        return ("---\ntags:\n- lora\n- lora-migrate\n---\n\n# LoRA adapter\n\n" + section)
+    if CARD_BEGIN in existing and CARD_END in existing:
+        head, _, rest = existing.partition(CARD_BEGIN)
+        _, _, tail = rest.partition(CARD_END)
+        return head + section.rstrip("\n") + tail
+    return existing.rstrip("\n") + "\n\n" + section
+
+
+def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str | None = None,
+         revision: str | None = None, private: bool | None = None, dry_run: bool = False,
+         safetensors: bool = False, keep_head: bool = False, commit_message: str | None = None) -> PushResult:
+    """Convert SRC to ``to``, check it, and upload the result with a model card to ``repo_id``.
+
+    Raises :class:`VerificationFailed` (nothing uploaded) when the numeric check fails, and
+    :class:`LoraMigrateError` for bad input or a refused upload.
+    """
+    from . import api
+    from .schemas import get_convention
+
+    if not _REPO_RX.match(repo_id):
+        raise LoraMigrateError(f"{repo_id}: expected a repo id org/name")
+    target = get_convention(to)
+    tmp = Path(tempfile.mkdtemp(prefix="lora-migrate-push-"))
+    try:
+        out = tmp / "upload"
+        try:
+            result = api.convert(src, out, to=to, from_=from_, adapter=adapter, safetensors=safetensors,
+                                 keep_head=keep_head)
+        except VerificationFailed as e:
+            raise VerificationFailed(f"refusing to upload to {repo_id}: {e}", e.report, tail="nothing was uploaded") \
+                from None
+        section = card_section(result, target)
+        local = Path(resolve_source(src))
+        readme = local / "README.md" if local.is_dir() else None
+        existing = readme.read_text(encoding="utf-8") if readme is not None and readme.is_file() else None
+        (out / "README.md").write_text(model_card(existing, section), encoding="utf-8")
+        files = sorted((PushedFile(path=p.relative_to(out).as_posix(), bytes=p.stat().st_size)
+                        for p in out.rglob("*") if p.is_file()), key=lambda f: f.path)
+        commit_url = None
+        if not dry_run:
+            commit_url = _upload(out, repo_id, revision, private, commit_message
+                                 or f"lora-migrate: {result.source_convention} → {target.name}, checked")
+        return PushResult(source=str(src), repo_id=repo_id, revision=revision,
+                          source_convention=result.source_convention, target_convention=target.name,
+                          checked_for=f"{target.library} {target.versions}", dry_run=dry_run, files=files,
+                          checks={a.plan.adapter: a.verify.summary() for a in result.adapters},
+                          model_card_section=section, commit_url=commit_url, convert=result.model_dump(mode="json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _upload(folder: Path, repo_id: str, revision: str | None, private: bool | None, message: str) -> str:
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if constants.HF_HUB_OFFLINE:
+        raise LoraMigrateError("HF_HUB_OFFLINE=1: cannot upload; unset it, or use --dry-run")
+    if not get_token():
+        raise LoraMigrateError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded")
+    hf = HfApi()
+    try:
+        hf.create_repo(repo_id, private=private, exist_ok=True)
+        info = hf.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as e:
+        raise LoraMigrateError(f"upload to {repo_id} failed: {_mask(_first_line(e))}") from None
+    return str(info.commit_url if hasattr(info, "commit_url") else info)
