@@ -139,11 +139,13 @@ def _pickle_payload(d: Path):
     return _conv(src, d / "out")
 
 
-def _truncated_bin(d: Path):
-    src = make_adapter(d / "src")
-    p = src / "pytorch_adapter.bin"
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    return _conv(src, d / "out")
+def _truncated_bin(keep: float):
+    def build(d: Path):
+        src = make_adapter(d / "src")
+        p = src / "pytorch_adapter.bin"
+        p.write_bytes(p.read_bytes()[: int(p.stat().st_size * keep)])
+        return _conv(src, d / "out")
+    return build
 
 
 def _escaping_name(name):
@@ -196,7 +198,10 @@ CASES: list[Case] = [
          _st_case(raw=lambda b: b[:8] + b"[" + b[9:]), "header is not valid JSON"),
     Case("st_empty", "empty weights file", _st_case(raw=lambda b: b""), "file is empty"),
     # .bin
-    Case("bin_truncated", "pytorch_adapter.bin cut short", _truncated_bin, "not a readable PyTorch checkpoint"),
+    Case("bin_truncated", "pytorch_adapter.bin cut short (half)", _truncated_bin(0.5),
+         "not a readable PyTorch checkpoint (truncated or corrupt?)"),
+    Case("bin_truncated_late", "pytorch_adapter.bin cut short (last bytes missing)", _truncated_bin(0.97),
+         "the file is cut short"),
     Case("bin_pickle_payload", "pytorch_adapter.bin carrying a pickle payload (would create a file)",
          _pickle_payload, "refused: the pickle holds something other than tensors"),
     # adapter_config.json
@@ -318,6 +323,23 @@ def test_fuzzed_safetensors_never_crash(tmp_path_factory, data):
     else:
         i = data.draw(st.integers(8, 8 + n))
         raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    f.write_bytes(bytes(raw))
+    _convert_ends_cleanly(src, tmp)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bin_never_crash(tmp_path_factory, data):
+    """Random truncations and byte edits of a pytorch_adapter.bin (zip records, data.pkl, tensor data)."""
+    tmp = tmp_path_factory.mktemp("fuzzbin")
+    src = make_adapter(tmp / "src")
+    f = src / "pytorch_adapter.bin"
+    raw = bytearray(f.read_bytes())
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 6))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     f.write_bytes(bytes(raw))
     _convert_ends_cleanly(src, tmp)
 

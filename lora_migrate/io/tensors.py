@@ -276,9 +276,10 @@ def _open_bin(path: Path, head: bytes) -> TensorFile:
     except MemoryError:
         raise
     except Exception as exc:  # torch.load raises EOFError, IndexError, KeyError, RuntimeError, ... on bad files
-        raise LoraMigrateError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_sentence(oneline(exc))}"
-        ) from None
+        detail = _first_sentence(oneline(exc))
+        if mmap and not zipfile.is_zipfile(path):  # torch's own words are then e.g. "[Errno 22] Invalid argument"
+            detail = "the zip archive has no end record: the file is cut short (an interrupted download?)"
+        raise LoraMigrateError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
     if not isinstance(obj, dict):
         raise LoraMigrateError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     metas = {}
