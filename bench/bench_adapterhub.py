@@ -42,31 +42,10 @@ print(json.dumps({"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSA
 
 
 def make_adapter(folder: Path, r: int, dtype: str) -> int:
-    import torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_scale import make_adapter as make
 
-    from lora_migrate.io import SafetensorsWriter
-
-    folder.mkdir(parents=True)
-    cfg = {"architecture": "lora", "selfattn_lora": True, "intermediate_lora": True, "output_lora": True,
-           "leave_out": [], "r": r, "alpha": 2 * r, "dropout": 0.0, "attn_matrices": ["q", "k", "v"],
-           "composition_mode": "add", "init_weights": "lora", "use_gating": False, "dtype": None}
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"config": cfg, "hidden_size": HIDDEN, "model_class": "LlamaForCausalLM", "model_name": None,
-         "model_type": "llama", "name": "m1", "version": "adapters.1.3.0"}))
-    dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    plan = []
-    for i in range(LAYERS):
-        for m, (inp, out) in MODULES.items():
-            k = f"model.layers.{i}.{m}.loras.m1"
-            plan += [(f"{k}.lora_A", (r, inp)), (f"{k}.lora_B", (out, r))]
-    with SafetensorsWriter(folder / "adapter.safetensors") as w:
-        for k, shape in plan:
-            w.add(k, dt, shape)
-        w.write_header()
-        for k, shape in plan:
-            w.write(k, (torch.randn(shape, generator=g) * 0.02).to(dt))
-    return (folder / "adapter.safetensors").stat().st_size
+    return make(folder, LAYERS, r, MODULES, hidden=HIDDEN, dtype=dtype)
 
 
 def run(mode: str, src: Path, out: Path) -> dict:

@@ -22,11 +22,12 @@ from .formats import adapterhub as ah
 from .formats import peft as pf
 from .hub import resolve_source
 from .io import atomic_output, refuse_overlap
-from .io._common import release_memory
+from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
-from .verify import VerifyReport, build_report, compare, extra, missing
+from .rules.values import refuse_nonfinite
+from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
 
 
 class AdapterResult(BaseModel):
@@ -123,30 +124,50 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
         checks.append(check)
         release_memory()
     checks += [extra(m) for m in out_by]
-    out_extras = set(out.extras)
-    for k in src.extras:
-        same = k in out_extras and torch.equal(src.store.get(k), out.store.get(k))
-        if not same:
-            checks.append(missing(k, "non-LoRA tensor not carried over bit for bit"))
+    checks += _extras_checks(src, out)
     return build_report(checks, time.perf_counter() - t0)
 
 
-def _write(ex: Execution, folder: Path) -> list[str]:
+def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
+    """The output deltas in write order. Each source module is refused if it holds NaN/Inf (unless allowed) and,
+    with ``check``, compared with its output while both are in memory (see :class:`verify.WriteCheck`)."""
+    for e in ex.source.modules:
+        d = ex.source.load(e)
+        bad = refuse_nonfinite(d, allow=allow_nonfinite)
+        notes += bad
+        o = ex.apply(d, e)
+        if check is not None:
+            check.module(d, o, nonfinite=bool(bad))
+        yield o
+        nbytes = sum(t.nbytes for t in (d.A, d.B, d.bias) if t is not None)
+        del d, o
+        release_memory(nbytes)
+
+
+def _extras_checks(src: SourceAdapter, out: SourceAdapter) -> list:
+    """Non-LoRA tensors (PEFT ``modules_to_save`` and the like) must be carried over bit for bit."""
+    out_extras = set(out.extras)
+    return [missing(k, "non-LoRA tensor not carried over bit for bit") for k in src.extras
+            if not (k in out_extras and torch.equal(src.store.get(k), out.store.get(k)))]
+
+
+def _write(ex: Execution, folder: Path, deltas=None) -> list[str]:
+    deltas = ex.deltas() if deltas is None else deltas
     if ex.target.family == "peft":
-        return _write_peft(ex, folder)
-    return ah.write_adapter(folder, ex.target, ex.source.info, ex.deltas(), ex.plan.r, ex.plan.alpha_out,
+        return _write_peft(ex, folder, deltas)
+    return ah.write_adapter(folder, ex.target, ex.source.info, deltas, ex.plan.r, ex.plan.alpha_out,
                             ex.tensors, safetensors=ex.safetensors, head=ex.source.head, keep_head=ex.keep_head,
                             config=ex.config)
 
 
-def _write_peft(ex: Execution, folder: Path) -> list[str]:
+def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
     keys = ex.target.keys
     planned = [(keys.key(p, m), shape, dtype) for m, p, shape, dtype in ex.tensors]
     store = ex.source.store
     planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.source.extras]
 
     def tensors():
-        for d in ex.deltas():
+        for d in deltas:
             emb = d.kind == "embedding"
             for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
                 if t is not None:
@@ -162,8 +183,13 @@ def _write_peft(ex: Execution, folder: Path) -> list[str]:
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
             keep_head: bool = False, initial_adapter: str | Path | None = None,
-            model_type: str | None = None) -> ConvertResult:
-    """Convert SRC into the ``to`` convention at OUT, then check every module numerically.
+            model_type: str | None = None, allow_nonfinite: bool = False) -> ConvertResult:
+    """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
+
+    Each module is compared with its source while both are in memory, as it is written; the written folder is
+    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`;
+    PiSSA-style sources, whose reference needs the initial adapter, are checked after writing instead).
+    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
     check fails (nothing is left at OUT).
@@ -183,15 +209,21 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
             results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
                                      notes=ex.plan.notes, verify=None) for ex in execs]
         else:
-            with atomic_output(out, overwrite=overwrite) as tmp:
+            with few_threads(), atomic_output(out, overwrite=overwrite) as tmp:
                 for ex in execs:
                     folder = tmp / ex.plan.output
-                    notes = [*ex.plan.notes, *_write(ex, folder)]
+                    check = WriteCheck() if verify and ex.initial is None else None
+                    notes = list(ex.plan.notes)
+                    notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
                     report = None
                     if verify:
                         back = _read_back(folder, target, ex.source.info.name)
                         try:
-                            report = verify_adapters(ex.source, back, initial=ex.initial)
+                            if check is None:
+                                report = verify_adapters(ex.source, back, initial=ex.initial)
+                            else:
+                                report = check.confirm(((o.module, o) for o in back.modules), back.load,
+                                                       _extras_checks(ex.source, back))
                         finally:
                             back.store.close()
                         if not report.ok:

@@ -90,10 +90,13 @@ def main():
                    "against the original weights.")
 @click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
                                    "AdapterHub; inferred from module paths when left out.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Pass tensors holding NaN/Inf through as they are (refused by default; such modules are not "
+                   "compared).")
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, initial_adapter,
-            model_type, verbose, as_json):
+            model_type, allow_nonfinite, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -110,7 +113,7 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
 
     r = api.convert(src, out, to=to, from_=from_, adapter=adapter, verify=not no_verify, overwrite=overwrite,
                     dry_run=dry_run, safetensors=safetensors, keep_head=keep_head,
-                    initial_adapter=initial_adapter, model_type=model_type)
+                    initial_adapter=initial_adapter, model_type=model_type, allow_nonfinite=allow_nonfinite)
     if as_json:
         _echo_json(r)
         return

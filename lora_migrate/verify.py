@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .adapter import ModuleDelta
 
-Status = Literal["ok", "mismatch", "missing_in_output", "extra_in_output", "shape_mismatch"]
+Status = Literal["ok", "mismatch", "missing_in_output", "extra_in_output", "shape_mismatch", "nonfinite_allowed"]
 
 _F64 = torch.float64
 _TINY = torch.finfo(_F64).tiny  # keeps 0/0 at 0 in the absolute criterion
@@ -127,7 +127,9 @@ class VerifyReport(pydantic.BaseModel):
             f"tolerance {self.tolerance:.2g}"
         )
         if self.ok:
-            return head + ": OK"
+            skipped = sum(m.status == "nonfinite_allowed" for m in self.modules)
+            return head + (f": OK ({skipped} with non-finite values not compared, --allow-nonfinite)"
+                           if skipped else ": OK")
         if self.n_modules == 0:
             return head + ": FAILED (nothing was compared)"
         counts: dict[str, int] = {}
@@ -212,6 +214,67 @@ def _shared_factor_norms(
     return math.sqrt(quad(S)), math.sqrt(quad(D))
 
 
+def all_finite(t: Tensor) -> bool:
+    """True if no element of ``t`` is NaN or ±Inf, in one fast pass for the common (finite) case.
+
+    A sum in the tensor's own dtype (torch accumulates in float32 or wider) is finite exactly when no element is
+    non-finite, unless the sum itself overflows; that rare case, and fp16 (whose result overflows at 65504) and
+    fp8 (no native sum), are settled element by element.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype in (torch.float32, torch.float64, torch.bfloat16) and math.isfinite(t.sum().item()):
+        return True
+    return bool(torch.isfinite(t).all().item())
+
+
+def _power_of_two(c: float) -> bool:
+    return math.isfinite(c) and c != 0.0 and abs(math.frexp(c)[0]) == 0.5
+
+
+def _exact_work_dtype(*ts: Tensor) -> torch.dtype | None:
+    """float32 if every value of ``ts`` is exactly a float32 value (fp8/fp16/bf16/fp32), float64 for float64."""
+    dts = {t.dtype for t in ts}
+    if _F64 in dts:
+        return _F64 if dts <= {_F64, torch.float32, torch.float16, torch.bfloat16} else None
+    if all(dt.is_floating_point and dt.itemsize <= 4 and dt in _UNIT_ROUNDOFF for dt in dts):
+        return torch.float32
+    return None
+
+
+def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float) -> str | None:
+    """A proof that s2·B2·A2 = s1·B1·A1 *exactly* (in real arithmetic), or None when there is none to be had cheaply.
+
+    It holds when A2 = A1 bit for bit and B2 = c·B1 exactly with c = s1/s2 a power of two (1 included: factors
+    copied bit for bit) and c·s2 = s1 exactly. A power-of-two multiply in binary floating point is exact unless it
+    overflows or underflows, so the test is made in a dtype that holds every value of both sides exactly (float32
+    for fp8/fp16/bf16/fp32, float64 for float64), in the direction that cannot underflow: B2 = fl(c·B1) if c ≥ 1,
+    B1 = fl(B2/c) if c < 1; an overflow gives inf, which equals no finite value. All values must be finite
+    (NaN ≠ NaN fails the test anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
+    one elementwise pass over B and a comparison of A. This is the common case: every rescale by alpha/r with a
+    power-of-two ratio (alpha = 2r, alpha = r, ...), and every module whose scale is kept.
+    """
+    c = s1 / s2 if s2 != 0 else float("nan")
+    if not (_power_of_two(c) and c * s2 == s1):
+        return None
+    if A1.shape != A2.shape or B1.shape != B2.shape or A1.dtype != A2.dtype:
+        return None
+    work = _exact_work_dtype(B1, B2)
+    if work is None or not (A1 is A2 or torch.equal(A1, A2)):
+        return None
+    if c == 1.0:
+        x, y = B1.to(work), B2.to(work)
+    elif c > 1.0:
+        x, y = B1.to(work, copy=True).mul_(c), B2.to(work)
+    else:
+        x, y = B2.to(work, copy=True).mul_(1.0 / c), B1.to(work)
+    if not torch.equal(x, y):
+        return None
+    if not (all_finite(A1) and all_finite(x)):
+        return None
+    return "exact: A identical, B' = B" if c == 1.0 else f"exact: A identical, B' = {c:g}·B with no rounding"
+
+
 def _probe_rel(y_src: Tensor, y_out: Tensor, fallback: Tensor) -> float:
     """max over columns of ‖y_src − y_out‖ / ‖y_src‖ (``fallback`` per column where ‖y_src‖ = 0)."""
     if y_src.shape[1] == 0:
@@ -294,6 +357,10 @@ def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 
                 f"ΔW is {B1.shape[0]}×{A1.shape[1]} in source vs {B2.shape[0]}×{A2.shape[1]} in output",
             )
         n_out = B1.shape[0]
+        exact = exactly_rescaled(A1, B1, s1, A2, B2, s2) if src.bias is None and out.bias is None else None
+        if exact is not None:
+            return ModuleCheck(module=module, status="ok", rel_fro=0.0, rel_probe=0.0, tolerance=tol, ok=True,
+                               detail=exact)
         shared = _shared_factor_norms(A1, B1, s1, A2, B2, s2)
         a1, b1, a2, b2 = _f64(A1), _f64(B1), _f64(A2), _f64(B2)
         if shared is not None:
@@ -421,3 +488,134 @@ def verify(
     checks = [compare(d, o[name], probes=probes, seed=seed) if name in o else missing(d) for name, d in s.items()]
     checks += [extra(d) for name, d in o.items() if name not in s]
     return build_report(checks, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checking while writing
+
+
+_MULTIPLIERS: list = []
+_BLOCK = 1 << 16
+
+
+def _multipliers(n: int):
+    """The first n of a fixed sequence of pseudo-random odd 64-bit multipliers. Blocks are seeded by their index,
+    so growing the cache never changes a prefix (a digest taken before a bigger tensor arrived stays valid)."""
+    import numpy as np
+
+    have = _MULTIPLIERS[0].size if _MULTIPLIERS else 0
+    if have < n:
+        blocks = [_MULTIPLIERS[0]] if _MULTIPLIERS else []
+        for i in range(have // _BLOCK, -(-n // _BLOCK)):
+            rng = np.random.default_rng([0x10AA, i])
+            blocks.append(rng.integers(0, 2**63, size=_BLOCK, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
+        _MULTIPLIERS[:] = [np.concatenate(blocks)]
+    return _MULTIPLIERS[0][:n]
+
+
+def tensor_digest(t: Tensor) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, linear hash, CRC-32 of the tail) of the bytes a writer stores for ``t`` (contiguous, native
+    order). The hash is Σ wᵢ·mᵢ mod 2⁶⁴ over the 64-bit words w with fixed odd multipliers m: a multiply-add at
+    memory speed (13 GB/s measured, against 3.7 GB/s for zlib.crc32 on this machine), and any change of the
+    bytes, a moved or swapped word included, changes it except with probability ~2⁻⁶⁴ for a random change. It
+    guards against accidents between write and read-back (a layout bug, a bad disk), not against an adversary."""
+    import zlib
+
+    import numpy as np
+
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    n = raw.size // 8
+    words = raw[: 8 * n].view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = int(np.dot(words, _multipliers(n))) if n else 0
+    return str(t.dtype), tuple(t.shape), h, zlib.crc32(raw[8 * n :])
+
+
+_TENSORS = ("A", "B", "bias", "magnitude")
+
+
+def _fingerprint(d: ModuleDelta) -> tuple:
+    """kind, fused layout, scale, and (dtype, shape, digest) of every tensor of a delta."""
+    fused = None if d.fused is None else d.fused.groups
+    tensors = (getattr(d, name, None) for name in _TENSORS)
+    return (d.kind, fused, float(d.scale), *(None if t is None else tensor_digest(t) for t in tensors))
+
+
+def _same_print(a: tuple, b: tuple) -> bool:
+    """Fingerprints agree: everything exactly, but the scale to 1e-12 (a reader derives it from the config's
+    alpha and r, possibly in another order of operations than the planner)."""
+    return a[:2] == b[:2] and a[3:] == b[3:] and abs(a[2] - b[2]) <= 1e-12 * max(abs(a[2]), abs(b[2]))
+
+
+class WriteCheck:
+    """The numeric check made while the output is written, then confirmed on the file as the target reads it.
+
+    :meth:`module` compares each output module with its source module while both are in memory (the tensors
+    passed are exactly those handed to the writer, so the comparison is of the bytes written) and records a
+    fingerprint of the output: kind, fused layout, effective scale, and dtype, shape and digest of every tensor.
+    :meth:`confirm` then reads the written folder back through the target convention's own reader (config →
+    scale, keys → modules, header → bytes) and requires every module's fingerprint to match. Together: the
+    output, as the target reads it, holds deltas that :func:`compare` found equal to the source's. The source is
+    read once, the output once; nothing is kept between modules but the fingerprints.
+    """
+
+    def __init__(self, *, probes: int = 4):
+        self.probes = probes
+        self.checks: dict[str, ModuleCheck] = {}
+        self.prints: dict[str, tuple] = {}
+        self.seconds = 0.0
+
+    def module(self, src: ModuleDelta, out: ModuleDelta, *, nonfinite: bool = False) -> None:
+        """Check ``out`` against ``src``; ``nonfinite``: the source holds NaN/Inf that the user let through."""
+        import time
+
+        t0 = time.perf_counter()
+        if src.module in self.checks:
+            raise ValueError(f"module {src.module!r} checked twice")
+        if nonfinite:
+            self.checks[src.module] = ModuleCheck(
+                module=src.module, status="nonfinite_allowed", tolerance=tolerance_for(*_dtypes(src)), ok=True,
+                detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
+        else:
+            check = compare(src, out, probes=self.probes)
+            m1, m2 = getattr(src, "magnitude", None), getattr(out, "magnitude", None)
+            if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
+                check = check.model_copy(update=dict(ok=False, status="mismatch",
+                                                     detail="DoRA magnitude vector differs or is missing"))
+            self.checks[src.module] = check
+        self.prints[src.module] = _fingerprint(out)
+        self.seconds += time.perf_counter() - t0
+
+    def confirm(self, back: Iterable[tuple[str, object]], load, more: Iterable[ModuleCheck] = ()) -> VerifyReport:
+        """``back``: (module name, entry) of the written output as the target reads it; ``load(entry)`` its delta.
+        ``more``: further checks for the report (non-LoRA tensors carried over)."""
+        import time
+
+        t0 = time.perf_counter()
+        checks = dict(self.checks)
+        seen = set()
+        extras = []
+        for name, entry in back:
+            if name not in checks:
+                extras.append(extra(name))
+                continue
+            seen.add(name)
+            got = _fingerprint(load(entry))
+            if not _same_print(got, self.prints[name]) and checks[name].ok:
+                c = checks[name]
+                checks[name] = c.model_copy(update=dict(
+                    status="mismatch", ok=False,
+                    detail=f"the file as read back differs from what was written and checked "
+                           f"(written {_describe(self.prints[name])}, read {_describe(got)})"))
+        result = [c if n in seen else missing(n, "checked in memory but not found when reading the output back")
+                  for n, c in checks.items()]
+        return build_report(result + extras + list(more), self.seconds + time.perf_counter() - t0)
+
+
+def _describe(fp: tuple) -> str:
+    kind, fused, scale, *tensors = fp
+    parts = [f"{kind}, scale {scale:g}"]
+    for label, t in zip(_TENSORS, tensors):
+        if t is not None:
+            parts.append(f"{label} {t[0].removeprefix('torch.')} {list(t[1])} digest {t[2]:016x}")
+    return "; ".join(parts)

@@ -67,8 +67,34 @@ def test_identical_is_exactly_zero():
         assert c.status == "ok" and c.ok
         assert c.rel_fro == 0.0 and c.rel_probe == 0.0 and c.rel_bias is None
         assert c.tolerance == F32_TOL
-        # with a shared factor the norm comes from a float32 Gram form (it is only the denominator)
-        assert math.isclose(c.norm, torch.linalg.matrix_norm(dense(d)).item(), rel_tol=1e-6)
+        # identical factors are an exact proof: no norm is computed at all
+        assert c.norm is None and c.detail == "exact: A identical, B' = B"
+    # a rescale that rounds is not exact: the norm then comes from a float32 Gram form (only the denominator)
+    c = compare(d, mk(d.A, (d.B.double() * 3).float(), d.scale / 3))
+    assert c.ok and not c.detail.startswith("exact") and 0 < c.rel_fro < F32_TOL
+    assert math.isclose(c.norm, torch.linalg.matrix_norm(dense(d)).item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1.0, 2.0, 0.25, 64.0])
+def test_power_of_two_rescale_is_proven_exact(dtype, c):
+    d = lora()
+    d = mk(d.A.to(dtype), d.B.to(dtype), d.scale)
+    out = mk(d.A, (d.B.double() * c).to(dtype), d.scale / c)
+    chk = compare(d, out)
+    assert chk.ok and chk.rel_fro == 0.0 and chk.detail.startswith("exact")
+    # one element off by one ulp: no longer exact, and measured (not claimed) instead
+    B = out.B.clone()
+    B.view(-1)[3] = torch.nextafter(B.view(-1)[3], torch.tensor(float("inf"), dtype=dtype))
+    chk = compare(d, mk(d.A, B, out.scale))
+    assert not chk.detail.startswith("exact") and chk.rel_fro > 0
+    # a rescale that underflows or overflows is not exact either
+    tiny = mk(d.A, d.B * torch.finfo(dtype).tiny, d.scale)
+    down = mk(d.A, (tiny.B.double() / 2**60).to(dtype), d.scale * 2**60)
+    assert not compare(tiny, down).detail.startswith("exact")
+    big = mk(d.A, d.B * (torch.finfo(dtype).max / 4), d.scale)
+    up = mk(d.A, (big.B.double() * 2**10).to(dtype), d.scale / 2**10)
+    assert not compare(big, up).ok
 
 
 @settings(max_examples=150, deadline=None)
@@ -97,6 +123,9 @@ def test_factored_gram_matches_dense_reference(out, inn, r1, r2, seed, s1, s2, s
     ref_rel = (torch.linalg.matrix_norm(S - O) / ref_norm).item()
     ref_probe_x = torch.randn(inn, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref_probe = ((S - O) @ ref_probe_x).norm(dim=0) / (S @ ref_probe_x).norm(dim=0)
+    if c.detail.startswith("exact"):  # proven equal without a norm: the dense reference must agree
+        assert c.norm is None and c.rel_fro == 0.0 and ref_rel <= 1e-15
+        return
     assert math.isclose(c.norm, ref_norm, rel_tol=1e-12)
     # the distance, in units of ‖ΔW_src‖, agrees with brute force to 1e-12 (relatively, where it is large)
     assert abs(c.rel_fro - ref_rel) <= 1e-12 * max(1.0, ref_rel)

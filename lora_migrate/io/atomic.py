@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import OutOfSpace, is_out_of_space, oneline
+from lora_migrate.io._common import OutOfSpace, fault_point, is_out_of_space, oneline
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -72,6 +72,7 @@ def refuse_overlap(src: str | os.PathLike, out: str | os.PathLike) -> None:
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out`` (replacing an old ``out`` only if ``overwrite``)."""
+    fault_point("install")
     if not os.path.lexists(out):
         # rename() would silently replace an empty directory created meanwhile; treat that as a clash too
         os.rename(tmp, out)

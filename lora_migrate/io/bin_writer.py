@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import OutOfSpace, PlannedWriter, is_out_of_space, oneline, write_errors
+from lora_migrate.io._common import (OutOfSpace, PlannedWriter, fault_point, is_out_of_space, oneline,
+                                     write_errors)
 
 
 def save_bin(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
@@ -297,6 +298,7 @@ class BinWriter(PlannedWriter):
             self._buffer[name] = t
         else:
             with self._zip_errors():
+                fault_point("write")
                 self._zip.write_record(f"data/{key}", storage, nbytes)
         self._next += 1
 

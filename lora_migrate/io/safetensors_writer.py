@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, PlannedWriter, write_errors
+from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, PlannedWriter, fault_point, write_errors
 
 
 def safetensors_order(items: Iterable[tuple[str, torch.dtype]]) -> list[str]:
@@ -99,6 +99,7 @@ class SafetensorsWriter(PlannedWriter):
         if data.nbytes != nbytes:  # cannot happen for a strided tensor; guards the layout invariant
             raise ValueError(f"tensor {name!r}: {data.nbytes} bytes, planned {nbytes}")
         with write_errors(self.path):
+            fault_point("write")
             self._file.write(data)
         self._next += 1
 

@@ -276,9 +276,10 @@ def _open_bin(path: Path, head: bytes) -> TensorFile:
     except MemoryError:
         raise
     except Exception as exc:  # torch.load raises EOFError, IndexError, KeyError, RuntimeError, ... on bad files
-        raise LoraMigrateError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {oneline(exc)}"
-        ) from None
+        detail = _first_sentence(oneline(exc))
+        if mmap and not zipfile.is_zipfile(path):  # torch's own words are then e.g. "[Errno 22] Invalid argument"
+            detail = "the zip archive has no end record: the file is cut short (an interrupted download?)"
+        raise LoraMigrateError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
     if not isinstance(obj, dict):
         raise LoraMigrateError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     metas = {}
@@ -508,6 +509,11 @@ def _no_duplicates(pairs):
 
 def _no_constant(name):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _first_sentence(text: str) -> str:
+    """torch's zip reader appends several sentences of advice to its error; keep the first."""
+    return text.split(". ", 1)[0] if text.startswith("PytorchStreamReader") else text
 
 
 def _short(value, limit: int = 80) -> str:

@@ -1,0 +1,200 @@
+"""Performance at scale, as ratios measured in one run (issue 5). Run by hand; not a test.
+
+    .venv/bin/python bench/bench_scale.py [--layers 80,5] [--rank 64] [--repeat 2] [--skip-users]
+
+Synthetic adapters-1.1 (AdapterHub) adapters shaped like a 70B-class Llama (hidden 8192, intermediate 28672,
+GQA k/v 1024, 80 layers; q, k, v, up, down: every linear layer AdapterHub's LoRA adapts), r=64, bf16:
+80 layers ≈ 1.1 GB, 5 layers ≈ 0.07 GB. Every measurement runs in a fresh subprocess (wall time, CPU time, peak
+RSS) and the best of ``--repeat`` runs counts, because the 2-core machine is shared:
+
+  (a) ``convert --to adapters-1.0`` (scale 2 folded into every B, with the numeric check) vs a raw
+      ``safetensors.load_file`` + ``save_file`` of the same file; wall and CPU time. The default output is
+      pytorch_adapter.bin (torch's zip writer, CRC-32 per record); ``st`` columns: with ``--safetensors``;
+  (b) peak RSS of convert minus that of ``python -c "import torch"``, for both sizes;
+  (c) the check's share of the conversion (``VerifyReport.seconds`` / convert's own time);
+  (d) ``lora-migrate --help`` and ``lora-migrate conventions`` wall time;
+  (e) ``batch``: not measured, there is no batch command yet;
+  (f) what users do today: load a base model with adapters 1.3.0, ``load_adapter``, ``save_adapter`` (on a
+      small Llama), vs ``lora-migrate convert`` of the same adapter, which reads no base weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HIDDEN, INTER, KV = 8192, 28672, 1024
+MODULES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, KV), "self_attn.v_proj": (HIDDEN, KV),
+           "mlp.up_proj": (HIDDEN, INTER), "mlp.down_proj": (INTER, HIDDEN)}  # (in, out)
+
+CHILD = r"""
+import json, resource, sys, time
+mode, src, out = sys.argv[1:4]
+t0, c0 = time.perf_counter(), time.process_time()
+import torch
+extra = {}
+if mode == "copy":
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(src + "/adapter.safetensors"), out)
+elif mode in ("convert", "convert_st"):
+    import lora_migrate
+    t1 = time.perf_counter()
+    r = lora_migrate.convert(src, out, to="adapters-1.0", safetensors=mode == "convert_st")
+    assert r.ok, r
+    extra = {"convert_seconds": time.perf_counter() - t1, "check_seconds": r.adapters[0].verify.seconds,
+             "summary": r.adapters[0].verify.summary()}
+elif mode == "users":  # what a user does today: the base model, the source library, the target library
+    import adapters, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[4])
+    adapters.init(model)
+    name = model.load_adapter(src, use_safetensors=True)
+    model.save_adapter(out, name)
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+"""
+
+
+def make_adapter(folder: Path, layers: int, r: int, modules=MODULES, hidden=HIDDEN, dtype="bfloat16") -> int:
+    """An adapters-1.1 adapter (adapter.safetensors), streamed to disk one tensor at a time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from lora_migrate.io import SafetensorsWriter
+
+    folder.mkdir(parents=True)
+    cfg = {"architecture": "lora", "selfattn_lora": True, "intermediate_lora": True, "output_lora": True,
+           "leave_out": [], "r": r, "alpha": 2 * r, "dropout": 0.0, "attn_matrices": ["q", "k", "v"],
+           "composition_mode": "add", "init_weights": "lora", "use_gating": False, "dtype": None}
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"config": cfg, "hidden_size": hidden, "model_class": "LlamaForCausalLM", "model_name": None,
+         "model_type": "llama", "name": "m1", "version": "adapters.1.3.0"}))
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    plan = []
+    for i in range(layers):
+        for m, (inp, out) in modules.items():
+            k = f"model.layers.{i}.{m}.loras.m1"
+            plan += [(f"{k}.lora_A", (r, inp)), (f"{k}.lora_B", (out, r))]
+    with SafetensorsWriter(folder / "adapter.safetensors") as w:
+        for k, shape in plan:
+            w.add(k, dt, shape)
+        w.write_header()
+        for k, shape in plan:
+            w.write(k, torch.empty(shape).normal_(0, 0.02, generator=g).to(dt))
+    return (folder / "adapter.safetensors").stat().st_size
+
+
+def child(mode: str, src: Path, out: Path, *more) -> dict:
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), *map(str, more)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{mode} failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def best(mode: str, repeat: int, *args) -> dict:
+    runs = [child(mode, *args) for _ in range(repeat)]
+    return min(runs, key=lambda x: x["seconds"])
+
+
+def wall(cmd: list[str], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+SMALL = {"self_attn.q_proj": (512, 512), "self_attn.k_proj": (512, 512), "self_attn.v_proj": (512, 512),
+         "mlp.up_proj": (512, 1376), "mlp.down_proj": (1376, 512)}
+
+
+def make_base(base: Path) -> None:
+    import torch
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(base)
+    make_adapter(base.parent / "small", 8, 16, SMALL, hidden=512, dtype="float32")
+
+
+def in_child(*args) -> None:
+    """Build inputs in a subprocess: Linux keeps a process's peak RSS across fork + exec, so a parent that had
+    imported torch (or built a model) would lift every measured child's peak RSS to its own."""
+    subprocess.run([sys.executable, __file__, *map(str, args)], check=True)
+
+
+def users_today(tmp: Path, repeat: int) -> None:
+    """(f): a small Llama saved as a base model, an adapters-1.3.0 adapter for it, both routes timed."""
+    base, src = tmp / "base", tmp / "small"
+    in_child("--make-base", base)
+    base_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
+    users = best("users", repeat, src, tmp / "users_out", base)
+    ours = best("convert", repeat, src, tmp / "ours_out")
+    print(f"(f) small Llama (8 layers, hidden 512, base model {base_mb:.0f} MB), r=16 adapter: load base + "
+          f"load_adapter + save_adapter (adapters 1.3.0) {users['seconds']:.2f} s, {users['peak_rss_mb']:.0f} MB; "
+          f"lora-migrate convert {ours['seconds']:.2f} s, {ours['peak_rss_mb']:.0f} MB, no base weights read: "
+          f"{users['seconds'] / ours['seconds']:.1f}× faster")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", default="80,5", help="layer counts of the 70B-shaped adapters (80 ≈ 1.1 GB bf16)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--skip-users", action="store_true", help="skip (f), which loads a small base model")
+    ap.add_argument("--make-adapter", nargs=3, help=argparse.SUPPRESS)  # folder layers rank (in a child)
+    ap.add_argument("--make-base", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.make_adapter:
+        folder, layers, rank = args.make_adapter
+        make_adapter(Path(folder), int(layers), int(rank))
+        return
+    if args.make_base:
+        make_base(Path(args.make_base))
+        return
+    print(f"cores: {os.cpu_count()}, torch threads in convert: {os.environ.get('LORA_MIGRATE_THREADS', '1')}, "
+          f"load average at start: {os.getloadavg()[0]:.1f}")
+    exe = Path(sys.executable).with_name("lora-migrate")
+    print(f"(d) `lora-migrate --help` {wall([str(exe), '--help'], 5):.3f} s, `lora-migrate conventions` "
+          f"{wall([str(exe), 'conventions'], 5):.3f} s (target < 0.3 s)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        tmp = Path(tmp)
+        floor = best("baseline", 3, tmp, tmp / "x")
+        print(f"`import torch` alone: {floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mb']:.0f} MB")
+        print(f"{'layers':>6} {'MB':>6} {'copy s':>7} {'conv s':>7} {'(a) wall':>8} {'(a) cpu':>8} "
+              f"{'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9} {'st s':>6} {'st wall':>8} {'st cpu':>7}")
+        for layers in (int(x) for x in args.layers.split(",")):
+            src = tmp / f"l{layers}"
+            in_child("--make-adapter", src, layers, args.rank)
+            size = (src / "adapter.safetensors").stat().st_size
+            copy = best("copy", args.repeat, src, tmp / "copy.safetensors")
+            conv = best("convert", args.repeat, src, tmp / "out")
+            conv_st = best("convert_st", args.repeat, src, tmp / "out")  # like for like: safetensors out
+            print(f"{layers:>6} {size / 1e6:>6.0f} {copy['seconds']:>7.2f} {conv['seconds']:>7.2f} "
+                  f"{conv['seconds'] / copy['seconds']:>7.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
+                  f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
+                  f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M {copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M"
+                  f" {conv_st['seconds']:>6.2f} {conv_st['seconds'] / copy['seconds']:>7.2f}×"
+                  f" {conv_st['cpu'] / copy['cpu']:>6.2f}×")
+            print(f"       check: {conv['summary']}")
+            shutil.rmtree(src)
+        print("(e) batch of 500 small adapters: not measured, lora-migrate has no batch command yet")
+        if not args.skip_users:
+            users_today(tmp, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
