@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -168,33 +167,11 @@ def test_errors_exit_2(bias_case, tmp_path):
     assert res.exit_code == 2 and "not a folder" in res.output
 
 
-def _golden_from_branch(tmp_path: Path) -> Path | None:
-    """The pf152 golden case (made with the real peft 0.15.2) from this checkout or the golden-peft branch."""
-    if (GOLDEN / "merged" / "model.safetensors").is_file():
-        return GOLDEN
-    root = Path(__file__).resolve().parent.parent
-    rel = "golden/peft/pf152"
-    try:
-        names = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "--name-only", "golden-peft", rel],
-                               capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    if not any(n.endswith("llama_lora_bias_merged/merged/model.safetensors") for n in names):
-        return None
-    for n in names:
-        dest = tmp_path / n
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        blob = subprocess.run(["git", "-C", str(root), "show", f"golden-peft:{n}"], capture_output=True, check=True)
-        dest.write_bytes(blob.stdout)
-    return tmp_path / rel / "llama_lora_bias_merged"
-
-
 @pytest.mark.parametrize("layout", ["merged", "merged_sharded"])
 def test_golden_peft_0152_merge(tmp_path, layout):
-    """A lora_bias adapter merged by the real peft 0.15.2 + transformers 4.51.3 (golden-peft branch)."""
-    case = _golden_from_branch(tmp_path / "g")
-    if case is None:
-        pytest.skip("golden/peft/pf152/llama_lora_bias_merged is not in this checkout nor on branch golden-peft")
+    """A lora_bias adapter merged by the real peft 0.15.2 + transformers 4.51.3 (golden/make_golden_peft.py)."""
+    case = GOLDEN
+    assert (case / layout).is_dir(), f"golden case missing: {case / layout}"
     out = tmp_path / "fixed"
     r = lora_migrate.fix_merged(case / layout, out, adapter=case / "adapter", merged_with="peft@0.15.2")
     assert r.ok and r.repaired and all(t.what == "bias" for t in r.repaired)
@@ -211,9 +188,7 @@ def test_golden_peft_0152_merge(tmp_path, layout):
 
 def test_golden_peft_0152_merge_is_the_simulated_bug(tmp_path):
     """The real peft 0.15.2 merge_and_unload did exactly W += s·BA, b += l (what the tests above simulate)."""
-    case = _golden_from_branch(tmp_path / "g")
-    if case is None:
-        pytest.skip("golden/peft/pf152/llama_lora_bias_merged is not available")
+    case = GOLDEN
     base = load_file(case.parent / "_base" / "llama_bias" / "model.safetensors")
     merged = load_file(case / "merged" / "model.safetensors")
     ad = load_file(case / "adapter" / "adapter_model.safetensors")
