@@ -152,6 +152,41 @@ def _alpha_ignored(a) -> list[Finding]:
     return out
 
 
+# ------------------------------------------------------------------------------------ checks: PEFT
+
+
+def _served_findings(source, want) -> list[Finding]:
+    """``--expect lorax|vllm`` on PEFT files: what the server computes loading them as they are (the same
+    prediction as ``inspect``: ignored use_rslora, one global r and alpha, dropped DoRA/bias/modules_to_save)."""
+    from .api import _as_loaded_peft
+
+    out = []
+    for a in source.adapters:
+        row = next((c for c in _as_loaded_peft(a) if c.convention == want.name), None)
+        if row is not None and not row.same:
+            out.append(_err("misdeclared", f"{want.name} would not compute this adapter's ΔW: {row.detail}",
+                            a.info.name))
+    return out
+
+
+@adapter_check("rslora-unknown", families=("peft",))
+def _rslora_unknown(a) -> list[Finding]:
+    """use_rslora (PEFT ≥ 0.8, #1244) in a config whose peft_version predates it: that release does not apply
+    alpha/√r (0.6–0.7 even refuse the field)."""
+    from packaging.version import InvalidVersion, Version
+
+    cfg = a.peft
+    pv = (cfg.peft_version or "").split("@")[0] if cfg is not None else ""
+    try:
+        old = bool(pv) and Version(pv) < Version("0.8")
+    except InvalidVersion:
+        old = False
+    if cfg is not None and cfg.use_rslora and old:
+        return [_err("rslora-unknown", f"use_rslora=true, but peft_version {cfg.peft_version!r} predates rsLoRA "
+                                       "(PEFT 0.8): that release scales by alpha/r", a.info.name)]
+    return []
+
+
 # ------------------------------------------------------------------------------------ checks: every family
 
 
@@ -283,8 +318,11 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
         try:
             conv_name = source.convention.name
             adapters = [a.info.name for a in source.adapters]
-            if want is not None and source.convention is not want and not any(f.code == "convention"
-                                                                                for f in findings):
+            served = want is not None and want.name in ("lorax", "vllm") and source.convention.family == "peft"
+            if served:  # a PEFT file meant for a server: does the server compute the same thing?
+                findings += _served_findings(source, want)
+            elif want is not None and source.convention is not want and not any(f.code == "convention"
+                                                                                  for f in findings):
                 findings.append(_err("expect-mismatch", f"expected {want.name} ({want.library} {want.versions}), "
                                      f"found {conv_name} ({source.convention.library} "
                                      f"{source.convention.versions}): " + "; ".join(source.reasons[:2])))

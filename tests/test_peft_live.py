@@ -258,3 +258,20 @@ def test_inspect_predicts_what_each_peft_era_and_server_computes(tmp_path_factor
     src, _ = _source("patterns", tmp_path_factory)
     by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
     assert not by["vllm"].same and "built at r=4 for a rank-8 tensor" in by["vllm"].detail
+
+
+def test_check_expect_lorax_flags_rslora_and_passes_after_conversion(tmp_path, tmp_path_factory):
+    from lora_migrate.checks import check
+
+    src, _ = _source("rslora", tmp_path_factory)
+    r = check(src, expect="lorax")
+    assert not r.ok and any(f.code == "misdeclared" and "alpha·√r" in f.message for f in r.findings)
+    api.convert(src, tmp_path / "o", to="lorax")
+    assert check(tmp_path / "o", expect="lorax").ok
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["peft_version"] = "0.7.1"
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    (d / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    assert any(f.code == "rslora-unknown" for f in check(d).findings)
