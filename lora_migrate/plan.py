@@ -27,7 +27,7 @@ from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, MUTATING_INITS
-from .source import ModuleEntry, SourceAdapter
+from .source import ModuleEntry, SourceAdapter, json_number
 
 
 class Step(BaseModel):
@@ -75,14 +75,11 @@ class Execution:
     target: Convention
     out: dict[str, ModuleOut]
     initial: SourceAdapter | None = None  # PiSSA-style: the saved initial adapter
+    initial_entries: dict[str, ModuleEntry] | None = None  # its modules by name
     tensors: list[tuple[str, str, tuple, torch.dtype]] = field(default_factory=list)  # module, param, shape, dtype
     config: dict = field(default_factory=dict)  # PEFT targets: the adapter_config.json to write
     safetensors: bool = False
     keep_head: bool = False
-
-    @property
-    def out_scales(self) -> dict[str, float]:
-        return self.plan.scales_out
 
     def apply(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
         """The per-module rule pipeline."""
@@ -97,7 +94,7 @@ class Execution:
         return rescale(d, o.scale, o.provenance)
 
     def _initial_delta(self, e: ModuleEntry, meta: bool) -> ModuleDelta:
-        ie = self._initial_entries[e.module]
+        ie = self.initial_entries[e.module]
         return _meta_delta(ie) if meta else self.initial.load(ie)
 
     def deltas(self):
@@ -194,14 +191,13 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
         ex = _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, initial is not None)
     else:
         ex = _plan_peft(src, target, output, steps, doubled=initial is not None)
-    ex.initial, ex._initial_entries = initial, initial_entries
+    ex.initial, ex.initial_entries = initial, initial_entries
     ex.safetensors, ex.keep_head = safetensors, keep_head
     for e in src.modules:  # the output header, from meta tensors run through the same pipeline
         d = ex.apply(_meta_delta(e), e)
         for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
             if t is not None:
-                ex.tensors.append((d.module, p if d.kind != "embedding" or p not in "ab" else "emb_" + p,
-                                   tuple(t.shape), t.dtype))
+                ex.tensors.append((d.module, pf.tensor_param(d.kind, p), tuple(t.shape), t.dtype))
     if src.extras:
         steps.append(Step(rule="copy_extras", what=f"copy {len(src.extras)} non-LoRA tensors unchanged"))
     steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output "
@@ -318,7 +314,7 @@ def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: floa
     cfg = {"architecture": "lora", "selfattn_lora": bool(attn), "attn_matrices": attn or ["q", "v"],
            "intermediate_lora": any(loc == "intermediate" for loc, _ in locs.values()),
            "output_lora": any(loc == "output" for loc, _ in locs.values()),
-           "r": int(r), "alpha": int(alpha) if float(alpha).is_integer() else float(alpha), "dropout": 0.0,
+           "r": int(r), "alpha": json_number(alpha), "dropout": 0.0,
            "composition_mode": "add", "init_weights": "lora", "use_gating": False}
     for f in target.config_write_fields:
         cfg.setdefault(f, target.config_defaults.get(f))
@@ -368,7 +364,7 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
         alpha_glob = _mode([out[m].alpha for m in mods])
         key = target.pattern_matching or "regex"
         rank_pattern = {pf.pattern_key_for(key, m): out[m].r for m in mods if out[m].r != r_glob}
-        alpha_pattern = {pf.pattern_key_for(key, m): _num(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
+        alpha_pattern = {pf.pattern_key_for(key, m): json_number(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
         if src.peft is not None and not doubled and (rslora_out == ("rslora" in src.features)):
             # keep the source's own patterns when the target era reads them to the same (r, alpha) everywhere
             cfg = src.peft
@@ -402,10 +398,6 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
     return Execution(plan=plan, source=src, target=target, out=out, config=config)
 
 
-def _num(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rslora: bool, rank_pattern: dict,
                 alpha_pattern: dict, notes: list[str], serving: bool) -> dict:
     """adapter_config.json for a PEFT-family target: the fields the target era knows, from the source where it
@@ -421,7 +413,7 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
                 "target_modules": leaves if serving else sorted(mods), "bias": "none",
                 "fan_in_fan_out": bool(src.peft.fan_in_fan_out) if src.peft else
                 src.info.wrapper.get("model_type") == "gpt2"}
-    base.update(r=int(r), lora_alpha=_num(alpha), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+    base.update(r=int(r), lora_alpha=json_number(alpha), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                 init_lora_weights=True, use_rslora=rslora, inference_mode=True)
     if "dora" in src.features:
         base["use_dora"] = True
@@ -442,15 +434,14 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
                                  + (f" (PEFT ≥ {since})" if since else ""))
     if "peft_version" in fields:
         out["peft_version"] = target.version_to_write
-    if out.get("task_type") is None and "auto_mapping" in out:
-        out.setdefault("auto_mapping", None)
     return out
 
 
 def _known_within(target: Convention, since: str) -> bool:
+    """Some release in the target's range knows a field added in ``since``: ``since`` is below the range's upper
+    bound (the lower bound does not matter: later releases keep the field)."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    spec = SpecifierSet(target.versions)
-    return any(Version(v) in spec for v in (since, f"{since}.0", "0.13", "0.14", "0.15", "0.17", "0.21")
-               if Version(v) >= Version(since))
+    v = Version(since)
+    return all(s.contains(v, prereleases=True) for s in SpecifierSet(target.versions) if s.operator in ("<", "<="))

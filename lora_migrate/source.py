@@ -120,6 +120,11 @@ class Source:
             a.store.close()
 
 
+def json_number(x: float) -> int | float:
+    """An integral float as an int (alpha 16.0 is written 16, as the libraries write it), else the float."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or a one-line error naming the file."""
     try:

@@ -313,6 +313,17 @@ def _lora_shape_problem(A: Tensor | None, B: Tensor) -> str | None:
 
 
 def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+    """:func:`_compare_update`, and a DoRA magnitude vector (which is carried over, never rewritten) must be
+    present on both sides or neither, and equal bit for bit."""
+    check = _compare_update(src, out, probes=probes, seed=seed)
+    m1, m2 = src.magnitude, out.magnitude
+    if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
+        return check.model_copy(update=dict(ok=False, status="mismatch",
+                                            detail="DoRA magnitude vector differs or is missing"))
+    return check
+
+
+def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
     """Check that ``out`` applies the same update as ``src`` (ΔW, Δb; (IA)³ vectors), to within the dtype tolerance.
 
     Ranks may differ (zero padding, re-expressions); out/in dimensions, kind and bias length must agree. All
@@ -577,12 +588,7 @@ class WriteCheck:
                 module=src.module, status="nonfinite_allowed", tolerance=tolerance_for(*_dtypes(src)), ok=True,
                 detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
         else:
-            check = compare(src, out, probes=self.probes)
-            m1, m2 = getattr(src, "magnitude", None), getattr(out, "magnitude", None)
-            if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
-                check = check.model_copy(update=dict(ok=False, status="mismatch",
-                                                     detail="DoRA magnitude vector differs or is missing"))
-            self.checks[src.module] = check
+            self.checks[src.module] = compare(src, out, probes=self.probes)
         self.prints[src.module] = _fingerprint(out)
         self.seconds += time.perf_counter() - t0
 

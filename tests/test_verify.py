@@ -394,3 +394,13 @@ def test_verify_matches_by_name():
     assert verify({d.module: d for d in src}, src).ok
     with pytest.raises(ValueError, match="twice"):
         verify(src + src[:1], out)
+
+
+def test_dora_magnitude_must_be_carried_over_bit_for_bit():
+    A, B, m = rand(4, 8), rand(6, 4, seed=1), rand(6, seed=2)
+    assert compare(mk(A, B, magnitude=m), mk(A, B, magnitude=m.clone())).ok
+    bumped = m.clone()
+    bumped[0] = torch.nextafter(bumped[0], torch.tensor(2.0))
+    for out in (mk(A, B, magnitude=bumped), mk(A, B)):
+        c = compare(mk(A, B, magnitude=m), out)
+        assert not c.ok and "magnitude" in c.detail

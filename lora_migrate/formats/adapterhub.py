@@ -18,7 +18,8 @@ from ..errors import DetectionError, LoraMigrateError
 from ..io import BinWriter, SafetensorsWriter, open_tensors
 from ..schemas import CONVENTIONS, Convention
 from ..schemas.adapterhub import FUSED_QKV_MODULES, OTHER_METHOD_KEYS, AdapterHubWrapper
-from ..source import HeadFiles, ModuleEntry, SourceAdapter, TensorStore, read_json, validation_message
+from ..source import (HeadFiles, ModuleEntry, SourceAdapter, TensorStore, json_number, read_json,
+                      validation_message)
 
 ADAPTERHUB = tuple(c for c in CONVENTIONS if c.family == "adapterhub")
 FULL_MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -318,10 +319,6 @@ def read_full_model(path: Path, conv: Convention, cfg: dict) -> list[SourceAdapt
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _json_number(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def target_config(target: Convention, info: AdapterInfo, r: int, alpha: float) -> tuple[dict, list[str]]:
     """The adapter's config block in the target version's fields, and notes on what could not carry over.
 
@@ -332,7 +329,7 @@ def target_config(target: Convention, info: AdapterInfo, r: int, alpha: float) -
     out = {}
     for f in target.config_write_fields:
         out[f] = src.pop(f) if f in src else target.config_defaults[f]
-    out["r"], out["alpha"] = int(r), _json_number(alpha)
+    out["r"], out["alpha"] = int(r), json_number(alpha)
     for f, v in src.items():
         if v in (None, False, []):
             continue

@@ -8,7 +8,6 @@ explains (modules_to_save copies, trained base biases, trainable tokens, saved e
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -293,21 +292,19 @@ def _plan_module(conv, store, module, params, cfg, matching, where, notes, featu
     if r_cfg != r and "patterns" in conv.features:
         raise LoraMigrateError(f"{where}: module {module!r} has rank {r} but the config gives r={r_cfg} "
                                f"(read as {conv.name}: {conv.pattern_matching} pattern matching)")
-    if r_cfg != r:  # a server's global scale uses the config's r whatever the tensor's rank
-        r_scale = r_cfg
-    else:
-        r_scale = r
+    # the scale uses the config's r: the tensor's own for PEFT (checked above), the global one for a server
     rule = Scaling.ALPHA_OVER_SQRT_R if cfg.use_rslora and "rslora" in conv.features else Scaling.ALPHA_OVER_R
-    prov = ScaleProvenance(alpha=alpha, r=r_scale, rule=f"{rule.value} ({kind})", convention=conv.name)
-    return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_scale),
+    prov = ScaleProvenance(alpha=alpha, r=r_cfg, rule=f"{rule.value} ({kind})", convention=conv.name)
+    return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_cfg),
                        provenance=prov, alpha=alpha)
 
 
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _num(x: float):
-    return int(x) if float(x).is_integer() else float(x)
+def tensor_param(kind: str, param: str) -> str:
+    """The key template of a delta's tensor: embedding factors are PEFT's bare lora_embedding_A/B."""
+    return "emb_" + param if kind == "embedding" and param in ("a", "b") else param
 
 
 def write_peft(out_dir: Path, target: Convention, config: dict, tensors, planned, *, safetensors: bool = True,
@@ -326,7 +323,3 @@ def write_peft(out_dir: Path, target: Convention, config: dict, tensors, planned
         for k, t in tensors:
             w.write(k, t)
     return []
-
-
-def json_number(x: float):
-    return _num(x) if math.isfinite(x) else x
