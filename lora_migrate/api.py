@@ -139,10 +139,13 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         release_memory(nbytes)
 
 
-def _extras_checks(src: SourceAdapter, out: SourceAdapter) -> list:
-    """Non-LoRA tensors (PEFT ``modules_to_save`` and the like) must be carried over bit for bit."""
+def _extras_checks(src: SourceAdapter, out: SourceAdapter, keys: list[str] | None = None) -> list:
+    """Non-LoRA tensors (PEFT ``modules_to_save`` and the like) must be carried over bit for bit: ``keys``, by
+    default all of the source's, except the frozen base copies a vLLM output leaves out (``plan._vllm_extras``)."""
+    if keys is None:
+        keys = [k for k in src.extras if not (out.convention.name == "vllm" and pf.is_frozen_base_copy(k))]
     out_extras = set(out.extras)
-    return [missing(k, "non-LoRA tensor not carried over bit for bit") for k in src.extras
+    return [missing(k, "non-LoRA tensor not carried over bit for bit") for k in keys
             if not (k in out_extras and torch.equal(src.store.get(k), out.store.get(k)))]
 
 
@@ -159,19 +162,19 @@ def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
     keys = ex.target.keys
     planned = [(keys.key(p, m), shape, dtype) for m, p, shape, dtype in ex.tensors]
     store = ex.source.store
-    planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.source.extras]
+    planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.extras]
 
     def tensors():
         for d in deltas:
             for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
                 if t is not None:
                     yield keys.key(pf.tensor_param(d.kind, p), d.module), t
-        for k in ex.source.extras:
+        for k in ex.extras:
             yield k, store.get(k)
 
     pf.write_peft(folder, ex.target, ex.config, tensors(), planned, safetensors=not ex.target.weights_write
                   .endswith(".bin"))
-    return [f"copied {len(ex.source.extras)} non-LoRA tensors unchanged"] if ex.source.extras else []
+    return [f"copied {len(ex.extras)} non-LoRA tensors unchanged"] if ex.extras else []
 
 
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
@@ -217,7 +220,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                                 report = verify_adapters(ex.source, back, initial=ex.initial)
                             else:
                                 report = check.confirm(((o.module, o) for o in back.modules), back.load,
-                                                       _extras_checks(ex.source, back))
+                                                       _extras_checks(ex.source, back, ex.extras))
                         finally:
                             back.store.close()
                         if not report.ok:

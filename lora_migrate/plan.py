@@ -78,6 +78,7 @@ class Execution:
     initial_entries: dict[str, ModuleEntry] | None = None  # its modules by name
     tensors: list[tuple[str, str, tuple, torch.dtype]] = field(default_factory=list)  # module, param, shape, dtype
     config: dict = field(default_factory=dict)  # PEFT targets: the adapter_config.json to write
+    extras: list[str] = field(default_factory=list)  # the source's non-LoRA tensor keys that are written
     safetensors: bool = False
     keep_head: bool = False
 
@@ -198,8 +199,8 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
         for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
             if t is not None:
                 ex.tensors.append((d.module, pf.tensor_param(d.kind, p), tuple(t.shape), t.dtype))
-    if src.extras:
-        steps.append(Step(rule="copy_extras", what=f"copy {len(src.extras)} non-LoRA tensors unchanged"))
+    if ex.extras:
+        steps.append(Step(rule="copy_extras", what=f"copy {len(ex.extras)} non-LoRA tensors unchanged"))
     steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output "
                                           "(read back as the target) with the source's"))
     return ex
@@ -381,12 +382,13 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
                               f"{len(rank_pattern)} rank_pattern and {len(alpha_pattern)} alpha_pattern entries"))
     config = peft_config(src, target, r_glob, alpha_glob, rslora_out and not serving, rank_pattern, alpha_pattern,
                          notes, serving)
+    extras = _vllm_extras(src, steps) if target.name == "vllm" else list(src.extras)
     kind_of = {e.module: e.kind for e in src.modules}
     _rescale_steps(steps, src, kind_of, out)
     rescaled = sum(abs(e.scale / out[e.module].scale - 1) > SAME for e in src.modules)
     weights = target.weights_write
     steps.append(Step(rule="write", what=f"write {weights} with keys base_model.model.<module>.lora_A.weight / "
-                      f"lora_B.weight{' (+ extras)' if src.extras else ''}; adapter_config.json for {target.name}"))
+                      f"lora_B.weight{' (+ extras)' if extras else ''}; adapter_config.json for {target.name}"))
     scales_in, scales_out = {}, {}
     for e in src.modules:
         scales_in.setdefault(e.kind, e.scale)
@@ -395,7 +397,26 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
                        output=output, files=[target.config_file, weights], modules=len(src.modules), r=r_glob,
                        alpha_in=src.info.alpha, alpha_out=alpha_glob, scales_in=scales_in, scales_out=scales_out,
                        rescaled=rescaled, steps=steps, notes=notes)
-    return Execution(plan=plan, source=src, target=target, out=out, config=config)
+    return Execution(plan=plan, source=src, target=target, out=out, config=config, extras=extras)
+
+
+def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
+    """vLLM reads only lora_A/B and lora_embedding_A/B keys. Of what PEFT saves beside them (the other kinds are
+    refused by ``refuse_features``), the frozen embedding copies ``...embed_tokens|lm_head.base_layer.weight`` are
+    the base model's own weights, which vLLM takes from the base model: the newest skips them by name
+    (``is_base_embeddding_weights``), older releases and other layer names raise "... is unsupported LoRA weight".
+    So they are left out. A saved embedding with no LoRA on it (a resized vocabulary) is refused."""
+    kept, dropped = [], []
+    for k in src.extras:
+        if not pf.is_frozen_base_copy(k):
+            raise UnsupportedFeature(f"{src.info.name}: vLLM refuses it: \"{k} is unsupported LoRA weight\" (a full "
+                                     "embedding/lm_head weight saved without LoRA on it, as for a resized vocabulary)")
+        dropped.append(k)
+    if dropped:
+        steps.append(Step(rule="drop_base_copies", what=f"leave out {len(dropped)} frozen base embedding copies "
+                          f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in dropped[:2])}): vLLM takes them from the base "
+                          "model; older vLLM raises \"is unsupported LoRA weight\" on them"))
+    return kept
 
 
 def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rslora: bool, rank_pattern: dict,

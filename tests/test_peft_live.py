@@ -275,3 +275,39 @@ def test_check_expect_lorax_flags_rslora_and_passes_after_conversion(tmp_path, t
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     (d / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
     assert any(f.code == "rslora-unknown" for f in check(d).findings)
+
+
+# vLLM's key parser (vllm/lora/utils.py parse_fine_tuned_lora_name + is_base_embeddding_weights, newest and older):
+# only these forms load; anything else raises "<name> is unsupported LoRA weight" in older releases.
+_VLLM_KEY = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def test_embedding_into_vllm_leaves_out_the_frozen_base_copy(tmp_path, tmp_path_factory):
+    src, ref = _source("embedding", tmp_path_factory)
+    saved = load_file(src / "adapter_model.safetensors")
+    copies = [k for k in saved if k.endswith("embed_tokens.base_layer.weight")]
+    assert copies  # peft saves the full embedding when embed_tokens is a target
+    r = api.convert(src, tmp_path / "o", to="vllm")
+    assert any(s.rule == "drop_base_copies" for s in r.adapters[0].plan.steps)
+    out = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    assert all(k.endswith(_VLLM_KEY) for k in out), sorted(k for k in out if not k.endswith(_VLLM_KEY))
+    got = peft_logits(tmp_path / "o", "llama")  # the copy was the frozen base weight: nothing lost
+    assert (got - ref).abs().max().item() <= TOL
+    v = api.verify(src, tmp_path / "o", to="vllm")
+    assert v.ok
+
+
+def test_saved_embedding_without_lora_on_it_is_refused_for_vllm(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from .peft_models import randomize
+
+    model = get_peft_model(build("llama", 0), LoraConfig(target_modules=QV, r=4, lora_alpha=8))
+    randomize(model, 1)
+    model.save_pretrained(tmp_path / "src", save_embedding_layers=True)
+    keys = load_file(tmp_path / "src" / "adapter_model.safetensors")
+    assert any(k.endswith("embed_tokens.weight") for k in keys)
+    with pytest.raises(UnsupportedFeature, match="is unsupported LoRA weight"):
+        api.convert(tmp_path / "src", tmp_path / "o", to="vllm")
+    assert not (tmp_path / "o").exists()
+    assert api.convert(tmp_path / "src", tmp_path / "p", to="peft").ok  # PEFT carries it bit for bit

@@ -128,11 +128,19 @@ def pattern_key_for(matching: str, module: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- reading
 
+_SAVED_EMBEDDING_RX = re.compile(
+    r"(^|\.)(embed_tokens|wte|shared|embed_in|word_embeddings|lm_head|embed_out)(\.base_layer)?\.weight$")
 _EXTRA_RX = (
     (re.compile(r"\.token_adapter\.trainable_tokens_delta$"), "trainable tokens"),
-    (re.compile(r"(^|\.)(embed_tokens|wte|shared|embed_in|word_embeddings|lm_head|embed_out)(\.base_layer)?\.weight$"),
-     "saved embedding/lm_head weights"),
+    (_SAVED_EMBEDDING_RX, "saved embedding/lm_head weights"),
 )
+
+
+def is_frozen_base_copy(key: str) -> bool:
+    """A full embedding/lm_head weight that PEFT saved beside an adapter which has LoRA on that layer
+    (``...embed_tokens.base_layer.weight``): a copy of the frozen base weight, not a trained tensor."""
+    return key.endswith(".base_layer.weight") and _SAVED_EMBEDDING_RX.search(key) is not None
+
 
 # Config fields that change the forward pass in a way only PEFT itself can reproduce.
 PEFT_ONLY = {

@@ -57,7 +57,7 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
                                          f"{target.name} would ignore it")
             continue  # other config fields are checked field by field when the config is written
         if target.name == "vllm" and f == "saved_embeddings":
-            continue  # vLLM skips base embedding weights by name (is_base_embedding_weights); carried through
+            continue  # frozen base copies are left out, other saved embeddings refused: plan._vllm_extras
         if target.name == "vllm" and f in VLLM_REFUSALS:
             raise UnsupportedFeature(f"{adapter}: vLLM refuses it: \"{VLLM_REFUSALS[f]}\"")
         if target.name == "lorax" and f in LORAX_DROPS:
