@@ -7,9 +7,11 @@ before anything is written.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -123,6 +125,10 @@ def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, s
     mt = src.info.wrapper.get("model_type")
     if mt:
         return mt, f"model_type {mt!r} from the source config"
+    name = src.info.wrapper.get("model_name")
+    mt = base_model_type(name)
+    if mt:
+        return mt, f"model_type {mt!r} from the config.json of base model {name!r}"
     found = Counter()
     for e in src.modules:
         for rx, t in MODEL_TYPE_BY_PATH:
@@ -133,10 +139,40 @@ def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, s
         raise LoraMigrateError(f"{src.info.name}: cannot tell the base model's type from module paths like "
                                f"{src.modules[0].module!r}; pass --model-type")
     t = found.most_common(1)[0][0]
-    why = f"model type {t!r} from module paths like {src.modules[0].module!r}"
-    if t == "llama":
-        why += " (built-in Llama/Mistral mapping; pass --model-type qwen2/gemma2/… for plug-in models)"
-    return t, why
+    # built-in llama/mistral and the plug-in interfaces swap which of up_proj/down_proj is "intermediate": with
+    # both adapted both flags are set and the keys name the modules; with one of them the flag picks the module
+    mlp = {m.group(1): e.module for e in src.modules if (m := re.search(r"\.mlp\.(up|down)_proj$", e.module))}
+    if t == "llama" and len(mlp) == 1:
+        mlp = next(iter(mlp.values()))
+        raise LoraMigrateError(
+            f"{src.info.name}: the base model's type decides where {mlp!r} goes in AdapterHub (built-in "
+            "llama/mistral: down_proj is 'intermediate'; plug-in qwen2/qwen3/gemma2/gemma3_text: up_proj is), and "
+            + (f"base model {name!r} is neither a local folder nor in the Hugging Face cache" if name else
+               "the adapter's config names no base model") + "; pass --model-type")
+    return t, f"model type {t!r} from module paths like {src.modules[0].module!r}"
+
+
+def base_model_type(name: str | None) -> str | None:
+    """``model_type`` from the base model's config.json: a local folder, or the Hugging Face cache (never a
+    download). None when neither has it."""
+    if not name:
+        return None
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a repo id: nothing cached under that name
+            hit = None
+        if not isinstance(hit, str):
+            return None
+        path = Path(hit)
+    try:
+        mt = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return mt if isinstance(mt, str) else None
 
 
 def _ah_locations(src: SourceAdapter, model_type: str) -> dict[str, tuple[str, str | None]]:

@@ -12,7 +12,7 @@ DECODER_IDS = [[0, 11, 42, 9], [0, 3, 100, 77]]
 
 
 def build(arch: str, seed: int = 0, **overrides):
-    """A tiny T5 / GPT-2 / Llama with fixed-seed weights (``overrides`` change config fields)."""
+    """A tiny T5 / GPT-2 / Llama / Qwen2 with fixed-seed weights (``overrides`` change config fields)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -29,6 +29,10 @@ def build(arch: str, seed: int = 0, **overrides):
         cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
         model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+        model = tf.Qwen2ForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return model.eval()

@@ -168,7 +168,8 @@ def test_multi_adapter_peft_folder_converts_one_subfolder_each(tmp_path):
     for n in ("default", "m2"):
         got = peft_logits(tmp_path / "out" / n, "llama")
         assert (got - refs[n]).abs().max().item() <= TOL
-    r = api.convert(tmp_path / "src", tmp_path / "ah", to="adapters-1.1")
+    # m2 adapts up_proj alone, and a config-built model names no base: say which AdapterHub mapping applies
+    r = api.convert(tmp_path / "src", tmp_path / "ah", to="adapters-1.1", model_type="llama")
     for n in ("default", "m2"):
         got = adapters_logits(tmp_path / "ah" / n, "llama")
         assert (got - refs[n]).abs().max().item() <= TOL
@@ -311,3 +312,43 @@ def test_saved_embedding_without_lora_on_it_is_refused_for_vllm(tmp_path):
         api.convert(tmp_path / "src", tmp_path / "o", to="vllm")
     assert not (tmp_path / "o").exists()
     assert api.convert(tmp_path / "src", tmp_path / "p", to="peft").ok  # PEFT carries it bit for bit
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_adapterhub_mapping_follows_the_base_models_config(arch, tmp_path):
+    """Where mlp.up_proj / mlp.down_proj go in AdapterHub depends on the model type: the built-in Llama mixin
+    wraps down_proj as 'intermediate', the plug-in Qwen2 interface wraps up_proj; with only one of them adapted,
+    the flag decides which module gets the LoRA. The type is read from the
+    config.json of the base model PEFT recorded; without it the conversion is refused (a guess is wrong for one
+    of the two, as the last part shows with the real library)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .models import inputs_for, logits
+    from .peft_models import randomize
+
+    build(arch, 0).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    inputs = inputs_for(base)
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8))
+    randomize(model, 2)
+    model.eval()
+    ref = logits(model, inputs)
+    model.save_pretrained(tmp_path / "src")
+    cfg_path = tmp_path / "src" / "adapter_config.json"
+    assert json.loads(cfg_path.read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+
+    r = api.convert(tmp_path / "src", tmp_path / "out", to="adapters-1.1")
+    assert any(f"model_type '{arch}' from the config.json" in s.what for s in r.adapters[0].plan.steps)
+    assert (adapters_logits(tmp_path / "out", arch) - ref).abs().max().item() <= TOL
+
+    wrong = "llama" if arch == "qwen2" else "qwen2"
+    api.convert(tmp_path / "src", tmp_path / "guess", to="adapters-1.1", model_type=wrong)
+    assert (adapters_logits(tmp_path / "guess", arch) - ref).abs().max().item() > 1e-3
+
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LoraMigrateError, match="pass --model-type"):
+        api.convert(tmp_path / "src", tmp_path / "none", to="adapters-1.1")
+    assert not (tmp_path / "none").exists()

@@ -133,7 +133,8 @@ _BERT = ((r"\.attention\.self\.query$", "selfattn", "q"), (r"\.attention\.self\.
          (r"\.intermediate\.dense$", "intermediate", None), (r"(?<!attention)\.output\.dense$", "output", None))
 AH_LOCATIONS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "t5": _T5, "mt5": _T5, "llama": _LLAMA, "mistral": _LLAMA,
-    "qwen2": _PLUGIN, "qwen3": _PLUGIN, "gemma2": _PLUGIN, "gemma3": _PLUGIN,
+    "qwen2": _PLUGIN, "qwen3": _PLUGIN, "gemma2": _PLUGIN, "gemma3": _PLUGIN, "gemma3_text": _PLUGIN,
+    "phi": (*_LLAMA[:3], (r"\.mlp\.fc1$", "intermediate", None), (r"\.mlp\.fc2$", "output", None)),
     "bart": _BART, "mbart": _BART,
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT,
     "gpt2": ((r"\.attn\.c_attn$", "fused", None), (r"\.mlp\.c_fc$", "intermediate", None),
