@@ -26,7 +26,7 @@ from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
 from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
-from .schemas.peft import FIELDS_SINCE, MUTATING_INITS
+from .schemas.peft import FIELDS_SINCE, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, json_number
 
 
@@ -206,14 +206,16 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
 
 
 def _check_initial(src: SourceAdapter, initial: SourceAdapter | None, steps: list[Step]):
-    if src.init in MUTATING_INITS and initial is None:
+    if mutating_init(src.init) and initial is None:
+        how = ("--base-model PATH (the original base model, to rebuild the initial adapter from) or "
+               if rebuild_rule(src.init) else "")
         raise UnsupportedFeature(
             f"{src.info.name}: init_lora_weights={src.init!r} changed the base weights at init, so this adapter "
-            "only holds on the residual model; pass --initial-adapter DIR (the adapter saved before training) to "
-            "re-express it as rank-2r LoRA against the original weights")
+            f"only holds on the residual model; pass {how}--initial-adapter DIR (the adapter saved before "
+            "training) to re-express it as rank-2r LoRA against the original weights")
     if initial is None:
         return None
-    if src.init is not None and src.init not in MUTATING_INITS:
+    if src.init is not None and not mutating_init(src.init):
         raise LoraMigrateError(f"{src.info.name}: --initial-adapter given, but init_lora_weights={src.init!r} did "
                                "not change the base weights")
     by = {e.module: e for e in initial.modules}
