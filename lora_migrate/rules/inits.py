@@ -29,9 +29,11 @@ def _check_rank(module: str, W: torch.Tensor, r: int) -> None:
 @rule("rebuild_pissa_init")
 def rebuild_pissa_init(W: torch.Tensor, r: int, scale: float, *, fan_in_fan_out: bool = False,
                        module: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA (full SVD): W = V·diag(S)·Uh in float32 (after the fan_in_fan_out transpose), Sr = S[:r] / s,
-    A₀ = diag(√Sr)·Uh[:r] (r, in), B₀ = V[:, :r]·diag(√Sr) (out, r); so s·B₀A₀ = V_r·diag(S_r)·Uh_r is the rank-r
-    truncation of W, whatever the signs of the singular vectors.
+    """PiSSA: W = V·diag(S)·Uh (float32, (out, in)), A₀ = diag(√(S_r/s))·Uh_r, B₀ = V_r·diag(√(S_r/s)).
+
+    The SVD is full (``torch.linalg.svd``), of W after the fan_in_fan_out transpose; S_r = S[:r], Uh_r = Uh[:r]
+    (r, in), V_r = V[:, :r] (out, r). So s·B₀A₀ = V_r·diag(S_r)·Uh_r is the rank-r truncation of W, whatever the
+    signs of the singular vectors.
 
     peft ``pissa_init`` with init_lora_weights="pissa"; s is the module's scale (alpha/r, or alpha/√r with
     use_rslora, per module from the rank/alpha patterns). "pissa_niter_N" (randomized svd_lowrank) cannot be
@@ -50,8 +52,10 @@ def rebuild_pissa_init(W: torch.Tensor, r: int, scale: float, *, fan_in_fan_out:
 @rule("rebuild_olora_init")
 def rebuild_olora_init(W: torch.Tensor, r: int, scale: float, *, fan_in_fan_out: bool = False,
                        module: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """OLoRA: Q, R = qr(W) in float32 on W as stored (PEFT does no fan_in_fan_out transpose here), Q_r = Q[:, :r],
-    R_r = R[:r]; PEFT sets lora_A = R_r, lora_B = Q_r (no 1/s) and the stored weight to W − s·Q_r·R_r.
+    """OLoRA: Q, R = qr(W as stored, float32), A₀ = R_r, B₀ = Q_r; with fan_in_fan_out A₀ = Q_rᵀ, B₀ = R_rᵀ.
+
+    Q_r = Q[:, :r], R_r = R[:r]; PEFT does no fan_in_fan_out transpose here and no 1/s. It sets lora_A = R_r,
+    lora_B = Q_r and the stored weight to W − s·Q_r·R_r.
 
     Plain layers: A₀ = R_r (r, in), B₀ = Q_r (out, r), and s·B₀A₀ = s·Q_r·R_r.
 

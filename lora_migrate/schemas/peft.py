@@ -79,9 +79,14 @@ DEFAULTS: dict[str, object] = {
 MUTATING_INITS = (r"pissa.*", r"corda.*", r"(?i:olora)", r"loftq", r"lora_ga")
 # Of those, the inits whose initial adapter is a deterministic function of the original weight W alone, so that
 # --base-model can rebuild it (peft.md §5.2): full-SVD PiSSA and OLoRA's QR. Value: the rule that rebuilds it.
-# pissa_niter_N uses the randomized svd_lowrank, CorDA needs covariance data, LoftQ quantizes with bitsandbytes,
-# LoRA-GA needs gradients: those need the saved initial adapter.
+# The others need the saved initial adapter, for the reason given.
 REBUILDABLE_INITS = {r"pissa": "rebuild_pissa_init", r"(?i:olora)": "rebuild_olora_init"}
+NOT_REBUILDABLE = {
+    r"pissa_niter_\d+": "its SVD is the randomized torch.svd_lowrank",
+    r"corda.*": "CorDA decomposes W with the covariance of calibration data",
+    r"loftq": "LoftQ quantizes W with bitsandbytes",
+    r"lora_ga": "LoRA-GA decomposes gradients of training data",
+}
 
 
 def mutating_init(init: object) -> bool:
@@ -94,6 +99,11 @@ def rebuild_rule(init: object) -> str | None:
     if not isinstance(init, str):
         return None
     return next((r for p, r in REBUILDABLE_INITS.items() if re.fullmatch(p, init)), None)
+
+
+def not_rebuildable_reason(init: str) -> str:
+    """Why the initial adapter of a mutating ``init`` cannot be computed from W alone."""
+    return next((w for p, w in NOT_REBUILDABLE.items() if re.fullmatch(p, init)), "it is not a function of W alone")
 
 
 def fields_of(version: str) -> tuple[str, ...]:
