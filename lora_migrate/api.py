@@ -62,7 +62,7 @@ class ConvertResult(BaseModel):
 def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None):
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
     (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
-    from .initial import open_base, rebuilt_initial
+    from .initial import open_base, rebuilt_initial, saved_initial
 
     if initial_adapter is not None and base_model is not None:
         raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
@@ -86,7 +86,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
             init = by.get(a.info.name) or (initial.adapters[0] if len(initial.adapters) == 1 else None)
             if init is None:
                 raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
-            return init
+            return saved_initial(a, init)
 
         yield initial_for
     finally:

@@ -10,7 +10,7 @@ module is converted, and dropped after; only names, shapes and dtypes are read u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .errors import LoraMigrateError, UnsupportedFeature
 from .fixmerged import weight_sets
 from .hub import resolve_source
 from .rules import RULES
+from .rules.inits import olora_stored_init
 from .schemas.peft import mutating_init, not_rebuildable_reason, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, TensorStore
 from .verify import all_finite
@@ -148,3 +149,20 @@ def rebuilt_initial(src: SourceAdapter, base: BaseWeights) -> RebuiltInitial:
     return RebuiltInitial(info=info, convention=src.convention, store=base.store, modules=entries,
                           files=[f.path for f in base.store.files], init=init,
                           rule=rule, base_keys=keys, fan_in_fan_out=fan, where=where)
+
+
+@dataclass
+class StoredOLoRAInitial(SourceAdapter):
+    """A saved OLoRA initial adapter of a fan_in_fan_out model, read as the update PEFT's init removed."""
+
+    def load(self, e: ModuleEntry) -> ModuleDelta:
+        return olora_stored_init(super().load(e))
+
+
+def saved_initial(src: SourceAdapter, init: SourceAdapter) -> SourceAdapter:
+    """The initial adapter saved before training (--initial-adapter), as the update of W that the init removed:
+    itself, except for OLoRA on fan_in_fan_out layers (GPT-2 ``Conv1D``), where PEFT stored the factors of the
+    transposed update (:func:`rules.inits.olora_stored_init`)."""
+    if rebuild_rule(src.init) == "rebuild_olora_init" and src.peft.fan_in_fan_out:
+        return StoredOLoRAInitial(**{f.name: getattr(init, f.name) for f in fields(SourceAdapter)})
+    return init

@@ -18,7 +18,7 @@ from .adapter import ModuleDelta, ScaleProvenance, delta_kind
 from .errors import LoraMigrateError, UnsupportedFeature
 from .formats import peft as pf
 from .formats.adapterhub import target_config
-from .initial import RebuiltInitial
+from .initial import RebuiltInitial, StoredOLoRAInitial
 from .io._common import release_memory
 from .rules import describe
 from .rules.refuse import refuse_features, refuse_gated, refuse_kinds
@@ -242,6 +242,8 @@ def _check_initial(src: SourceAdapter, initial: SourceAdapter | None, steps: lis
     if isinstance(initial, RebuiltInitial):
         steps.append(Step(rule=initial.rule, what=f"A₀, B₀ of {len(by)} modules from the original weights "
                           f"({initial.where}): " + describe(initial.rule)))
+    elif isinstance(initial, StoredOLoRAInitial):
+        steps.append(Step(rule="olora_stored_init", what=describe("olora_stored_init")))
     steps.append(Step(rule="pissa_to_lora", what=describe("pissa_to_lora") + f" (init was {src.init or 'mutating'!r})"))
     return by
 

@@ -125,6 +125,12 @@ def test_base_model_rebuild_reproduces_the_trained_adapter_on_the_original_base(
     got = peft_logits(out, c["arch"])
     diff = (got - c["ref"]).abs().max().item()
     assert diff <= TOL, diff
+    # the saved initial adapter gives the same bytes (for GPT-2 OLoRA through olora_stored_init)
+    code, _, stderr = run("convert", root / "trained", tmp_path / "saved", "--to", "peft", "--initial-adapter",
+                          root / "init")
+    assert code == 0, stderr
+    assert (tmp_path / "saved" / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter_model.safetensors").read_bytes()
     # our B₀A₀ against the product of PEFT's own saved initial adapter
     ours, theirs = _rebuilt_products(out, root / "trained"), _init_products(root / "init")
     assert ours.keys() == theirs.keys()

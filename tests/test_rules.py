@@ -156,6 +156,17 @@ def test_rebuild_olora_init_is_what_peft_subtracts(fan_in_fan_out):
     assert A0.shape == (2, stored.shape[0 if fan_in_fan_out else 1])
 
 
+def test_olora_stored_init_turns_peft_saved_factors_into_what_the_init_removed():
+    from lora_migrate.rules.inits import olora_stored_init, rebuild_olora_init
+
+    stored = torch.randn(6, 6, generator=torch.Generator().manual_seed(5))  # Conv1D (in, out), square
+    Q, R = torch.linalg.qr(stored)
+    saved = ModuleDelta("m", A=R[:3].contiguous(), B=Q[:, :3].contiguous(), scale=0.5, provenance=P)  # as PEFT stores
+    A0, B0 = rebuild_olora_init(stored, 3, 0.5, fan_in_fan_out=True)
+    d = olora_stored_init(saved)
+    assert torch.equal(d.A, A0) and torch.equal(d.B, B0) and d.scale == 0.5
+
+
 def test_rebuild_refuses_a_rank_above_the_weight():
     from lora_migrate.rules.inits import rebuild_olora_init, rebuild_pissa_init
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapter import ModuleDelta
 from ..errors import LoraMigrateError
 from . import rule
 
@@ -71,3 +72,14 @@ def rebuild_olora_init(W: torch.Tensor, r: int, scale: float, *, fan_in_fan_out:
     if fan_in_fan_out:
         return Qr.T.contiguous(), Rr.T.contiguous()
     return Rr.contiguous(), Qr.contiguous()
+
+
+@rule("olora_stored_init")
+def olora_stored_init(init: ModuleDelta) -> ModuleDelta:
+    """OLoRA with fan_in_fan_out, saved initial adapter (lora_A = R_r, lora_B = Q_r): A₀ = Q_rᵀ, B₀ = R_rᵀ.
+
+    PEFT's olora_init subtracted s·Q_r·R_r from W as stored (in, out), which is s·R_rᵀ·Q_rᵀ in the (out, in) layout
+    of the canonical form (see :func:`rebuild_olora_init`): the saved factors, transposed and swapped, are the ones
+    the residual lacks. PEFT's own conversion uses them as they are and is off by s·(Q_r·R_r − (Q_r·R_r)ᵀ).
+    """
+    return init.replace(A=init.B.T.contiguous(), B=init.A.T.contiguous())
