@@ -456,7 +456,20 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
     return AdapterInspection(name=a.info.name, convention=a.convention.name, r=a.info.r, alpha=a.info.alpha,
                              scales=scales, gated=a.gated, convertible=why is None, why_not=why,
                              modules=len(a.modules), layer_kinds=kinds, dtypes=dtypes, bytes=a.nbytes, head=head,
-                             notes=a.notes, as_loaded=_as_loaded(a), module_list=mods)
+                             notes=a.notes + _init_notes(a), as_loaded=_as_loaded(a), module_list=mods)
+
+
+def _init_notes(a: SourceAdapter) -> list[str]:
+    """What an init that mutated W means for whoever loads the adapter (peft.md §5.1)."""
+    from .schemas.peft import mutating_init, rebuild_rule
+
+    if not mutating_init(a.init):
+        return []
+    how = "--base-model BASE (the original model) or --initial-adapter DIR" if rebuild_rule(a.init) else \
+        "--initial-adapter DIR (the adapter saved before training)"
+    return [f"init_lora_weights={a.init!r} changed the base weights: the adapter holds only on the residual model "
+            "(PEFT rebuilds it on load; other libraries and servers apply it to the original weights); convert with "
+            f"{how} for rank-2r LoRA against the original weights"]
 
 
 def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:

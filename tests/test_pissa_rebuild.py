@@ -194,6 +194,31 @@ def test_base_model_in_every_layout_gives_the_same_bytes(tmp_path, tmp_path_fact
     assert len(set(outs.values())) == 1
 
 
+def test_base_model_from_the_hub_cache_offline(tmp_path, tmp_path_factory, monkeypatch):
+    from huggingface_hub import constants
+
+    from .hubfake import fill_cache
+
+    c = _case("llama_pissa", tmp_path_factory)
+    root = c["root"]
+    fill_cache(tmp_path / "hub", "org/tiny-llama", {p.name: p.read_bytes() for p in (root / "base").iterdir()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, stderr = run("convert", root / "trained", tmp_path / "o", "--to", "peft", "--base-model",
+                          "hf://org/tiny-llama")
+    assert code == 0, stderr
+    assert (peft_logits(tmp_path / "o", "llama") - c["ref"]).abs().max().item() <= TOL
+    _refused(["convert", root / "trained", tmp_path / "x", "--to", "peft", "--base-model", "hf://org/not-cached"],
+             tmp_path / "x", "not in the local Hugging Face cache")
+
+
+def test_inspect_says_how_to_convert_a_residual_adapter(tmp_path_factory):
+    c = _case("llama_olora", tmp_path_factory)
+    code, stdout, _ = run("inspect", c["root"] / "trained")
+    assert code == 0 and "init_lora_weights='olora' changed the base weights" in stdout
+    assert "--base-model BASE" in stdout
+
+
 def test_base_weight_keys_handle_a_prefix_either_way():
     mods = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
     bare = ["layers.0.self_attn.q_proj.weight", "layers.1.mlp.up_proj.weight", "norm.weight"]
@@ -265,6 +290,8 @@ def test_pissa_niter_needs_the_saved_initial_adapter(tmp_path):
     _refused(["convert", trained, out, "--to", "peft", "--base-model", c["root"] / "base"], out,
              "init_lora_weights='pissa_niter_4' cannot be rebuilt from the base weights (its SVD is the randomized "
              "torch.svd_lowrank); it needs the saved initial adapter (--initial-adapter)")
+    stdout = run("inspect", trained)[1]
+    assert "'pissa_niter_4' changed the base weights" in stdout and "--base-model" not in stdout
     code, _, stderr = run("convert", trained, out, "--to", "peft", "--initial-adapter", c["root"] / "init")
     assert code == 0, stderr
     assert (peft_logits(out, "llama") - c["ref"]).abs().max().item() <= TOL
