@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,8 +58,45 @@ class ConvertResult(BaseModel):
 # ------------------------------------------------------------------------------------------------ convert
 
 
+@contextmanager
+def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None):
+    """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
+    (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
+    from .initial import open_base, rebuilt_initial, saved_initial
+
+    if initial_adapter is not None and base_model is not None:
+        raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
+                               "pass one")
+    initial = base = None
+    try:
+        if initial_adapter is not None:
+            initial = open_source(resolve_source(initial_adapter))
+        if base_model is not None:
+            base = open_base(base_model)
+        for x in (initial, base):
+            if x is not None and out is not None:
+                refuse_overlap(x.path, out)
+
+        def initial_for(a: SourceAdapter) -> SourceAdapter | None:
+            if base is not None:
+                return rebuilt_initial(a, base)
+            if initial is None:
+                return None
+            by = {x.info.name: x for x in initial.adapters}
+            init = by.get(a.info.name) or (initial.adapters[0] if len(initial.adapters) == 1 else None)
+            if init is None:
+                raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
+            return saved_initial(a, init)
+
+        yield initial_for
+    finally:
+        for x in (initial, base):
+            if x is not None:
+                x.close()
+
+
 def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool,
-           initial: Source | None = None, model_type: str | None = None) -> list[Execution]:
+           initial_for=lambda a: None, model_type: str | None = None) -> list[Execution]:
     from .rules.select import select_adapters
 
     names = select_adapters([a.info.name for a in source.adapters], adapter)
@@ -69,14 +107,8 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
             sub = "." if single else a.info.name
             if sub != "." and (sub in ("..", "") or "/" in sub or "\\" in sub or "\0" in sub):
                 raise LoraMigrateError(f"adapter name {sub!r} cannot be a folder name")
-            init = None
-            if initial is not None:
-                by = {x.info.name: x for x in initial.adapters}
-                init = by.get(a.info.name) or (initial.adapters[0] if len(initial.adapters) == 1 else None)
-                if init is None:
-                    raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
-            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head, initial=init,
-                                    model_type=model_type))
+            out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head,
+                                    initial=initial_for(a), model_type=model_type))
     return out
 
 
@@ -130,9 +162,10 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         d = ex.source.load(e)
         bad = refuse_nonfinite(d, allow=allow_nonfinite)
         notes += bad
+        ref = ex.reference(d, e)
         o = ex.apply(d, e)
         if check is not None:
-            check.module(d, o, nonfinite=bool(bad))
+            check.module(ref, o, nonfinite=bool(bad))
         yield o
         nbytes = sum(t.nbytes for t in (d.A, d.B, d.bias) if t is not None)
         del d, o
@@ -179,13 +212,15 @@ def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
 
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
-            keep_head: bool = False, initial_adapter: str | Path | None = None,
+            keep_head: bool = False, initial_adapter: str | Path | None = None, base_model: str | Path | None = None,
             model_type: str | None = None, allow_nonfinite: bool = False) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
-    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`;
-    PiSSA-style sources, whose reference needs the initial adapter, are checked after writing instead).
+    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`).
+    For PiSSA-style sources the reference is the source expressed against the original weights, s·(BA − B₀A₀),
+    with the initial adapter saved before training (``initial_adapter``) or rebuilt from the original base model
+    (``base_model``; full-SVD PiSSA and OLoRA): each module's initial factors are read or computed once.
     A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
@@ -196,46 +231,43 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     target = get_convention(to)
     refuse_overlap(src, out)
     source = open_source(src, from_)
-    initial = None
     try:
-        if initial_adapter is not None:
-            initial = open_source(initial_adapter)
-        execs = _plans(source, target, adapter, safetensors, keep_head, initial, model_type)
-        results = []
-        if dry_run:
-            results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
-                                     notes=ex.plan.notes, verify=None) for ex in execs]
-        else:
-            with few_threads(), atomic_output(out, overwrite=overwrite) as tmp:
-                for ex in execs:
-                    folder = tmp / ex.plan.output
-                    check = WriteCheck() if verify and ex.initial is None else None
-                    notes = list(ex.plan.notes)
-                    notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
-                    report = None
-                    if verify:
-                        back = _read_back(folder, target, ex.source.info.name)
-                        try:
-                            if check is None:
-                                report = verify_adapters(ex.source, back, initial=ex.initial)
-                            else:
-                                report = check.confirm(((o.module, o) for o in back.modules), back.load,
-                                                       _extras_checks(ex.source, back, ex.extras))
-                        finally:
-                            back.store.close()
-                        if not report.ok:
-                            raise VerificationFailed(f"{ex.plan.adapter}: numeric check failed: {report.summary()}",
-                                                     report)
-                    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-                    results.append(AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()),
-                                                 bytes=size, notes=notes, verify=report))
+        with _initials(initial_adapter, base_model, out) as initial_for:
+            execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type)
+            results = []
+            if dry_run:
+                results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
+                                         notes=ex.plan.notes, verify=None) for ex in execs]
+            else:
+                with few_threads(), atomic_output(out, overwrite=overwrite) as tmp:
+                    results = [_write_checked(ex, tmp, out, target, verify, allow_nonfinite) for ex in execs]
         return ConvertResult(source=str(src), output=str(out), source_convention=source.convention.name,
                              target_convention=target.name, layout=source.layout, reasons=source.reasons,
                              dry_run=dry_run, adapters=results, seconds=time.perf_counter() - t0)
     finally:
         source.close()
-        if initial is not None:
-            initial.close()
+
+
+def _write_checked(ex: Execution, tmp: Path, out: Path, target, verify: bool, allow_nonfinite: bool
+                   ) -> AdapterResult:
+    """Write one adapter into ``tmp`` checking every module, then confirm the check on the files read back."""
+    folder = tmp / ex.plan.output
+    check = WriteCheck() if verify else None
+    notes = list(ex.plan.notes)
+    notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
+    report = None
+    if verify:
+        back = _read_back(folder, target, ex.source.info.name)
+        try:
+            report = check.confirm(((o.module, o) for o in back.modules), back.load,
+                                   _extras_checks(ex.source, back, ex.extras))
+        finally:
+            back.store.close()
+        if not report.ok:
+            raise VerificationFailed(f"{ex.plan.adapter}: numeric check failed: {report.summary()}", report)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=size, notes=notes,
+                         verify=report)
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -253,8 +285,12 @@ class VerifyResult(BaseModel):
         return all(r.ok for r in self.adapters.values())
 
 
-def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: str | None = None) -> VerifyResult:
-    """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``)."""
+def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: str | None = None,
+           initial_adapter: str | Path | None = None, base_model: str | Path | None = None) -> VerifyResult:
+    """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``).
+
+    For a PiSSA-style SRC, OUT is compared with s·(BA − B₀A₀), the initial adapter saved (``initial_adapter``) or
+    rebuilt from the original base model (``base_model``), as ``convert`` does."""
     a = open_source(resolve_source(src), from_)
     try:
         b = open_source(resolve_source(out), to)
@@ -268,7 +304,8 @@ def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: st
                     raise LoraMigrateError(f"the two sides hold different adapters: {sorted(names_a)} vs "
                                            f"{sorted(names_b)}")
                 pairs = [(names_a[n], names_b[n]) for n in sorted(names_a)]
-            reports = {x.info.name: verify_adapters(x, y) for x, y in pairs}
+            with _initials(initial_adapter, base_model) as initial_for:
+                reports = {x.info.name: verify_adapters(x, y, initial=initial_for(x)) for x, y in pairs}
             return VerifyResult(source=str(src), output=str(out), source_convention=a.convention.name,
                                 output_convention=b.convention.name, adapters=reports)
         finally:
@@ -423,7 +460,20 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
     return AdapterInspection(name=a.info.name, convention=a.convention.name, r=a.info.r, alpha=a.info.alpha,
                              scales=scales, gated=a.gated, convertible=why is None, why_not=why,
                              modules=len(a.modules), layer_kinds=kinds, dtypes=dtypes, bytes=a.nbytes, head=head,
-                             notes=a.notes, as_loaded=_as_loaded(a), module_list=mods)
+                             notes=a.notes + _init_notes(a), as_loaded=_as_loaded(a), module_list=mods)
+
+
+def _init_notes(a: SourceAdapter) -> list[str]:
+    """What an init that mutated W means for whoever loads the adapter (peft.md §5.1)."""
+    from .schemas.peft import mutating_init, rebuild_rule
+
+    if not mutating_init(a.init):
+        return []
+    how = "--base-model BASE (the original model) or --initial-adapter DIR" if rebuild_rule(a.init) else \
+        "--initial-adapter DIR (the adapter saved before training)"
+    return [f"init_lora_weights={a.init!r} changed the base weights: the adapter holds only on the residual model "
+            "(PEFT rebuilds it on load; other libraries and servers apply it to the original weights); convert with "
+            f"{how} for rank-2r LoRA against the original weights"]
 
 
 def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:

@@ -88,6 +88,9 @@ def main():
 @click.option("--initial-adapter", type=click.Path(path_type=str),
               help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved before training; the output is rank-2r LoRA "
                    "against the original weights.")
+@click.option("--base-model", type=click.Path(path_type=str),
+              help="PiSSA (full SVD) / OLoRA: the original, un-mutated base model (folder with model.safetensors, "
+                   "shards or pytorch_model.bin; or hf://org/name); the initial adapter is rebuilt from its weights.")
 @click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
                                    "AdapterHub; inferred from module paths when left out.")
 @click.option("--allow-nonfinite", is_flag=True,
@@ -96,7 +99,7 @@ def main():
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, initial_adapter,
-            model_type, allow_nonfinite, verbose, as_json):
+            base_model, model_type, allow_nonfinite, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -108,12 +111,13 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
       lora-migrate convert at31/ out/ --from adapter-transformers-3.1 --to adapters-1.0
       lora-migrate convert peft_rslora/ out/ --to lorax
       lora-migrate convert pissa/ out/ --to peft --initial-adapter pissa_init/
+      lora-migrate convert pissa/ out/ --to peft --base-model llama-original/
     """
     from . import api
 
     r = api.convert(src, out, to=to, from_=from_, adapter=adapter, verify=not no_verify, overwrite=overwrite,
-                    dry_run=dry_run, safetensors=safetensors, keep_head=keep_head,
-                    initial_adapter=initial_adapter, model_type=model_type, allow_nonfinite=allow_nonfinite)
+                    dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, initial_adapter=initial_adapter,
+                    base_model=base_model, model_type=model_type, allow_nonfinite=allow_nonfinite)
     if as_json:
         _echo_json(r)
         return
@@ -180,13 +184,17 @@ def inspect(path, from_, show_modules, as_json):
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--from", "from_", help="Convention of SRC (detected when left out).")
 @click.option("--to", "to", help="Convention of OUT (detected when left out).")
+@click.option("--initial-adapter", type=click.Path(path_type=str),
+              help="SRC is PiSSA-style: compare OUT with SRC minus this initial adapter (as convert wrote it).")
+@click.option("--base-model", type=click.Path(path_type=str),
+              help="SRC is PiSSA (full SVD) / OLoRA: rebuild its initial adapter from this original base model.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(src, out, from_, to, verbose, as_json):
+def verify(src, out, from_, to, initial_adapter, base_model, verbose, as_json):
     """Check that OUT computes the same ΔW as SRC, module by module. Exit 1 if it does not."""
     from . import api
 
-    r = api.verify(src, out, from_=from_, to=to)
+    r = api.verify(src, out, from_=from_, to=to, initial_adapter=initial_adapter, base_model=base_model)
     if as_json:
         _echo_json(r)
     else:

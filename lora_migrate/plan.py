@@ -20,6 +20,7 @@ from .adapter import ModuleDelta, ScaleProvenance, delta_kind
 from .errors import LoraMigrateError, UnsupportedFeature
 from .formats import peft as pf
 from .formats.adapterhub import target_config
+from .initial import RebuiltInitial, StoredOLoRAInitial
 from .io._common import release_memory
 from .rules import describe
 from .rules.refuse import refuse_features, refuse_gated, refuse_kinds
@@ -28,7 +29,7 @@ from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
 from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
-from .schemas.peft import FIELDS_SINCE, MUTATING_INITS
+from .schemas.peft import FIELDS_SINCE, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, json_number
 
 
@@ -83,12 +84,22 @@ class Execution:
     extras: list[str] = field(default_factory=list)  # the source's non-LoRA tensor keys that are written
     safetensors: bool = False
     keep_head: bool = False
+    _last_initial: ModuleDelta | None = None
 
     def apply(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
         """The per-module rule pipeline."""
+        return self.rewrite(self.reference(d, e), e)
+
+    def reference(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
+        """The source module as the update the output must hold: itself, or for a PiSSA-style source the update
+        of the original weights, s·(BA − B₀A₀), with the initial adapter's module (saved or rebuilt)."""
+        if self.initial is None:
+            return d
+        return pissa_to_lora(d, self._initial_delta(e, d.A.device.type == "meta"))
+
+    def rewrite(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
+        """The target's rules on a reference delta: expand fused QKV, pad the rank, fuse, rescale."""
         o = self.out[e.module]
-        if self.initial is not None:
-            d = pissa_to_lora(d, self._initial_delta(e, d.A.device.type == "meta"))
         d = expand_fused_qkv(d) if self.target.family == "peft" else d
         if o.pad_to:
             d = pad_rank(d, o.pad_to)
@@ -98,7 +109,11 @@ class Execution:
 
     def _initial_delta(self, e: ModuleEntry, meta: bool) -> ModuleDelta:
         ie = self.initial_entries[e.module]
-        return _meta_delta(ie) if meta else self.initial.load(ie)
+        if meta:
+            return _meta_delta(ie)
+        if self._last_initial is None or self._last_initial.module != e.module:
+            self._last_initial = self.initial.load(ie)  # read (or rebuilt) once for reference() and apply()
+        return self._last_initial
 
     def deltas(self):
         for e in self.source.modules:
@@ -243,22 +258,29 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
 
 
 def _check_initial(src: SourceAdapter, initial: SourceAdapter | None, steps: list[Step]):
-    if src.init in MUTATING_INITS and initial is None:
+    if mutating_init(src.init) and initial is None:
+        how = ("--base-model PATH (the original base model, to rebuild the initial adapter from) or "
+               if rebuild_rule(src.init) else "")
         raise UnsupportedFeature(
             f"{src.info.name}: init_lora_weights={src.init!r} changed the base weights at init, so this adapter "
-            "only holds on the residual model; pass --initial-adapter DIR (the adapter saved before training) to "
-            "re-express it as rank-2r LoRA against the original weights")
+            f"only holds on the residual model; pass {how}--initial-adapter DIR (the adapter saved before "
+            "training) to re-express it as rank-2r LoRA against the original weights")
     if initial is None:
         return None
-    if src.init is not None and src.init not in MUTATING_INITS:
+    if src.init is not None and not mutating_init(src.init):
         raise LoraMigrateError(f"{src.info.name}: --initial-adapter given, but init_lora_weights={src.init!r} did "
                                "not change the base weights")
+    if any(e.kind != "linear" for e in src.modules) or src.features & {"dora", "lora_bias"}:
+        raise UnsupportedFeature(f"{src.info.name}: the rank-2r re-expression covers plain linear LoRA only")
     by = {e.module: e for e in initial.modules}
     missing = [e.module for e in src.modules if e.module not in by]
     if missing:
         raise LoraMigrateError(f"initial adapter has no module {missing[0]!r}")
-    if any(e.kind != "linear" for e in src.modules) or src.features & {"dora", "lora_bias"}:
-        raise UnsupportedFeature(f"{src.info.name}: the rank-2r re-expression covers plain linear LoRA only")
+    if isinstance(initial, RebuiltInitial):
+        steps.append(Step(rule=initial.rule, what=f"A₀, B₀ of {len(by)} modules from the original weights "
+                          f"({initial.where}): " + describe(initial.rule)))
+    elif isinstance(initial, StoredOLoRAInitial):
+        steps.append(Step(rule="olora_stored_init", what=describe("olora_stored_init")))
     steps.append(Step(rule="pissa_to_lora", what=describe("pissa_to_lora") + f" (init was {src.init or 'mutating'!r})"))
     return by
 

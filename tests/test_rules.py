@@ -123,3 +123,65 @@ def test_refusals_say_why():
         refuse_gated("m1", True)
     refuse_gated("m1", False)
     refuse_kinds("m1", {"linear", "ia3"}, get_convention("adapters-1.1"))
+
+
+def _truncation(W: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_rebuild_pissa_init_is_the_rank_r_truncation_over_s(fan_in_fan_out):
+    from lora_migrate.rules.inits import rebuild_pissa_init
+
+    W = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))  # (out, in)
+    stored = W.T.contiguous() if fan_in_fan_out else W
+    A0, B0 = rebuild_pissa_init(stored, 3, 2.5, fan_in_fan_out=fan_in_fan_out)
+    assert A0.shape == (3, 5) and B0.shape == (6, 3) and A0.dtype == B0.dtype == torch.float32
+    assert torch.allclose(2.5 * (B0.double() @ A0.double()), _truncation(W, 3), atol=1e-5)
+    # A₀ and B₀ share the singular values equally: A₀A₀ᵀ = B₀ᵀB₀ = diag(S_r / s)
+    assert torch.allclose(A0 @ A0.T, B0.T @ B0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_rebuild_olora_init_is_what_peft_subtracts(fan_in_fan_out):
+    from lora_migrate.rules.inits import rebuild_olora_init
+
+    stored = torch.randn(5, 5 if fan_in_fan_out else 7, generator=torch.Generator().manual_seed(4))
+    A0, B0 = rebuild_olora_init(stored, 2, 0.5, fan_in_fan_out=fan_in_fan_out)
+    Q, R = torch.linalg.qr(stored)
+    peft_removed = 0.5 * Q[:, :2] @ R[:2]  # in the stored layout: weight -= s·lora_B @ lora_A
+    ours = 0.5 * B0 @ A0  # in the (out, in) layout
+    assert torch.allclose(ours.T if fan_in_fan_out else ours, peft_removed, atol=1e-6)
+    assert A0.shape == (2, stored.shape[0 if fan_in_fan_out else 1])
+
+
+def test_olora_stored_init_turns_peft_saved_factors_into_what_the_init_removed():
+    from lora_migrate.rules.inits import olora_stored_init, rebuild_olora_init
+
+    stored = torch.randn(6, 6, generator=torch.Generator().manual_seed(5))  # Conv1D (in, out), square
+    Q, R = torch.linalg.qr(stored)
+    saved = ModuleDelta("m", A=R[:3].contiguous(), B=Q[:, :3].contiguous(), scale=0.5, provenance=P)  # as PEFT stores
+    A0, B0 = rebuild_olora_init(stored, 3, 0.5, fan_in_fan_out=True)
+    d = olora_stored_init(saved)
+    assert torch.equal(d.A, A0) and torch.equal(d.B, B0) and d.scale == 0.5
+
+
+def test_rebuild_refuses_a_rank_above_the_weight():
+    from lora_migrate.rules.inits import rebuild_olora_init, rebuild_pissa_init
+
+    for fn in (rebuild_pissa_init, rebuild_olora_init):
+        with pytest.raises(LoraMigrateError, match="rank 5 is larger"):
+            fn(torch.randn(4, 6), 5, 1.0, module="m")
+
+
+def test_which_inits_mutate_and_which_can_be_rebuilt():
+    from lora_migrate.schemas.peft import mutating_init, rebuild_rule
+
+    for init in ("pissa", "pissa_niter_4", "olora", "OLoRA", "corda", "loftq", "lora_ga"):
+        assert mutating_init(init), init
+    for init in (True, False, None, "gaussian", "eva", "orthogonal", "mica"):
+        assert not mutating_init(init), init
+    assert rebuild_rule("pissa") == "rebuild_pissa_init" and rebuild_rule("OLoRA") == "rebuild_olora_init"
+    for init in ("pissa_niter_4", "corda", "loftq", "lora_ga", "eva", True):
+        assert rebuild_rule(init) is None, init

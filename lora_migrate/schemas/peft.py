@@ -17,6 +17,7 @@ The forward pass is the same in every era: y = W x + b + s·(B A x + l), s = alp
 from __future__ import annotations
 
 import math
+import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -72,8 +73,37 @@ DEFAULTS: dict[str, object] = {
 }
 
 # init_lora_weights values whose init rewrites the base weight (peft.md §5.1): such an adapter is relative to a
-# residual base, and becomes plain LoRA only through the rank-2r re-expression (rules/pissa.py).
-MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# residual base, and becomes plain LoRA only through the rank-2r re-expression (rules/shape.py pissa_to_lora).
+# Matched as LoraLayer.update_layer matches them (peft 0.21.2 tuners/lora/layer.py): startswith("pissa"),
+# startswith("corda"), lower() == "olora", == "loftq", == "lora_ga".
+MUTATING_INITS = (r"pissa.*", r"corda.*", r"(?i:olora)", r"loftq", r"lora_ga")
+# Of those, the inits whose initial adapter is a deterministic function of the original weight W alone, so that
+# --base-model can rebuild it (peft.md §5.2): full-SVD PiSSA and OLoRA's QR. Value: the rule that rebuilds it.
+# The others need the saved initial adapter, for the reason given.
+REBUILDABLE_INITS = {r"pissa": "rebuild_pissa_init", r"(?i:olora)": "rebuild_olora_init"}
+NOT_REBUILDABLE = {
+    r"pissa_niter_\d+": "its SVD is the randomized torch.svd_lowrank",
+    r"corda.*": "CorDA decomposes W with the covariance of calibration data",
+    r"loftq": "LoftQ quantizes W with bitsandbytes",
+    r"lora_ga": "LoRA-GA decomposes gradients of training data",
+}
+
+
+def mutating_init(init: object) -> bool:
+    """Whether PEFT's init_lora_weights=``init`` rewrote the base weight when the adapter was created."""
+    return isinstance(init, str) and any(re.fullmatch(p, init) for p in MUTATING_INITS)
+
+
+def rebuild_rule(init: object) -> str | None:
+    """The name of the rule that rebuilds this init's initial adapter from W, or None if it cannot be."""
+    if not isinstance(init, str):
+        return None
+    return next((r for p, r in REBUILDABLE_INITS.items() if re.fullmatch(p, init)), None)
+
+
+def not_rebuildable_reason(init: str) -> str:
+    """Why the initial adapter of a mutating ``init`` cannot be computed from W alone."""
+    return next((w for p, w in NOT_REBUILDABLE.items() if re.fullmatch(p, init)), "it is not a function of W alone")
 
 
 def fields_of(version: str) -> tuple[str, ...]:
