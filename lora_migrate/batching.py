@@ -2,7 +2,9 @@
 
 A manifest is JSON lines (or CSV with the same columns): ``source`` (a path, relative to the manifest's folder, or
 an ``hf://`` id), ``to``, optional ``from``, ``name`` (the output subfolder; derived from the source when absent)
-and ``options`` (an object: ``adapter``, ``safetensors``, ``keep_head``, ``verify``; in CSV a JSON string). A glob
+and ``options`` (an object: ``adapter``, ``safetensors``, ``keep_head``, ``verify``, ``model_type``,
+``allow_nonfinite``, ``initial_adapter``, ``base_model`` — paths relative to the manifest's folder; in CSV a JSON
+string). A glob
 of folders instead of a manifest converts each folder (``--to`` / ``--from`` apply).
 
 Each item is converted by :func:`run_item` (a top-level function, so any executor can ship it) into ``OUT/<name>``
@@ -31,7 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import LoraMigrateError
 
-OPTIONS = {"adapter": (str, type(None)), "safetensors": bool, "keep_head": bool, "verify": bool}
+OPTIONS = {"adapter": (str, type(None)), "safetensors": bool, "keep_head": bool, "verify": bool,
+           "model_type": (str, type(None)), "allow_nonfinite": bool,
+           "initial_adapter": (str, type(None)), "base_model": (str, type(None))}
+PATH_OPTIONS = ("initial_adapter", "base_model")  # relative to the manifest's folder, like ``source``
 COLUMNS = {"source", "to", "from", "name", "options"}
 LOCK_NAME = ".lora-migrate-batch.lock"
 
@@ -135,6 +140,10 @@ def _row_item(row: dict, where: str, base: Path, to: str | None, from_: str | No
             raise LoraMigrateError(f"{where}: unknown option {k!r} (known: {', '.join(OPTIONS)})")
         if not isinstance(v, OPTIONS[k]):
             raise LoraMigrateError(f"{where}: option {k!r} has the wrong type ({type(v).__name__})")
+    for k in PATH_OPTIONS:
+        v = opts.get(k)
+        if v and not v.startswith("hf://") and not os.path.isabs(v):
+            opts = {**opts, k: str(base / v)}
     target = row.get("to") or to
     if not target:
         raise LoraMigrateError(f"{where}: no 'to' (and no --to)")
@@ -215,6 +224,13 @@ def item_key(item: BatchItem, local_source: Path) -> str:
 
     head = json.dumps({"to": item.to, "from": item.from_, "options": item.options, "version": __version__},
                       sort_keys=True)
+    init = item.options.get("initial_adapter")
+    if init and Path(init).exists():  # small: its bytes count like the source's
+        head += _hash_source(Path(init))
+    base = item.options.get("base_model")
+    if base and Path(base).exists():  # a whole model: its files' sizes and times, not its bytes
+        files = [Path(base)] if Path(base).is_file() else sorted(f for f in Path(base).rglob("*") if f.is_file())
+        head += json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     return hashlib.sha256((head + _hash_source(local_source)).encode()).hexdigest()[:32]
 
 
@@ -242,7 +258,9 @@ def run_item(item: dict, out_dir: str, prev_key: str | None) -> dict:
             o = it.options
             r = api.convert(local, out, to=it.to, from_=it.from_, adapter=o.get("adapter"),
                             verify=o.get("verify", True), overwrite=True, safetensors=o.get("safetensors", False),
-                            keep_head=o.get("keep_head", False))
+                            keep_head=o.get("keep_head", False), model_type=o.get("model_type"),
+                            allow_nonfinite=o.get("allow_nonfinite", False),
+                            initial_adapter=o.get("initial_adapter"), base_model=o.get("base_model"))
         except VerificationFailed as e:
             rec.update(error=str(e), exit_code=1)
             return rec

@@ -73,6 +73,27 @@ def main():
     """
 
 
+def _conversion_inputs(f):
+    """The options that say how to read the source (shared by ``convert`` and ``push``)."""
+    for opt in reversed((
+        click.option("--initial-adapter", type=click.Path(path_type=str),
+                     help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved before training; the output is rank-2r "
+                          "LoRA against the original weights."),
+        click.option("--base-model", type=click.Path(path_type=str),
+                     help="PiSSA (full SVD) / OLoRA: the original, un-mutated base model (folder with "
+                          "model.safetensors, shards or pytorch_model.bin; or hf://org/name); the initial adapter "
+                          "is rebuilt from its weights."),
+        click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
+                                          "AdapterHub; read from the base model's config.json or inferred from "
+                                          "module paths when left out."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Pass tensors holding NaN/Inf through as they are (refused by default; such modules are "
+                          "not compared)."),
+    )):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
@@ -85,17 +106,7 @@ def main():
 @click.option("--safetensors", is_flag=True,
               help="Write adapter.safetensors instead of pytorch_adapter.bin (load it with use_safetensors=True).")
 @click.option("--keep-head", is_flag=True, help="Copy head files that only repeat the base model's head.")
-@click.option("--initial-adapter", type=click.Path(path_type=str),
-              help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved before training; the output is rank-2r LoRA "
-                   "against the original weights.")
-@click.option("--base-model", type=click.Path(path_type=str),
-              help="PiSSA (full SVD) / OLoRA: the original, un-mutated base model (folder with model.safetensors, "
-                   "shards or pytorch_model.bin; or hf://org/name); the initial adapter is rebuilt from its weights.")
-@click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
-                                   "AdapterHub; inferred from module paths when left out.")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Pass tensors holding NaN/Inf through as they are (refused by default; such modules are not "
-                   "compared).")
+@_conversion_inputs
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, initial_adapter,
@@ -334,10 +345,12 @@ def check(paths, expect, convert_to, as_json):
 @click.option("--private", is_flag=True, default=None, help="Create the repository private if it does not exist.")
 @click.option("--safetensors", is_flag=True, help="Upload adapter.safetensors instead of pytorch_adapter.bin.")
 @click.option("--keep-head", is_flag=True, help="Upload head files that only repeat the base model's head.")
+@_conversion_inputs
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="Convert and check, list what would be uploaded; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_head, message, dry_run, as_json):
+def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_head, initial_adapter, base_model,
+         model_type, allow_nonfinite, message, dry_run, as_json):
     """Convert SRC, check it, and upload it to the Hub repo REPO_ID with a model-card section.
 
     Nothing is uploaded when the numeric check fails. The token comes from huggingface_hub (HF_TOKEN or the saved
@@ -346,7 +359,9 @@ def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_
     from . import hub
 
     r = hub.push(src, repo_id, to=to, from_=from_, adapter=adapter, revision=revision, private=private,
-                 dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, commit_message=message)
+                 dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, commit_message=message,
+                 initial_adapter=initial_adapter, base_model=base_model, model_type=model_type,
+                 allow_nonfinite=allow_nonfinite)
     if as_json:
         _echo_json(r)
         return

@@ -143,3 +143,25 @@ def test_ray_executor_runs_the_same_items(tmp_path):
         if r.status == "ok":
             for f in ("adapter_config.json", "pytorch_adapter.bin"):
                 assert (tmp_path / "ray" / r.name / f).read_bytes() == (tmp_path / "local" / r.name / f).read_bytes()
+
+
+def test_manifest_options_reach_convert_and_paths_are_relative_to_the_manifest(tmp_path):
+    """PiSSA goldens need their initial adapter (or the original base): the options carry them, relative to the
+    manifest's folder, and the result is the same bytes as a direct conversion."""
+    import shutil
+    from pathlib import Path
+
+    case = Path(__file__).parent.parent / "golden" / "peft" / "pf21" / "llama_pissa"
+    shutil.copytree(case / "adapter", tmp_path / "m" / "p" / "adapter")
+    shutil.copytree(case / "pissa_init", tmp_path / "m" / "p" / "init")
+    m = jsonl(tmp_path / "m" / "manifest.jsonl", [
+        {"source": "p/adapter", "to": "peft", "name": "with", "options": {"initial_adapter": "p/init"}},
+        {"source": "p/adapter", "to": "peft", "name": "without"},
+    ])
+    lora_migrate.batch(m, tmp_path / "out")
+    by = {r["name"]: r for r in records(tmp_path / "out" / "report.jsonl")}
+    assert by["with"]["status"] == "ok" and by["without"]["status"] == "failed"
+    assert "--initial-adapter" in by["without"]["error"]
+    lora_migrate.convert(case / "adapter", tmp_path / "direct", to="peft", initial_adapter=case / "pissa_init")
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "out" / "with" / f).read_bytes() == (tmp_path / "direct" / f).read_bytes()

@@ -170,3 +170,19 @@ def test_push_wrong_token_is_one_line_without_the_token(tmp_path):
                 env=env(HF_ENDPOINT=hub.url, HF_TOKEN=wrong, HF_HOME=tmp_path / "h"))
     assert r.returncode == 2 and "upload to me/x failed" in r.stderr and "Traceback" not in r.stderr
     assert wrong not in r.stderr + r.stdout and hub.commits == []
+
+
+def test_push_takes_the_conversion_inputs_of_convert(tmp_path):
+    """A PiSSA adapter is only uploadable as plain LoRA with its initial adapter: push takes the same options as
+    convert, and refuses in one line without them."""
+    case = Path(__file__).parent.parent / "golden" / "peft" / "pf21" / "llama_pissa"
+    with FakeHub(token=TOKEN) as hub:
+        e = env(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=tmp_path / "hf-home")
+        ok = cli(["push", case / "adapter", "me/p", "--to", "peft", "--dry-run", "--json",
+                  "--initial-adapter", case / "pissa_init"], env=e)
+        bad = cli(["push", case / "adapter", "me/p", "--to", "peft", "--dry-run"], env=e)
+    assert ok.returncode == 0, ok.stderr
+    r = json.loads(ok.stdout)
+    assert r["convert"]["adapters"][0]["plan"]["r"] == 8 and "adapter_model.safetensors" in [f["path"] for f in r["files"]]
+    assert bad.returncode == 2 and "--initial-adapter" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert hub.requests == []
