@@ -330,12 +330,20 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
     """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
     from .formats.peft import module_r_alpha
-    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, fields_of
+    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
 
     cfg = a.peft
     out = []
+    needs = conv_requirements(a.conv_dims, "dora" in a.features)
     for c in CONVENTIONS:
         if c.family != "peft" or c is a.convention:
+            continue
+        missing = [(what, since) for what, since in needs
+                   if c.name not in ("lorax", "vllm") and c.releases_with(since) == "none"]
+        if missing:
+            out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                 detail=f"FAILS to load: {missing[0][0]} needs PEFT ≥ {missing[0][1]} (an older "
+                                        "PEFT raises on the target module); no conversion can change that"))
             continue
         problems = []
         if c.strict_config_fields:
@@ -346,9 +354,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                                             f"{unknown[0]!r}; convert with --to {c.name}"))
                 continue
         drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
-        for f in sorted(a.features):
-            if f in drops:
-                problems.append(drops[f])
+        refused = [drops[f] for f in sorted(a.features) if f in drops]
+        problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []
         for e in a.modules:
@@ -369,7 +376,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
             problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
                             f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
                             f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
-        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; convert with --to {c.name}"
+        fix = f"{c.name} cannot hold it, so converting is refused too" if refused else f"convert with --to {c.name}"
+        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

@@ -198,7 +198,8 @@ def _rank_shape(a) -> list[Finding]:
         m = e.metas
         if "a" in m:
             A, B = tuple(m["a"].shape), tuple(m["b"].shape)
-            if len(A) != 2 or len(B) != 2 or (e.fused is None and A[0] != B[1]):
+            # matrices, or conv factors (r, in, *k) / (out, r, 1, …) of the same ndim
+            if len(A) != len(B) or not 2 <= len(A) <= 5 or (e.fused is None and A[0] != B[1]):
                 out.append(_err("rank-shape", f"lora_A {list(A)} and lora_B {list(B)} do not multiply",
                                 a.info.name, e.module))
                 continue

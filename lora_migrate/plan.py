@@ -20,13 +20,13 @@ from .formats import peft as pf
 from .formats.adapterhub import target_config
 from .io._common import release_memory
 from .rules import describe
-from .rules.refuse import refuse_features, refuse_gated, refuse_kinds
+from .rules.refuse import refuse_before_release, refuse_features, refuse_gated, refuse_kinds
 from .rules.scale import SAME, choose_alpha, module_alpha, rescale
 from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
 from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
-from .schemas.peft import FIELDS_SINCE, MUTATING_INITS
+from .schemas.peft import FIELDS_SINCE, MUTATING_INITS, conv_requirements
 from .source import ModuleEntry, SourceAdapter, json_number
 
 
@@ -325,6 +325,8 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
     name = src.info.name
     serving = target.name in ("lorax", "vllm")
     notes = list(src.notes)
+    if not serving:  # the serving targets have no conv LoRA at all (refused by kind)
+        notes += refuse_before_release(name, conv_requirements(src.conv_dims, "dora" in src.features), target)
     out: dict[str, ModuleOut] = {}
     src_rule = Scaling.ALPHA_OVER_SQRT_R if "rslora" in src.features else Scaling.ALPHA_OVER_R
     rslora_out = ("rslora" in src.features and "use_rslora" in target.config_write_fields)
@@ -426,7 +428,7 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
         if v == PEFT_DEFAULTS.get(f, object()) or v in (None, [], {}) or f in ("peft_version",):
             continue
         since = FIELDS_SINCE.get(f)
-        if since and target.pattern_matching and not serving and _known_within(target, since):
+        if since and target.pattern_matching and not serving and target.releases_with(since) != "none":
             out[f] = v
             notes.append(f"{f}={v!r} written: it needs PEFT ≥ {since}")
             continue
@@ -436,12 +438,3 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
         out["peft_version"] = target.version_to_write
     return out
 
-
-def _known_within(target: Convention, since: str) -> bool:
-    """Some release in the target's range knows a field added in ``since``: ``since`` is below the range's upper
-    bound (the lower bound does not matter: later releases keep the field)."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    v = Version(since)
-    return all(s.contains(v, prereleases=True) for s in SpecifierSet(target.versions) if s.operator in ("<", "<="))
