@@ -23,7 +23,7 @@ from .formats import peft as pf
 from .hub import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
-from .plan import AdapterPlan, Execution, plan_adapter
+from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
@@ -58,7 +58,8 @@ class ConvertResult(BaseModel):
 
 
 def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool,
-           initial: Source | None = None, model_type: str | None = None) -> list[Execution]:
+           initial: Source | None = None, model_type: str | None = None,
+           num_layers: int | None = None) -> list[Execution]:
     from .rules.select import select_adapters
 
     names = select_adapters([a.info.name for a in source.adapters], adapter)
@@ -76,7 +77,7 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
                 if init is None:
                     raise LoraMigrateError(f"--initial-adapter holds no adapter named {a.info.name!r}")
             out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head, initial=init,
-                                    model_type=model_type))
+                                    model_type=model_type, num_layers=num_layers))
     return out
 
 
@@ -96,12 +97,14 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
     return ah.read_adapter_dir(folder, target, wrapper)
 
 
-def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None
-                    ) -> VerifyReport:
+def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None,
+                    zeros=()) -> VerifyReport:
     """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
 
     With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
-    s·(BA − B₀A₀), which the rank-2r output must reproduce."""
+    s·(BA − B₀A₀), which the rank-2r output must reproduce. Output modules named in ``zeros`` (zero adapters
+    that complete a layer type) must be zero: their source delta is none at all."""
+    from .rules.coverage import zero_adapter
     from .rules.shape import pissa_to_lora
 
     init_by = {e.module: e for e in initial.modules} if initial is not None else {}
@@ -118,7 +121,9 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
             d_src = pissa_to_lora(d_src, initial.load(init_by[e.module]))
         checks.append(compare(d_src, d_out, probes=probes))
         release_memory()
-    checks += [extra(m) for m in out_by]
+    for m, o in out_by.items():
+        d = out.load(o) if m in zeros else None
+        checks.append(extra(m) if d is None else compare(zero_adapter(d), d, probes=probes))
     checks += _extras_checks(src, out)
     return build_report(checks, time.perf_counter() - t0)
 
@@ -126,8 +131,8 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
 def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
     """The output deltas in write order. Each source module is refused if it holds NaN/Inf (unless allowed) and,
     with ``check``, compared with its output while both are in memory (see :class:`verify.WriteCheck`)."""
-    for e in ex.source.modules:
-        d = ex.source.load(e)
+    for e in ex.entries():
+        d = ex.load(e)
         bad = refuse_nonfinite(d, allow=allow_nonfinite)
         notes += bad
         o = ex.apply(d, e)
@@ -177,13 +182,15 @@ def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
             keep_head: bool = False, initial_adapter: str | Path | None = None,
-            model_type: str | None = None, allow_nonfinite: bool = False) -> ConvertResult:
+            model_type: str | None = None, allow_nonfinite: bool = False,
+            num_layers: int | None = None) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
     then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`;
     PiSSA-style sources, whose reference needs the initial adapter, are checked after writing instead).
-    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
+    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``. ``num_layers`` (``--to lorax`` only): the base
+    model's layer count, for an adapter on only some layers (each layer type is completed with zero adapters).
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
     check fails (nothing is left at OUT).
@@ -191,13 +198,16 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     t0 = time.perf_counter()
     src, out = Path(resolve_source(src)), Path(out)
     target = get_convention(to)
+    if num_layers is not None and target.name != "lorax":
+        raise LoraMigrateError(f"--num-layers is for --to lorax (which drops a layer type missing from any layer); "
+                               f"{target.name} loads each module on its own")
     refuse_overlap(src, out)
     source = open_source(src, from_)
     initial = None
     try:
         if initial_adapter is not None:
             initial = open_source(initial_adapter)
-        execs = _plans(source, target, adapter, safetensors, keep_head, initial, model_type)
+        execs = _plans(source, target, adapter, safetensors, keep_head, initial, model_type, num_layers)
         results = []
         if dry_run:
             results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
@@ -214,7 +224,8 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                         back = _read_back(folder, target, ex.source.info.name)
                         try:
                             if check is None:
-                                report = verify_adapters(ex.source, back, initial=ex.initial)
+                                report = verify_adapters(ex.source, back, initial=ex.initial,
+                                                         zeros={f.module for f in ex.fills})
                             else:
                                 report = check.confirm(((o.module, o) for o in back.modules), back.load,
                                                        _extras_checks(ex.source, back))
@@ -371,13 +382,20 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
         if wrong:
             problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
+        drops = lorax_drops(a) if c.name == "lorax" else None
+        if drops is not None and drops[0]:
+            problems.append(drops[1])
         if cfg.use_rslora and not rs:
             who = "vLLM before PR #6909 " if c.name == "vllm" else ""
             problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
                             f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
                             f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
         fix = f"{c.name} cannot hold it, so converting is refused too" if refused else f"convert with --to {c.name}"
+        if drops is not None and drops[0] and not refused:
+            fix += " --num-layers N (the model's layer count: each type gets zero adapters where it lacks a layer)"
         detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
+        if drops is not None and not drops[0]:
+            detail += f"; but {drops[1]}: convert with --to lorax --num-layers N"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

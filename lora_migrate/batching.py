@@ -2,8 +2,8 @@
 
 A manifest is JSON lines (or CSV with the same columns): ``source`` (a path, relative to the manifest's folder, or
 an ``hf://`` id), ``to``, optional ``from``, ``name`` (the output subfolder; derived from the source when absent)
-and ``options`` (an object: ``adapter``, ``safetensors``, ``keep_head``, ``verify``; in CSV a JSON string). A glob
-of folders instead of a manifest converts each folder (``--to`` / ``--from`` apply).
+and ``options`` (an object: ``adapter``, ``safetensors``, ``keep_head``, ``verify``, ``num_layers``; in CSV a JSON
+string). A glob of folders instead of a manifest converts each folder (``--to`` / ``--from`` apply).
 
 Each item is converted by :func:`run_item` (a top-level function, so any executor can ship it) into ``OUT/<name>``
 through the usual temp-folder-and-rename. Its record is appended to the report as soon as it finishes, so a run
@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import LoraMigrateError
 
-OPTIONS = {"adapter": (str, type(None)), "safetensors": bool, "keep_head": bool, "verify": bool}
+OPTIONS = {"adapter": (str, type(None)), "safetensors": bool, "keep_head": bool, "verify": bool,
+           "num_layers": (int, type(None))}
 COLUMNS = {"source", "to", "from", "name", "options"}
 LOCK_NAME = ".lora-migrate-batch.lock"
 
@@ -242,7 +243,7 @@ def run_item(item: dict, out_dir: str, prev_key: str | None) -> dict:
             o = it.options
             r = api.convert(local, out, to=it.to, from_=it.from_, adapter=o.get("adapter"),
                             verify=o.get("verify", True), overwrite=True, safetensors=o.get("safetensors", False),
-                            keep_head=o.get("keep_head", False))
+                            keep_head=o.get("keep_head", False), num_layers=o.get("num_layers"))
         except VerificationFailed as e:
             rec.update(error=str(e), exit_code=1)
             return rec

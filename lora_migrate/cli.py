@@ -90,13 +90,17 @@ def main():
                    "against the original weights.")
 @click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
                                    "AdapterHub; inferred from module paths when left out.")
+@click.option("--num-layers", type=click.IntRange(min=1),
+              help="--to lorax: the base model's layer count, for an adapter on only some layers (layers_to_transform, "
+                   "a regex target_modules): each layer type gets zero adapters in the layers it lacks, since LoRAX "
+                   "drops a type missing from any layer.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Pass tensors holding NaN/Inf through as they are (refused by default; such modules are not "
                    "compared).")
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, initial_adapter,
-            model_type, allow_nonfinite, verbose, as_json):
+            model_type, num_layers, allow_nonfinite, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -107,13 +111,15 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
     Example:
       lora-migrate convert at31/ out/ --from adapter-transformers-3.1 --to adapters-1.0
       lora-migrate convert peft_rslora/ out/ --to lorax
+      lora-migrate convert peft_layer0/ out/ --to lorax --num-layers 32
       lora-migrate convert pissa/ out/ --to peft --initial-adapter pissa_init/
     """
     from . import api
 
     r = api.convert(src, out, to=to, from_=from_, adapter=adapter, verify=not no_verify, overwrite=overwrite,
                     dry_run=dry_run, safetensors=safetensors, keep_head=keep_head,
-                    initial_adapter=initial_adapter, model_type=model_type, allow_nonfinite=allow_nonfinite)
+                    initial_adapter=initial_adapter, model_type=model_type, allow_nonfinite=allow_nonfinite,
+                    num_layers=num_layers)
     if as_json:
         _echo_json(r)
         return

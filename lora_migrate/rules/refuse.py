@@ -39,8 +39,9 @@ def refuse_before_release(adapter: str, needs: list[tuple[str, str]], target: Co
     for what, since in needs:
         have = target.releases_with(since)
         if have == "none":
-            raise UnsupportedFeature(f"{adapter}: {what} needs PEFT ≥ {since}; {target.name} (PEFT {target.versions}) "
-                                     "raises on such a target module instead of loading the adapter")
+            raise UnsupportedFeature(f"{adapter}: {what} needs PEFT ≥ {since}; {target.name} "
+                                     f"(PEFT {target.versions}) raises on such a target module instead of loading "
+                                     "the adapter")
         if have == "some":
             notes.append(f"{what} needs PEFT ≥ {since}")
     return notes
