@@ -97,13 +97,13 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
     return ah.read_adapter_dir(folder, target, wrapper)
 
 
-def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None,
-                    zeros=()) -> VerifyReport:
+def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, initial: SourceAdapter | None = None
+                    ) -> VerifyReport:
     """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
 
     With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
-    s·(BA − B₀A₀), which the rank-2r output must reproduce. Output modules named in ``zeros`` (zero adapters
-    that complete a layer type) must be zero: their source delta is none at all."""
+    s·(BA − B₀A₀), which the rank-2r output must reproduce. A module only the output has is compared with no
+    update at all: it passes only as a zero adapter (A or B all zero, e.g. LoRAX's layer fills), else it fails."""
     from .rules.coverage import zero_adapter
     from .rules.shape import pissa_to_lora
 
@@ -122,8 +122,9 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
         checks.append(compare(d_src, d_out, probes=probes))
         release_memory()
     for m, o in out_by.items():
-        d = out.load(o) if m in zeros else None
-        checks.append(extra(m) if d is None else compare(zero_adapter(d), d, probes=probes))
+        d = out.load(o)
+        zero = d.A is not None and d.kind != "ia3" and not (d.A.any() and d.B.any())
+        checks.append(compare(zero_adapter(d), d, probes=probes) if zero else extra(m))
     checks += _extras_checks(src, out)
     return build_report(checks, time.perf_counter() - t0)
 
@@ -224,8 +225,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                         back = _read_back(folder, target, ex.source.info.name)
                         try:
                             if check is None:
-                                report = verify_adapters(ex.source, back, initial=ex.initial,
-                                                         zeros={f.module for f in ex.fills})
+                                report = verify_adapters(ex.source, back, initial=ex.initial)
                             else:
                                 report = check.confirm(((o.module, o) for o in back.modules), back.load,
                                                        _extras_checks(ex.source, back))

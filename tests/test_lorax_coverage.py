@@ -81,6 +81,11 @@ def test_layers_to_transform_needs_num_layers(tmp_path):
             assert a.shape == (8, 16) and b.shape == (16, 8) and not a.any() and not b.any()  # padded rank, zeros
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["layers_to_transform"] is None and cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["r"] == 8
+    # `verify` counts a module only the output has as ok when it is a zero adapter, and as extra otherwise
+    assert api.verify(src, tmp_path / "out").ok
+    other = peft_dir(tmp_path / "other", [Q.format(0), V.format(0), Q.format(1)], layers_to_transform=[0, 1])
+    r = api.verify(src, other)
+    assert not r.ok and [m.status for m in r.adapters["default"].modules][-1] == "extra_in_output"
 
 
 def test_partial_target_list_is_filled_from_the_layers_seen_only_with_num_layers(tmp_path):
