@@ -415,12 +415,12 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
 def coverage_unproven(src: SourceAdapter) -> str | None:
     """Why the source's config does not prove that each adapted layer type covers every layer of the model, or None
     when it does: PEFT ``target_modules`` as a list of names (or "all-linear", or None: the model type's defaults),
-    with no ``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules``; AdapterHub without ``leave_out``."""
+    with no ``layers_to_transform`` / ``exclude_modules``; AdapterHub without ``leave_out``."""
     cfg = src.info.config
     if src.convention.family != "peft":
         return f"leave_out={cfg['leave_out']} leaves layers out" if cfg.get("leave_out") else None
-    for f, what in (("layers_to_transform", "adapts only those layers"), ("layers_pattern", "selects layers"),
-                    ("exclude_modules", "leaves modules out")):
+    # layers_pattern only matters with layers_to_transform (PEFT refuses it alone)
+    for f, what in (("layers_to_transform", "adapts only those layers"), ("exclude_modules", "leaves modules out")):
         if cfg.get(f) not in (None, [], ""):
             return f"{f}={cfg[f]!r} {what}"
     tm = cfg.get("target_modules")
