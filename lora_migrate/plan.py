@@ -466,8 +466,9 @@ def _ranges(idx: list[int]) -> str:
 
 def _lorax_fills(src: SourceAdapter, num_layers: int | None, steps: list[Step]) -> list[ModuleEntry]:
     """Zero adapters for the layers each layer type lacks (LoRAX drops a type in every layer when one layer lacks
-    it, peft.md §7.3). The layers are 0..num_layers-1, or, when the config proves that every type covers every
-    layer, the layers seen; without either the model's layer count is unknown and the conversion is refused."""
+    it, peft.md §7.3), over layers 0..num_layers-1. Without ``num_layers`` there is nothing to fill only when the
+    config proves that every type covers every layer and the file has every type in every layer it has; otherwise
+    the model's layer count is unknown and the conversion is refused."""
     by_type = layers_by_type(e.module for e in src.modules)
     if not by_type:
         return []
