@@ -7,6 +7,7 @@ inside the per-library virtual envs as ``<venv>/bin/python make_golden_peft.py _
     python3 golden/make_golden_peft.py envs      # create/refresh golden/.venvs/{pf21,pf152,pf013} (idempotent);
                                                  # ad13/ad101 (AdapterHub targets of `accept`) via make_golden.py
     python3 golden/make_golden_peft.py generate  # (re)write every case, checks_peft.json, FINDINGS_PEFT.md
+    python3 golden/make_golden_peft.py generate --case pf21/conv   # only these cases; merged into checks_peft.json
     python3 golden/make_golden_peft.py accept [--converter "CMD PREFIX"] [--out FILE]
                                                  # convert goldens with lora-migrate, load them with the real libs
     python3 golden/make_golden_peft.py all       # envs + generate + accept
@@ -39,7 +40,9 @@ tests/test_golden.py's glob over the AdapterHub goldens does not see them):
     peft/<env>/pip-freeze.txt      the exact package set the cases were made with
 
 Rebuilding a base: ``Cls(Cls.config_class(**config.json))`` with ``Cls`` = transformers.<arch.json model_class>,
-then ``load_state_dict(load_file(model.safetensors), strict=False)``; ``generate`` checks this in every env.
+then ``load_state_dict(load_file(model.safetensors), strict=False)``; ``generate`` checks this in every env. The
+conv cases' base (model_class TinyConvNet, not from transformers) is ``conv_model_class()(**config.json)``, its
+input.json holds ``pixel_values``.
 
 Every adapter tensor is overwritten with seeded noise after ``get_peft_model`` (peft starts with B = 0, or
 embedding A = 0, which would test nothing): lora_A/B/bias/embedding ~ N(0, 0.2²); DoRA magnitude m ← m·(1 +
@@ -97,11 +100,52 @@ ARCHS = {
     "llama_bias": {"model_class": "LlamaForCausalLM", "config": dict(LLAMA, attention_bias=True, mlp_bias=True)},
     "llama_seqcls": {"model_class": "LlamaForSequenceClassification",
                      "config": dict(LLAMA, num_labels=3, pad_token_id=0)},
+    "conv": {"model_class": "TinyConvNet", "config": dict(in_channels=3, channels=8, num_labels=5)},  # not transformers
     "gpt2": {"model_class": "GPT2LMHeadModel",
              "config": dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0)},
 }
 INPUTS = {"input_ids": [[5, 17, 33, 2, 90, 1], [7, 7, 64, 120, 3, 1]]}
+
+def conv_model_class():
+    """arch "conv", a tiny model that is not from transformers, for Conv LoRA (torch only, imported when called).
+
+    conv1 (nn.Conv2d 3→8, 3×3, stride 2, padding 1) → conv2 (nn.Conv2d 8→8, 3×3, padding 1) → conv3d (nn.Conv3d
+    8→8, kernel (1, 3, 3), padding (0, 1, 1), on the map with a depth of 1) → conv1d (nn.Conv1d 8→8, kernel 3,
+    stride 2, padding 1, over the flattened 4×4 map) → mean → head (nn.Linear 8→num_labels), ReLU in between. All
+    groups=1, dilation 1. ``forward(pixel_values)`` takes (N, in_channels, 8, 8) and returns an object with
+    ``.logits``, as transformers models do. Rebuilt as ``cls(**config.json)``; tests/models.py imports it from
+    here, so the tests and the goldens build the same module.
+    """
+    import types
+
+    import torch
+    from torch import nn
+
+    class TinyConvNet(nn.Module):
+        def __init__(self, in_channels: int = 3, channels: int = 8, num_labels: int = 5):
+            super().__init__()
+            self.kwargs = dict(in_channels=in_channels, channels=channels, num_labels=num_labels)
+            self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv3d = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+            self.conv1d = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+            self.head = nn.Linear(channels, num_labels)
+
+        def forward(self, pixel_values):
+            h = torch.relu(self.conv1(pixel_values))
+            h = torch.relu(self.conv2(h))
+            h = torch.relu(self.conv3d(h.unsqueeze(2))).squeeze(2)
+            h = torch.relu(self.conv1d(h.flatten(2)))
+            return types.SimpleNamespace(logits=self.head(h.mean(-1)))
+
+    return TinyConvNet
+
+
+def conv_inputs() -> dict:
+    """pixel_values (2, 3, 8, 8) for arch "conv": fixed values in [-1, 1], exact in JSON and in float32."""
+    return {"pixel_values": [[[[((7 * n + 5 * c + 3 * i + j) % 17 - 8) / 8 for j in range(8)] for i in range(8)]
+                              for c in range(3)] for n in range(2)]}
 ADAPTER_SEED = 2000     # torch.Generator seed for adapter #i of a case is ADAPTER_SEED + i
 LORA_STD = 0.2
 TRAIN_STD = 0.1         # PiSSA/OLoRA "training" perturbation
@@ -170,6 +214,19 @@ CASES = {
                              adapters=[("default", dict(CLM, target_modules=QV, r=4, lora_alpha=8,
                                                         init_lora_weights="olora"))],
                              description="OLoRA (QR) on q,v, r=4, alpha=8; same layout as llama_pissa."),
+    "pf21/conv": dict(arch="conv", adapters=[("default", dict(target_modules=["conv1", "conv2", "conv3d", "conv1d",
+                                                                               "head"],
+                                                              r=4, lora_alpha=8, lora_bias=True,
+                                                              rank_pattern={"conv3d": 8}, alpha_pattern={"conv1d": 16}))],
+                      description="the tiny conv model (conv_model_class, not transformers): LoRA on nn.Conv2d conv1 "
+                                  "(3x3, stride 2, padding 1) and conv2, nn.Conv3d conv3d, nn.Conv1d conv1d (kernel 3, "
+                                  "stride 2) and the Linear head; r=4 (conv3d 8), alpha=8 (conv1d 16), lora_bias: "
+                                  "lora_A (r, in, *k), lora_B (out, r, 1, ...) + bias."),
+    "pf21/conv2d_dora": dict(arch="conv", adapters=[("default", dict(target_modules=["conv1", "conv2", "head"], r=4,
+                                                                     lora_alpha=8, use_dora=True, use_rslora=True))],
+                             description="the conv model, DoRA + rsLoRA on the two nn.Conv2d and the head (what "
+                                         "PEFT 0.13 can load: Conv2d DoRA since 0.10); s = 8/sqrt(4) = 4; "
+                                         "lora_magnitude_vector (1, out, 1, 1) on the convs."),
     "pf152/llama_plain": dict(arch="llama", adapters=[("default", dict(CLM, target_modules=QV, r=8, lora_alpha=16))],
                               description="peft 0.15.2: q_proj, v_proj; r=8, alpha=16: s = 2."),
     "pf152/llama_lora_bias_merged": dict(arch="llama_bias", merge=True, save_merged=True,
@@ -241,10 +298,9 @@ ACCEPTANCE = [
     ("pf21/llama_lora_bias", "vllm", "refused"),
     ("pf21/llama_lora_bias", "lorax", "refused"),
     ("pf21/llama_embed", "peft-0.13", "ok"),
-    # peft also saved the full embedding matrix (save_embedding_layers="auto"); the harness can only check that
-    # peft loads the output identically, not what a given vLLM does with that extra key
-    ("pf21/llama_embed", "vllm", "ok", "vLLM (older) rejects a kept embed_tokens.base_layer.weight as 'unsupported "
-                                       "LoRA weight'; newer ones skip base embedding weights"),
+    ("pf21/llama_embed", "vllm", "ok", "the frozen embed_tokens.base_layer.weight copy is left out (older vLLM "
+                                       "rejects it as 'unsupported LoRA weight', newer ones skip it); peft reloads "
+                                       "the output identically without it"),
     ("pf21/llama_embed", "lorax", "refused"),
     ("pf21/llama_dora", "peft-0.13", "ok"),
     ("pf21/llama_dora", "adapters-1.1", "refused"),
@@ -261,6 +317,14 @@ ACCEPTANCE = [
     ("pf21/llama_pissa", "vllm", "ok"),
     ("pf21/llama_olora", "peft", "ok"),
     ("pf21/llama_olora", "lorax", "ok"),
+    ("pf21/conv", "peft", "ok"),
+    ("pf21/conv", "peft-0.15", "ok"),
+    ("pf21/conv", "peft-0.13", "refused"),
+    ("pf21/conv", "lorax", "refused"),
+    ("pf21/conv", "vllm", "refused"),
+    ("pf21/conv", "adapters-1.1", "refused"),
+    ("pf21/conv2d_dora", "peft-0.13", "ok"),
+    ("pf21/conv2d_dora", "peft-0.15", "ok"),
     ("pf152/llama_plain", "peft", "ok"),
     ("pf152/llama_plain", "peft-0.13", "ok"),
     ("pf152/llama_lora_bias_merged", "peft", "ok"),
@@ -299,6 +363,11 @@ def adapter_names(case: str) -> list:
 
 def ref_key(case: str, name: str) -> str:
     return "logits" if len(CASES[case]["adapters"]) == 1 else f"logits_{name}"
+
+
+def case_inputs(case: str) -> dict:
+    """input.json of a case: token ids, or pixel values for the conv model."""
+    return conv_inputs() if CASES[case]["arch"] == "conv" else INPUTS
 
 
 # ==================================================================================================
@@ -369,34 +438,56 @@ def case_envs() -> list:
 
 
 def cmd_generate(args) -> None:
+    """Every case, or only ``--case`` ones: then nothing else under golden/peft/ is touched (the envs' folders are
+    not wiped, pip-freeze.txt is only checked), and the new measurements are merged into checks_peft.json."""
+    only = args.case or None
+    unknown = sorted(set(only or ()) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; cases: {', '.join(CASES)}")
+    chosen = [c for c in CASES if only is None or c in only]
     for env in case_envs():
+        cases = [c for c in chosen if c.startswith(env + "/")]
+        if not cases:
+            continue
         edir = PEFT_GOLDEN / env
-        if edir.exists():
-            shutil.rmtree(edir)
-        edir.mkdir(parents=True)
-        print(f"[generate] {env}: writing cases", flush=True)
-        run_worker(env, "generate", {"cases": [c for c in CASES if c.startswith(env + "/")]})
         freeze = subprocess.run([str(env_python(env)), "-m", "pip", "freeze", "--all"], capture_output=True,
                                 text=True, check=True).stdout
+        if only is None:
+            if edir.exists():
+                shutil.rmtree(edir)
+        else:
+            if (edir / "pip-freeze.txt").read_text() != freeze:
+                raise SystemExit(f"{env}: the env's packages differ from {edir / 'pip-freeze.txt'}; regenerate "
+                                 "every case (without --case) so that all of them are made with the same set")
+            for c in cases:
+                shutil.rmtree(case_dir(c), ignore_errors=True)
+        edir.mkdir(parents=True, exist_ok=True)
+        print(f"[generate] {env}: writing {len(cases)} case(s)", flush=True)
+        run_worker(env, "generate", {"cases": cases})
         (edir / "pip-freeze.txt").write_text(freeze)
 
-    checks = {"date": datetime.date.today().isoformat(), "tolerance": TOL, "env_versions": {}, "base_rebuild": {},
-              "crossload": {}, "probes": {}}
+    today = datetime.date.today().isoformat()
+    if only is None:
+        checks = {"date": today, "tolerance": TOL, "env_versions": {}, "base_rebuild": {}, "crossload": {},
+                  "probes": {}}
+    else:
+        checks = json.loads((GOLDEN / "checks_peft.json").read_text())
+        checks.setdefault("added", {}).update({c: today for c in chosen})
     for env in ENVS:
         print(f"[generate] {env}: base rebuild + cross-load checks + probes", flush=True)
-        res = run_worker(env, "check", {"cases": list(CASES),
-                                        "probes": [p for p in PROBES if p[1] == env]})
+        res = run_worker(env, "check", {"cases": chosen, "probes": [p for p in PROBES if p[1] == env and
+                                                                    p[2] in chosen]})
         for k in ("base_rebuild", "crossload"):
-            checks[k][env] = res[k]
+            checks[k].setdefault(env, {}).update(res[k])
         checks["env_versions"][env] = res["versions"]
         checks["probes"].update(res["probes"])
-    checks["cases"] = {c: json.loads((case_dir(c) / "meta.json").read_text())["measured"] for c in CASES}
+    measured = {c: json.loads((case_dir(c) / "meta.json").read_text())["measured"] for c in chosen}
+    checks["cases"] = {c: measured.get(c, checks.get("cases", {}).get(c)) for c in CASES
+                       if c in measured or c in checks.get("cases", {})}
     (GOLDEN / "checks_peft.json").write_text(json.dumps(checks, indent=2, sort_keys=True) + "\n")
     write_findings(checks)
     total = sum(p.stat().st_size for e in case_envs() for p in (PEFT_GOLDEN / e).rglob("*") if p.is_file())
     print(f"[generate] done; golden/peft/ is {total / 1e6:.2f} MB")
-
-
 
 
 def _cell(r: dict | None) -> str:
@@ -414,9 +505,13 @@ def write_findings(checks: dict) -> None:
     a("# Measured facts about peft (generated by `make_golden_peft.py generate`; do not edit)\n")
     a(f"Date: {checks['date']}. \"same\": max |Δlogit| <= {TOL:g}. Tiny random models (seed {MODEL_SEED}); adapter "
       f"tensors ~ N(0, {LORA_STD}²) (see make_golden_peft.py's docstring). fp32 on CPU.\n")
+    if checks.get("added"):
+        a("Added later with `generate --case` (the other cases untouched): " + ", ".join(
+            f"{c} ({d})" for c, d in sorted(checks["added"].items())) + ".\n")
     a("| env | peft | transformers | torch |")
     a("|---|---|---|---|")
-    for env, v in checks["env_versions"].items():
+    for env in ENVS:  # in ENVS order (a checks_peft.json read back has its keys sorted)
+        v = checks["env_versions"][env]
         a(f"| {env} | {v['peft']} | {v['transformers']} | {v['torch']} |")
     a("")
 
@@ -497,7 +592,8 @@ def write_findings(checks: dict) -> None:
     a("Max |Δ| against the producing env's `base_logits`, per consuming env.\n")
     a("| base | " + " | ".join(envs) + " |")
     a("|---|" + "---|" * len(envs))
-    for b in dict.fromkeys(k for e in envs for k in checks["base_rebuild"][e]):
+    first_use = [f"{c.split('/')[0]}/_base/{spec['arch']}" for c, spec in CASES.items()]
+    for b in dict.fromkeys([*first_use, *(k for e in envs for k in checks["base_rebuild"][e])]):
         cells = []
         for e in envs:
             r = checks["base_rebuild"][e].get(b)
@@ -726,8 +822,10 @@ class W:
                 "torch": self.torch.__version__}
 
     def build(self, model_class: str, config: dict):
-        cls = getattr(self.tf, model_class)
         self.torch.manual_seed(MODEL_SEED)
+        if model_class == "TinyConvNet":
+            return conv_model_class()(**config).eval()
+        cls = getattr(self.tf, model_class)
         model = cls(cls.config_class(**config))
         return model.eval()
 
@@ -742,7 +840,7 @@ class W:
 
     def logits(self, model, inputs: dict):
         torch = self.torch
-        kw = {k: torch.tensor(v, dtype=torch.long) for k, v in inputs.items()}
+        kw = {k: torch.tensor(v) for k, v in inputs.items()}  # ints → int64 (token ids), floats → float32
         with torch.no_grad():
             out = model(**kw)
         return out.logits.detach().float().clone()
@@ -752,10 +850,11 @@ class W:
         base_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(base_dir / "model.safetensors"),
                   metadata={"format": "pt"})
-        (base_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        config = model.config.to_dict() if hasattr(model, "config") else model.kwargs  # the conv model: its kwargs
+        (base_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (base_dir / "arch.json").write_text(json.dumps(
             {"arch": arch_name, "model_class": type(model).__name__,
-             "config_class": type(model.config).__name__, "seed": MODEL_SEED, **self.versions()},
+             "config_class": type(model.config).__name__ if hasattr(model, "config") else None, "seed": MODEL_SEED, **self.versions()},
             indent=2, sort_keys=True) + "\n")
 
 
@@ -862,8 +961,9 @@ def w_generate(w: W, job: dict) -> dict:
             for k, v in model.state_dict().items():
                 if not torch.equal(saved[k], v):
                     raise RuntimeError(f"{case}: base differs from shared {base_dir} at {k}")
-        (cdir / "input.json").write_text(json.dumps(INPUTS) + "\n")
-        base_logits = w.logits(model, INPUTS)
+        inputs = case_inputs(case)
+        (cdir / "input.json").write_text(json.dumps(inputs) + "\n")
+        base_logits = w.logits(model, inputs)
         orig_sd = {k: v.clone() for k, v in model.state_dict().items()}
         measured, setup = {"peft_version": peft.__version__}, {}
         tensors = {"base_logits": base_logits}
@@ -875,7 +975,7 @@ def w_generate(w: W, job: dict) -> dict:
         pm.eval()
         init = spec.get("init")
         if init:
-            measured["init_conversion"] = {"init_on_residual_vs_base": _maxdiff(w.logits(pm, INPUTS), base_logits)}
+            measured["init_conversion"] = {"init_on_residual_vs_base": _maxdiff(w.logits(pm, inputs), base_logits)}
             pm.peft_config[first].init_lora_weights = True   # as peft's PiSSA example does before this save
             pm.save_pretrained(str(cdir / "pissa_init"))
             pm.peft_config[first].init_lora_weights = init
@@ -885,10 +985,10 @@ def w_generate(w: W, job: dict) -> dict:
         measured["modules"] = {}
         for name in adapter_names(case):
             pm.set_adapter(name)
-            lg = w.logits(pm, INPUTS)
+            lg = w.logits(pm, inputs)
             tensors[ref_key(case, name)] = lg
             measured.setdefault("adapter_vs_base_max_abs_diff", {})[name] = _maxdiff(lg, base_logits)
-            measured["modules"][name] = _measure_modules(w, pm, name, INPUTS)
+            measured["modules"][name] = _measure_modules(w, pm, name, inputs)
         pm.set_adapter(first)
         pm.save_pretrained(str(cdir / "adapter"))
         measured["saved"] = _saved_facts(cdir / "adapter")
@@ -911,11 +1011,11 @@ def w_generate(w: W, job: dict) -> dict:
                 fresh = w.build(arch["model_class"], arch["config"])
                 fresh.load_state_dict(orig_sd)
                 lm = peft.PeftModel.from_pretrained(fresh, str(cdir / adir)).eval()
-                ic[label] = _maxdiff(w.logits(lm, INPUTS), tensors["logits"])
+                ic[label] = _maxdiff(w.logits(lm, inputs), tensors["logits"])
         if spec.get("merge") or len(spec["adapters"]) == 1:
             try:
                 merged = pm.merge_and_unload()
-                lm = w.logits(merged, INPUTS)
+                lm = w.logits(merged, inputs)
                 tensors["logits_merged"] = lm
                 measured["merged_vs_unmerged"] = {"max_abs_diff": _maxdiff(lm, tensors["logits"])}
                 if spec.get("save_merged"):
@@ -981,10 +1081,11 @@ def w_check(w: W, job: dict) -> dict:
         base_dir = (cdir / _case_meta(case)["base"]).resolve()
         key = str(base_dir.relative_to(PEFT_GOLDEN))
         refs = load_file(str(cdir / "logits.safetensors"))
+        inputs = case_inputs(case)
         if key not in bases:
             try:
                 model, missing, unexpected = w.rebuild_base(base_dir)
-                bases[key] = w.logits(model, INPUTS)
+                bases[key] = w.logits(model, inputs)
                 res["base_rebuild"][key] = {"max_abs_diff": 0.0, "missing_keys": missing,
                                             "unexpected_keys": unexpected, "cases": []}
             except Exception as e:  # noqa: BLE001
@@ -1000,13 +1101,14 @@ def w_check(w: W, job: dict) -> dict:
                 pm = _load_peft(w, w.rebuild_base(base_dir)[0], cdir / "adapter", names)
             for name in names:
                 pm.set_adapter(name)
-                d = _maxdiff(w.logits(pm, INPUTS), refs[ref_key(case, name)])
+                d = _maxdiff(w.logits(pm, inputs), refs[ref_key(case, name)])
                 res["crossload"][f"{case}:{name}"] = {"max_abs_diff": d, "ok": d <= TOL, "warnings": cap.messages()}
         except Exception as e:  # noqa: BLE001
             for name in names:
                 res["crossload"][f"{case}:{name}"] = {"error": f"{type(e).__name__}: {e}"[:400]}
     for pname, _env, case, edit, base_key in job["probes"]:
         cdir = case_dir(case)
+        inputs = case_inputs(case)
         meta = _case_meta(case)
         base_dir = (cdir / (meta["base"] if base_key == "base" else meta["residual_base"])).resolve()
         with tempfile.TemporaryDirectory() as td:
@@ -1020,7 +1122,7 @@ def w_check(w: W, job: dict) -> dict:
             try:
                 with _Capture() as cap:
                     pm = _load_peft(w, w.rebuild_base(base_dir)[0], adir, ["default"])
-                d = _maxdiff(w.logits(pm, INPUTS), load_file(str(cdir / "logits.safetensors"))["logits"])
+                d = _maxdiff(w.logits(pm, inputs), load_file(str(cdir / "logits.safetensors"))["logits"])
                 scal = sorted({round(float(m.scaling["default"]), 5) for m in pm.modules()
                                if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling})
                 res["probes"][pname] = {"max_abs_diff": d, "ok": d <= TOL, "warnings": cap.messages(),
@@ -1093,7 +1195,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("envs", help="create/refresh the virtual envs (idempotent)")
     e.add_argument("--only", nargs="*", choices=list(ENVS) + list(ADAPTERHUB_ENVS))
-    sub.add_parser("generate", help="write all golden cases, checks_peft.json and FINDINGS_PEFT.md")
+    g = sub.add_parser("generate", help="write all golden cases (or --case ones), checks_peft.json, FINDINGS_PEFT.md")
+    g.add_argument("--case", nargs="+", help="only these cases (e.g. pf21/conv); the others are left as they are")
     ac = sub.add_parser("accept", help="convert goldens with the converter and check them with the real libs")
     ac.add_argument("--converter", default=DEFAULT_CONVERTER, help="command prefix (default: %(default)s)")
     ac.add_argument("--out", help="where to write the JSON (default: golden/acceptance_peft.json)")
@@ -1105,6 +1208,7 @@ def main() -> None:
         args.only = getattr(args, "only", None)
         cmd_envs(args)
     if args.cmd in ("generate", "all"):
+        args.case = getattr(args, "case", None)
         cmd_generate(args)
     if args.cmd in ("accept", "all"):
         cmd_accept(args)

@@ -24,7 +24,7 @@ from .formats import peft as pf
 from .hub import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
-from .plan import AdapterPlan, Execution, plan_adapter
+from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
@@ -96,7 +96,8 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
 
 
 def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_head: bool,
-           initial_for=lambda a: None, model_type: str | None = None) -> list[Execution]:
+           initial_for=lambda a: None, model_type: str | None = None,
+           num_layers: int | None = None) -> list[Execution]:
     from .rules.select import select_adapters
 
     names = select_adapters([a.info.name for a in source.adapters], adapter)
@@ -108,7 +109,8 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
             if sub != "." and (sub in ("..", "") or "/" in sub or "\\" in sub or "\0" in sub):
                 raise LoraMigrateError(f"adapter name {sub!r} cannot be a folder name")
             out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head,
-                                    initial=initial_for(a), model_type=model_type))
+                                    initial=initial_for(a), model_type=model_type,
+                                    num_layers=num_layers))
     return out
 
 
@@ -133,7 +135,9 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
     """Compare every module of ``src`` (under its convention) with ``out`` (under its own), one module at a time.
 
     With ``initial`` (PiSSA-style sources) the reference is the update relative to the original weights,
-    s·(BA − B₀A₀), which the rank-2r output must reproduce."""
+    s·(BA − B₀A₀), which the rank-2r output must reproduce. A module only the output has is compared with no
+    update at all: it passes only as a zero adapter (A or B all zero, e.g. LoRAX's layer fills), else it fails."""
+    from .rules.coverage import zero_adapter
     from .rules.shape import pissa_to_lora
 
     init_by = {e.module: e for e in initial.modules} if initial is not None else {}
@@ -150,7 +154,10 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
             d_src = pissa_to_lora(d_src, initial.load(init_by[e.module]))
         checks.append(compare(d_src, d_out, probes=probes))
         release_memory()
-    checks += [extra(m) for m in out_by]
+    for m, o in out_by.items():
+        d = out.load(o)
+        zero = d.A is not None and d.kind != "ia3" and not (d.A.any() and d.B.any())
+        checks.append(compare(zero_adapter(d), d, probes=probes) if zero else extra(m))
     checks += _extras_checks(src, out)
     return build_report(checks, time.perf_counter() - t0)
 
@@ -158,8 +165,8 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
 def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
     """The output deltas in write order. Each source module is refused if it holds NaN/Inf (unless allowed) and,
     with ``check``, compared with its output while both are in memory (see :class:`verify.WriteCheck`)."""
-    for e in ex.source.modules:
-        d = ex.source.load(e)
+    for e in ex.entries():
+        d = ex.load(e)
         bad = refuse_nonfinite(d, allow=allow_nonfinite)
         notes += bad
         ref = ex.reference(d, e)
@@ -213,7 +220,8 @@ def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
 def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = None, adapter: str | None = None,
             verify: bool = True, overwrite: bool = False, dry_run: bool = False, safetensors: bool = False,
             keep_head: bool = False, initial_adapter: str | Path | None = None, base_model: str | Path | None = None,
-            model_type: str | None = None, allow_nonfinite: bool = False) -> ConvertResult:
+            model_type: str | None = None, allow_nonfinite: bool = False,
+            num_layers: int | None = None) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
@@ -221,7 +229,8 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     For PiSSA-style sources the reference is the source expressed against the original weights, s·(BA − B₀A₀),
     with the initial adapter saved before training (``initial_adapter``) or rebuilt from the original base model
     (``base_model``; full-SVD PiSSA and OLoRA): each module's initial factors are read or computed once.
-    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``.
+    A tensor holding NaN/Inf is refused unless ``allow_nonfinite``. ``num_layers`` (``--to lorax`` only): the base
+    model's layer count, for an adapter on only some layers (each layer type is completed with zero adapters).
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
     check fails (nothing is left at OUT).
@@ -229,11 +238,15 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     t0 = time.perf_counter()
     src, out = Path(resolve_source(src)), Path(out)
     target = get_convention(to)
+    if num_layers is not None and target.name != "lorax":
+        raise LoraMigrateError(f"--num-layers is for --to lorax (which drops a layer type missing from any layer); "
+                               f"{target.name} loads each module on its own")
     refuse_overlap(src, out)
     source = open_source(src, from_)
     try:
         with _initials(initial_adapter, base_model, out) as initial_for:
-            execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type)
+            execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type,
+                           num_layers)
             results = []
             if dry_run:
                 results = [AdapterResult(plan=ex.plan, output=str((out / ex.plan.output).resolve()), bytes=0,
@@ -370,12 +383,20 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
     """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
     from .formats.peft import module_r_alpha
-    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, fields_of
+    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
 
     cfg = a.peft
     out = []
+    needs = conv_requirements(a.conv_dims, "dora" in a.features)
     for c in CONVENTIONS:
         if c.family != "peft" or c is a.convention:
+            continue
+        missing = [(what, since) for what, since in needs
+                   if c.name not in ("lorax", "vllm") and c.releases_with(since) == "none"]
+        if missing:
+            out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                 detail=f"FAILS to load: {missing[0][0]} needs PEFT ≥ {missing[0][1]} (an older "
+                                        "PEFT raises on the target module); no conversion can change that"))
             continue
         problems = []
         if c.strict_config_fields:
@@ -386,9 +407,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                                             f"{unknown[0]!r}; convert with --to {c.name}"))
                 continue
         drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
-        for f in sorted(a.features):
-            if f in drops:
-                problems.append(drops[f])
+        refused = [drops[f] for f in sorted(a.features) if f in drops]
+        problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []
         for e in a.modules:
@@ -404,12 +424,20 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
         if wrong:
             problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
+        drops = lorax_drops(a) if c.name == "lorax" else None
+        if drops is not None and drops[0]:
+            problems.append(drops[1])
         if cfg.use_rslora and not rs:
             who = "vLLM before PR #6909 " if c.name == "vllm" else ""
             problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
                             f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
                             f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")
-        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; convert with --to {c.name}"
+        fix = f"{c.name} cannot hold it, so converting is refused too" if refused else f"convert with --to {c.name}"
+        if drops is not None and drops[0] and not refused:
+            fix += " --num-layers N (the model's layer count: each type gets zero adapters where it lacks a layer)"
+        detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
+        if drops is not None and not drops[0]:
+            detail += f"; but {drops[1]}: convert with --to lorax --num-layers N"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

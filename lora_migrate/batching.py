@@ -3,9 +3,8 @@
 A manifest is JSON lines (or CSV with the same columns): ``source`` (a path, relative to the manifest's folder, or
 an ``hf://`` id), ``to``, optional ``from``, ``name`` (the output subfolder; derived from the source when absent)
 and ``options`` (an object: ``adapter``, ``safetensors``, ``keep_head``, ``verify``, ``model_type``,
-``allow_nonfinite``, ``initial_adapter``, ``base_model`` — paths relative to the manifest's folder; in CSV a JSON
-string). A glob
-of folders instead of a manifest converts each folder (``--to`` / ``--from`` apply).
+``allow_nonfinite``, ``num_layers``, ``initial_adapter``, ``base_model`` — paths relative to the manifest's folder;
+in CSV a JSON string). A glob of folders instead of a manifest converts each folder (``--to`` / ``--from`` apply).
 
 Each item is converted by :func:`run_item` (a top-level function, so any executor can ship it) into ``OUT/<name>``
 through the usual temp-folder-and-rename. Its record is appended to the report as soon as it finishes, so a run
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import LoraMigrateError
 
 OPTIONS = {"adapter": (str, type(None)), "safetensors": bool, "keep_head": bool, "verify": bool,
-           "model_type": (str, type(None)), "allow_nonfinite": bool,
+           "model_type": (str, type(None)), "allow_nonfinite": bool, "num_layers": (int, type(None)),
            "initial_adapter": (str, type(None)), "base_model": (str, type(None))}
 PATH_OPTIONS = ("initial_adapter", "base_model")  # relative to the manifest's folder, like ``source``
 COLUMNS = {"source", "to", "from", "name", "options"}
@@ -260,7 +259,8 @@ def run_item(item: dict, out_dir: str, prev_key: str | None) -> dict:
                             verify=o.get("verify", True), overwrite=True, safetensors=o.get("safetensors", False),
                             keep_head=o.get("keep_head", False), model_type=o.get("model_type"),
                             allow_nonfinite=o.get("allow_nonfinite", False),
-                            initial_adapter=o.get("initial_adapter"), base_model=o.get("base_model"))
+                            initial_adapter=o.get("initial_adapter"), base_model=o.get("base_model"),
+                            num_layers=o.get("num_layers"))
         except VerificationFailed as e:
             rec.update(error=str(e), exit_code=1)
             return rec

@@ -159,6 +159,7 @@ def _served_findings(source, want) -> list[Finding]:
     """``--expect lorax|vllm`` on PEFT files: what the server computes loading them as they are (the same
     prediction as ``inspect``: ignored use_rslora, one global r and alpha, dropped DoRA/bias/modules_to_save)."""
     from .api import _as_loaded_peft
+    from .plan import lorax_drops
 
     out = []
     for a in source.adapters:
@@ -166,6 +167,11 @@ def _served_findings(source, want) -> list[Finding]:
         if row is not None and not row.same:
             out.append(_err("misdeclared", f"{want.name} would not compute this adapter's ΔW: {row.detail}",
                             a.info.name))
+        drops = lorax_drops(a) if want.name == "lorax" else None
+        if drops is not None and not drops[0]:  # some layers by config: dropped unless the model has only those
+            out.append(Finding(level="warning", code="lorax-coverage", adapter=a.info.name,
+                               message=drops[1] + "; convert with --to lorax --num-layers N to fill the other layers "
+                                                  "with zero adapters"))
     return out
 
 
@@ -198,7 +204,8 @@ def _rank_shape(a) -> list[Finding]:
         m = e.metas
         if "a" in m:
             A, B = tuple(m["a"].shape), tuple(m["b"].shape)
-            if len(A) != 2 or len(B) != 2 or (e.fused is None and A[0] != B[1]):
+            # matrices, or conv factors (r, in, *k) / (out, r, 1, …) of the same ndim
+            if len(A) != len(B) or not 2 <= len(A) <= 5 or (e.fused is None and A[0] != B[1]):
                 out.append(_err("rank-shape", f"lora_A {list(A)} and lora_B {list(B)} do not multiply",
                                 a.info.name, e.module))
                 continue

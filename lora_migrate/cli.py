@@ -86,6 +86,10 @@ def _conversion_inputs(f):
         click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
                                           "AdapterHub; read from the base model's config.json or inferred from "
                                           "module paths when left out."),
+        click.option("--num-layers", type=click.IntRange(min=1),
+                     help="--to lorax: the base model's layer count, for an adapter on only some layers "
+                          "(layers_to_transform, a regex target_modules): each layer type gets zero adapters in the "
+                          "layers it lacks, since LoRAX drops a type missing from any layer."),
         click.option("--allow-nonfinite", is_flag=True,
                      help="Pass tensors holding NaN/Inf through as they are (refused by default; such modules are "
                           "not compared)."),
@@ -110,7 +114,7 @@ def _conversion_inputs(f):
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, initial_adapter,
-            base_model, model_type, allow_nonfinite, verbose, as_json):
+            base_model, model_type, num_layers, allow_nonfinite, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -121,6 +125,7 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
     Example:
       lora-migrate convert at31/ out/ --from adapter-transformers-3.1 --to adapters-1.0
       lora-migrate convert peft_rslora/ out/ --to lorax
+      lora-migrate convert peft_layer0/ out/ --to lorax --num-layers 32
       lora-migrate convert pissa/ out/ --to peft --initial-adapter pissa_init/
       lora-migrate convert pissa/ out/ --to peft --base-model llama-original/
     """
@@ -128,7 +133,8 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
 
     r = api.convert(src, out, to=to, from_=from_, adapter=adapter, verify=not no_verify, overwrite=overwrite,
                     dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, initial_adapter=initial_adapter,
-                    base_model=base_model, model_type=model_type, allow_nonfinite=allow_nonfinite)
+                    base_model=base_model, model_type=model_type, allow_nonfinite=allow_nonfinite,
+                    num_layers=num_layers)
     if as_json:
         _echo_json(r)
         return
@@ -350,7 +356,7 @@ def check(paths, expect, convert_to, as_json):
 @click.option("--dry-run", is_flag=True, help="Convert and check, list what would be uploaded; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_head, initial_adapter, base_model,
-         model_type, allow_nonfinite, message, dry_run, as_json):
+         model_type, num_layers, allow_nonfinite, message, dry_run, as_json):
     """Convert SRC, check it, and upload it to the Hub repo REPO_ID with a model-card section.
 
     Nothing is uploaded when the numeric check fails. The token comes from huggingface_hub (HF_TOKEN or the saved
@@ -361,7 +367,7 @@ def push(src, repo_id, to, from_, adapter, revision, private, safetensors, keep_
     r = hub.push(src, repo_id, to=to, from_=from_, adapter=adapter, revision=revision, private=private,
                  dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, commit_message=message,
                  initial_adapter=initial_adapter, base_model=base_model, model_type=model_type,
-                 allow_nonfinite=allow_nonfinite)
+                 num_layers=num_layers, allow_nonfinite=allow_nonfinite)
     if as_json:
         _echo_json(r)
         return

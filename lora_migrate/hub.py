@@ -145,7 +145,7 @@ def model_card(existing: str | None, section: str) -> str:
 def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str | None = None,
          revision: str | None = None, private: bool | None = None, dry_run: bool = False,
          safetensors: bool = False, keep_head: bool = False, commit_message: str | None = None,
-         initial_adapter=None, base_model=None, model_type: str | None = None,
+         initial_adapter=None, base_model=None, model_type: str | None = None, num_layers: int | None = None,
          allow_nonfinite: bool = False) -> PushResult:
     """Convert SRC to ``to``, check it, and upload the result with a model card to ``repo_id``.
 
@@ -164,7 +164,7 @@ def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str |
         try:
             result = api.convert(src, out, to=to, from_=from_, adapter=adapter, safetensors=safetensors,
                                  keep_head=keep_head, initial_adapter=initial_adapter, base_model=base_model,
-                                 model_type=model_type, allow_nonfinite=allow_nonfinite)
+                                 model_type=model_type, num_layers=num_layers, allow_nonfinite=allow_nonfinite)
         except VerificationFailed as e:
             raise VerificationFailed(f"refusing to upload to {repo_id}: {e}", e.report, tail="nothing was uploaded") \
                 from None

@@ -23,13 +23,14 @@ from .formats.adapterhub import target_config
 from .initial import RebuiltInitial, StoredOLoRAInitial
 from .io._common import release_memory
 from .rules import describe
-from .rules.refuse import refuse_features, refuse_gated, refuse_kinds
+from .rules.coverage import layer_type, layers_by_type, missing_layers, module_at, zero_adapter
+from .rules.refuse import refuse_before_release, refuse_features, refuse_gated, refuse_kinds
 from .rules.scale import SAME, choose_alpha, module_alpha, rescale
 from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
 from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
-from .schemas.peft import FIELDS_SINCE, mutating_init, rebuild_rule
+from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, json_number
 
 
@@ -85,6 +86,15 @@ class Execution:
     safetensors: bool = False
     keep_head: bool = False
     _last_initial: ModuleDelta | None = None
+    fills: list[ModuleEntry] = field(default_factory=list)  # LoRAX: zero adapters for layers a type lacks
+
+    def entries(self) -> list[ModuleEntry]:
+        """The modules to write: the source's, then the zero adapters that complete layer types (LoRAX)."""
+        return [*self.source.modules, *self.fills]
+
+    def load(self, e: ModuleEntry) -> ModuleDelta:
+        """The source delta of an entry; a fill's is zero (it has no tensors, only its template's shapes)."""
+        return zero_adapter(_meta_delta(e)) if not e.keys else self.source.load(e)
 
     def apply(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
         """The per-module rule pipeline."""
@@ -93,7 +103,7 @@ class Execution:
     def reference(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
         """The source module as the update the output must hold: itself, or for a PiSSA-style source the update
         of the original weights, s·(BA − B₀A₀), with the initial adapter's module (saved or rebuilt)."""
-        if self.initial is None:
+        if self.initial is None or not e.keys:  # a LoRAX fill is zero against the original weights too
             return d
         return pissa_to_lora(d, self._initial_delta(e, d.A.device.type == "meta"))
 
@@ -116,8 +126,8 @@ class Execution:
         return self._last_initial
 
     def deltas(self):
-        for e in self.source.modules:
-            yield self.apply(self.source.load(e), e)
+        for e in self.entries():
+            yield self.apply(self.load(e), e)
             release_memory()
 
 
@@ -226,8 +236,9 @@ def _mode(values, prefer=None):
 
 def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safetensors: bool = False,
                  keep_head: bool = False, initial: SourceAdapter | None = None,
-                 model_type: str | None = None) -> Execution:
-    """Plan the conversion of one adapter into ``target``; refusals raise here, before anything is written."""
+                 model_type: str | None = None, num_layers: int | None = None) -> Execution:
+    """Plan the conversion of one adapter into ``target``; refusals raise here, before anything is written.
+    ``num_layers``: the base model's layer count, which LoRAX needs for an adapter on only some layers."""
     name = src.info.name
     steps = [Step(rule="read", what=f"read {len(src.modules)} modules as {src.convention.name} "
                                     f"({src.convention.scaling_notes})")]
@@ -242,10 +253,10 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
     if target.family == "adapterhub":
         ex = _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_head, initial is not None)
     else:
-        ex = _plan_peft(src, target, output, steps, doubled=initial is not None)
+        ex = _plan_peft(src, target, output, steps, doubled=initial is not None, num_layers=num_layers)
     ex.initial, ex.initial_entries = initial, initial_entries
     ex.safetensors, ex.keep_head = safetensors, keep_head
-    for e in src.modules:  # the output header, from meta tensors run through the same pipeline
+    for e in ex.entries():  # the output header, from meta tensors run through the same pipeline
         d = ex.apply(_meta_delta(e), e)
         for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
             if t is not None:
@@ -380,16 +391,19 @@ def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: floa
     return {f: cfg[f] for f in target.config_write_fields}, []
 
 
-def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
+def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None = None) -> Execution:
     name = src.info.name
     serving = target.name in ("lorax", "vllm")
     notes = list(src.notes)
+    if not serving:  # the serving targets have no conv LoRA at all (refused by kind)
+        notes += refuse_before_release(name, conv_requirements(src.conv_dims, "dora" in src.features), target)
+    fills = _lorax_fills(src, num_layers, steps) if target.name == "lorax" else []
     out: dict[str, ModuleOut] = {}
     src_rule = Scaling.ALPHA_OVER_SQRT_R if "rslora" in src.features else Scaling.ALPHA_OVER_R
     rslora_out = ("rslora" in src.features and "use_rslora" in target.config_write_fields)
     rule_out = Scaling.ALPHA_OVER_SQRT_R if rslora_out else Scaling.ALPHA_OVER_R
     ranks = {e.module: (e.rank * (len(e.fused.groups) if e.fused else 1)) * (2 if doubled else 1)
-             for e in src.modules}
+             for e in [*src.modules, *fills]}
     if serving:
         R = max(ranks.values())
         if target.name == "lorax":
@@ -399,7 +413,7 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
                               f"{target.name} stacks one rank per layer type{'; LoRAX kernel padding' if target.name == 'lorax' else ''}): "
                               + describe("pad_rank")))
         prov = ScaleProvenance(alpha=float(R), r=R, rule="alpha/r (folded: 1)", convention=target.name)
-        for e in src.modules:
+        for e in [*src.modules, *fills]:
             out[e.module] = ModuleOut(scale=1.0, provenance=prov, pad_to=R if ranks[e.module] != R else None,
                                       alpha=float(R), r=R)
         steps.append(Step(rule="fold_scale", what="B' = s·B, lora_alpha = r, use_rslora = false, no patterns: "
@@ -452,10 +466,11 @@ def _plan_peft(src, target, output, steps, doubled: bool) -> Execution:
         scales_in.setdefault(e.kind, e.scale)
         scales_out.setdefault(e.kind, out[e.module].scale)
     plan = AdapterPlan(adapter=name, source_convention=src.convention.name, target_convention=target.name,
-                       output=output, files=[target.config_file, weights], modules=len(src.modules), r=r_glob,
-                       alpha_in=src.info.alpha, alpha_out=alpha_glob, scales_in=scales_in, scales_out=scales_out,
-                       rescaled=rescaled, steps=steps, notes=notes)
-    return Execution(plan=plan, source=src, target=target, out=out, config=config, extras=extras)
+                       output=output, files=[target.config_file, weights], modules=len(src.modules) + len(fills),
+                       r=r_glob, alpha_in=src.info.alpha, alpha_out=alpha_glob, scales_in=scales_in,
+                       scales_out=scales_out, rescaled=rescaled, steps=steps, notes=notes)
+    return Execution(plan=plan, source=src, target=target, out=out, config=config, fills=fills,
+                     extras=extras)
 
 
 def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
@@ -475,6 +490,100 @@ def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
                           f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in dropped[:2])}): vLLM takes them from the base "
                           "model; older vLLM raises \"is unsupported LoRA weight\" on them"))
     return kept
+
+
+def coverage_unproven(src: SourceAdapter) -> str | None:
+    """Why the source's config does not prove that each adapted layer type covers every layer of the model, or None
+    when it does: PEFT ``target_modules`` as a list of names (or "all-linear", or None: the model type's defaults),
+    with no ``layers_to_transform`` / ``exclude_modules``; AdapterHub without ``leave_out``."""
+    cfg = src.info.config
+    if src.convention.family != "peft":
+        return f"leave_out={cfg['leave_out']} leaves layers out" if cfg.get("leave_out") else None
+    # layers_pattern only matters with layers_to_transform (PEFT refuses it alone)
+    for f, what in (("layers_to_transform", "adapts only those layers"), ("exclude_modules", "leaves modules out")):
+        if cfg.get(f) not in (None, [], ""):
+            return f"{f}={cfg[f]!r} {what}"
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str) and tm != "all-linear":
+        return f"target_modules is a regex ({tm!r}), which may match only some layers"
+    return None
+
+
+def lorax_drops(src: SourceAdapter) -> tuple[bool, str] | None:
+    """What LoRAX does with this adapter's layer types as it is (peft.md §7.3): (True, why) when some type surely
+    lacks a layer (another type has it), so LoRAX drops that type in every layer; (False, why) when the config
+    does not prove full coverage (layers_to_transform, a regex, …), so it drops them if the model has more layers
+    than the adapter covers; None when every type covers every layer."""
+    by_type = layers_by_type(e.module for e in src.modules)
+    if not by_type:
+        return None
+    seen = set().union(*by_type.values())
+    gaps = missing_layers((e.module for e in src.modules), seen)
+    if gaps:
+        t, idx = next(iter(gaps.items()))
+        return True, (f"LoRAX drops {', '.join(sorted(g.rsplit('.', 1)[-1] for g in gaps))} in every layer: {t} "
+                      f"lacks layer{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))}, so its weights are "
+                      "silently unused")
+    why = coverage_unproven(src)
+    if why is None:
+        return None
+    types = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in by_type}))
+    return False, (f"LoRAX drops {types} in every layer if the model has layers other than "
+                   f"{_ranges(sorted(seen))} ({why})")
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2, 5"."""
+    out, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+def _lorax_fills(src: SourceAdapter, num_layers: int | None, steps: list[Step]) -> list[ModuleEntry]:
+    """Zero adapters for the layers each layer type lacks (LoRAX drops a type in every layer when one layer lacks
+    it, peft.md §7.3), over layers 0..num_layers-1. Without ``num_layers`` there is nothing to fill only when the
+    config proves that every type covers every layer and the file has every type in every layer it has; otherwise
+    the model's layer count is unknown and the conversion is refused."""
+    by_type = layers_by_type(e.module for e in src.modules)
+    if not by_type:
+        return []
+    seen = set().union(*by_type.values())
+    if num_layers is not None:
+        if max(seen) >= num_layers:
+            raise LoraMigrateError(f"{src.info.name}: --num-layers {num_layers}, but the adapter has layer "
+                                   f"{max(seen)}")
+        layers = range(num_layers)
+    else:
+        gaps = missing_layers((e.module for e in src.modules), seen)
+        why = coverage_unproven(src)
+        if why is None and not gaps:
+            return []
+        if why is None:
+            t, idx = next(iter(gaps.items()))
+            why = f"{t} lacks layer{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))} that other types have"
+        types = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in by_type}))
+        raise UnsupportedFeature(
+            f"{src.info.name}: {why}, so the model's layer count is unknown; LoRAX drops a layer type in every "
+            f"layer when any layer lacks its weights (here {types} would be silently unused); pass --num-layers N "
+            "(the base model's layer count) to fill the missing layers with zero adapters")
+    gaps = missing_layers((e.module for e in src.modules), layers)
+    first = {}
+    for e in src.modules:
+        first.setdefault(layer_type(e.module)[0], e)
+    fills = [ModuleEntry(module=module_at(t, i), kind=first[t].kind, keys={}, metas=first[t].metas,
+                         scale=first[t].scale, provenance=first[t].provenance, fused=first[t].fused)
+             for t, idx in gaps.items() for i in idx]
+    if fills:
+        steps.append(Step(rule="zero_adapter", what=f"{len(fills)} zero adapters for layers "
+                          + "; ".join(f"{t}: {', '.join(map(str, idx))}" for t, idx in gaps.items())
+                          + f" of 0..{max(layers)} (LoRAX drops a type that any layer lacks): "
+                          + describe("zero_adapter")))
+    return fills
 
 
 def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rslora: bool, rank_pattern: dict,
@@ -505,7 +614,7 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
         if v == PEFT_DEFAULTS.get(f, object()) or v in (None, [], {}) or f in ("peft_version",):
             continue
         since = FIELDS_SINCE.get(f)
-        if since and target.pattern_matching and not serving and _known_within(target, since):
+        if since and target.pattern_matching and not serving and target.releases_with(since) != "none":
             out[f] = v
             notes.append(f"{f}={v!r} written: it needs PEFT ≥ {since}")
             continue
@@ -515,12 +624,3 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
         out["peft_version"] = target.version_to_write
     return out
 
-
-def _known_within(target: Convention, since: str) -> bool:
-    """Some release in the target's range knows a field added in ``since``: ``since`` is below the range's upper
-    bound (the lower bound does not matter: later releases keep the field)."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    v = Version(since)
-    return all(s.contains(v, prereleases=True) for s in SpecifierSet(target.versions) if s.operator in ("<", "<="))

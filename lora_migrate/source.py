@@ -100,6 +100,11 @@ class SourceAdapter:
             yield self.load(e)
 
     @property
+    def conv_dims(self) -> set[int]:
+        """Spatial dimensions of the adapted conv layers (1, 2, 3: nn.Conv1d, Conv2d, Conv3d)."""
+        return {len(e.metas["a"].shape) - 2 for e in self.modules if e.kind == "conv"}
+
+    @property
     def nbytes(self) -> int:
         return sum(m.nbytes for e in self.modules for m in e.metas.values())
 

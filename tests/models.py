@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,11 +12,31 @@ INPUT_IDS = [[5, 17, 33, 2, 90, 1], [7, 7, 64, 120, 3, 1]]
 DECODER_IDS = [[0, 11, 42, 9], [0, 3, 100, 77]]
 
 
+@functools.cache
+def _golden_peft():
+    """golden/make_golden_peft.py as a module (stdlib-only at its top level): the one definition of the tiny conv
+    model (arch "conv", not from transformers) and its inputs, shared by the goldens and the live tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "golden" / "make_golden_peft.py"
+    spec = importlib.util.spec_from_file_location("make_golden_peft", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def conv_model_class():
+    return _golden_peft().conv_model_class()
+
+
 def build(arch: str, seed: int = 0, **overrides):
-    """A tiny T5 / GPT-2 / Llama / Qwen2 with fixed-seed weights (``overrides`` change config fields)."""
+    """A tiny T5 / GPT-2 / Llama / Qwen2 (or the conv model) with fixed-seed weights (``overrides`` change config
+    fields, or the conv model's arguments)."""
     import transformers as tf
 
     torch.manual_seed(seed)
+    if arch == "conv":
+        return conv_model_class()(**overrides).eval()
     if arch == "t5":
         cfg = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
                           num_decoder_layers=2, feed_forward_proj="gated-gelu", dropout_rate=0.0,
@@ -45,9 +66,11 @@ def load_base(base_dir: Path):
 
     cfg = json.loads((base_dir / "config.json").read_text())
     cls_name = json.loads((base_dir / "arch.json").read_text())["model_class"]
-    cls = getattr(tf, cls_name)
-    config_cls = cls.config_class
-    model = cls(config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures",)}))
+    if cls_name == "TinyConvNet":
+        model = conv_model_class()(**cfg)
+    else:
+        cls = getattr(tf, cls_name)
+        model = cls(cls.config_class(**{k: v for k, v in cfg.items() if k not in ("architectures",)}))
     sd = load_file(str(base_dir / "model.safetensors"))
     model.load_state_dict(sd, strict=False)
     return model.eval()
@@ -57,6 +80,8 @@ def inputs_for(model, input_json: Path | None = None) -> dict:
     if input_json is not None:
         raw = json.loads(input_json.read_text())
         out = {k: torch.tensor(v) for k, v in raw.items()}
+    elif getattr(model, "config", None) is None:  # the conv model
+        out = {"pixel_values": torch.tensor(_golden_peft().conv_inputs()["pixel_values"])}
     else:
         out = {"input_ids": torch.tensor(INPUT_IDS)}
         if model.config.model_type == "t5":

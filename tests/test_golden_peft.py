@@ -2,7 +2,8 @@
 0.13.2 in their own venvs) are self-consistent when read back with this environment's peft 0.21.2, and the
 acceptance run of the converter against them (golden/acceptance_peft.json) has no failed row.
 
-Independent of lora_migrate: only transformers, peft and the committed files. A missing golden file fails.
+Independent of lora_migrate: only transformers, peft and the committed files (and, for the conv cases, the tiny conv
+model defined in golden/make_golden_peft.py). A missing golden file fails.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ TOL = 1e-5
 EXPECTED = [
     "pf21/llama_plain", "pf21/llama_rslora", "pf21/llama_patterns", "pf21/llama_rslora_patterns",
     "pf21/llama_lora_bias", "pf21/llama_embed", "pf21/llama_dora", "pf21/llama_modules_to_save", "pf21/llama_multi",
-    "pf21/gpt2_c_attn", "pf21/llama_pissa", "pf21/llama_olora",
+    "pf21/gpt2_c_attn", "pf21/llama_pissa", "pf21/llama_olora", "pf21/conv", "pf21/conv2d_dora",
     "pf152/llama_plain", "pf152/llama_lora_bias_merged",
     "pf013/llama_plain", "pf013/llama_patterns",
 ]

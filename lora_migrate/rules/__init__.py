@@ -26,6 +26,6 @@ def describe(name: str) -> str:
     return doc[0] if doc else name
 
 
-from . import inits, keys, refuse, scale, select, values  # noqa: E402,F401  (registration)
+from . import coverage, inits, keys, refuse, scale, select, values  # noqa: E402,F401  (registration)
 
 __all__ = ["RULES", "describe", "rule"]

@@ -29,6 +29,24 @@ def refuse_kinds(adapter: str, kinds: set[str], target: Convention) -> None:
                                  "layers")
 
 
+@rule("refuse_before_release")
+def refuse_before_release(adapter: str, needs: list[tuple[str, str]], target: Convention) -> list[str]:
+    """A layer type that no release of the target PEFT era wraps (``needs``: (what, first release), e.g. LoRA on
+    nn.Conv1d from PEFT 0.15) is refused: that PEFT raises on the target module instead of loading the adapter.
+    Where only the era's later releases have it, the tensors are written unchanged and the returned note names
+    the first release. Nothing is rewritten, so ΔW is unchanged either way."""
+    notes = []
+    for what, since in needs:
+        have = target.releases_with(since)
+        if have == "none":
+            raise UnsupportedFeature(f"{adapter}: {what} needs PEFT ≥ {since}; {target.name} "
+                                     f"(PEFT {target.versions}) raises on such a target module instead of loading "
+                                     "the adapter")
+        if have == "some":
+            notes.append(f"{what} needs PEFT ≥ {since}")
+    return notes
+
+
 _WHY = {
     "dora": "DoRA (lora_magnitude_vector) rescales every row of W + s·BA by m/‖W + s·BA‖: that needs the base "
             "weights, and diag(m/n − 1)·W is not low rank, so no LoRA pair can express it",

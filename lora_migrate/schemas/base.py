@@ -181,3 +181,13 @@ class Convention(Frozen):
 
     def all_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    def releases_with(self, since: str) -> Literal["all", "some", "none"]:
+        """How many releases of this convention's range have a thing first released in ``since``: all (the range
+        starts at or after it), some (it comes before the range's upper bound), or none."""
+        v = Version(since)
+        specs = list(SpecifierSet(self.versions))
+        if any(s.operator in ("<", "<=") and not s.contains(v, prereleases=True) for s in specs):
+            return "none"
+        lows = [Version(s.version) for s in specs if s.operator in (">=", ">", "==", "~=")]
+        return "all" if lows and max(lows) >= v else "some"

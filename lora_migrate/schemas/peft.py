@@ -59,6 +59,24 @@ FIELDS_SINCE: dict[str, str] = {
 # Fields removed (v0.3.0) that an ancient config may still hold.
 FIELDS_REMOVED = {"enable_lora": "0.3", "merge_weights": "0.3"}
 
+# LoRA (and DoRA) on torch conv layers, by the first PEFT release whose LoRA wraps each (peft.md §1.5, §3.1):
+# nn.Conv2d from the start (its DoRA from 0.10, #1516), nn.Conv3d from 0.14 (#2082, DoRA with it), nn.Conv1d from
+# 0.15 (#2333; its DoRA from 0.16, #2531). Keyed by lora_A's spatial dimensions (ndim − 2). An older PEFT raises on
+# the target module instead of loading the adapter.
+CONV_SINCE: dict[int, tuple[str, str]] = {1: ("0.15", "0.16"), 2: ("0.6", "0.10"), 3: ("0.14", "0.14")}
+
+
+def conv_requirements(spatial_dims, dora: bool) -> list[tuple[str, str]]:
+    """(what, first PEFT release that has it) for an adapter's conv layers (``spatial_dims``: 1, 2, 3)."""
+    out = []
+    for nd in sorted(set(spatial_dims)):
+        lora, with_dora = CONV_SINCE[nd]
+        out.append((f"LoRA on nn.Conv{nd}d", lora))
+        if dora:
+            out.append((f"DoRA on nn.Conv{nd}d", with_dora))
+    return out
+
+
 # Defaults (peft.md §4.4). A field at its default changes nothing, so it may be dropped for an older target.
 DEFAULTS: dict[str, object] = {
     "task_type": None, "base_model_name_or_path": None, "inference_mode": True, "r": 8, "lora_alpha": 8,
