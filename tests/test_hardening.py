@@ -161,12 +161,12 @@ def test_allow_nonfinite_passes_values_through(tmp_path):
 def test_power_of_two_fast_rescale_is_bit_identical_to_float64_exhaustively():
     for dt in (torch.float16, torch.bfloat16):
         every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dt)
-        for c in (1.0, 2.0, 8.0, 2.0**30):
+        for c in (1.0, 2.0, 8.0, 2.0**30, 2.0**127, 2.0**128, 2.0**200):
             fast, ref = _mul(every, c), (every.double() * c).to(dt)
             assert torch.equal(fast.view(torch.int16)[~ref.isnan()], ref.view(torch.int16)[~ref.isnan()])
             assert torch.equal(fast.isnan(), ref.isnan())
     x = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), dtype=torch.int32).view(torch.float32)
-    for c in (2.0, 2.0**100):
+    for c in (2.0, 2.0**100, 2.0**127, 2.0**200):
         fast, ref = _mul(x, c), (x.double() * c).float()
         assert torch.equal(fast[~ref.isnan()], ref[~ref.isnan()])
 
