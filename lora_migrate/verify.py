@@ -242,15 +242,49 @@ def _exact_work_dtype(*ts: Tensor) -> torch.dtype | None:
     return None
 
 
+_NATIVE_EXACT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _native_rescaled(x: Tensor, k: float, y: Tensor) -> bool:
+    """y = fl(k·x) bit for bit, for x, y of one dtype among fp16/bf16/fp32 and k = 2^j, 1 ≤ k ≤ 2^127.
+
+    torch forms an fp16/bf16 product in float32 and an fp32 one in float32; a power-of-two multiply there is exact
+    (no underflow for k ≥ 1; k is a float32 value), so fl(k·x) is k·x exactly or ±inf on overflow, as in float64
+    (checked exhaustively for fp16/bf16 in the tests). One product in x's dtype, no float32 copy; the bytes are
+    compared with memcmp (``torch.equal`` compares values at a tenth of the speed). Equal bits are equal values
+    except for NaN, which the caller's finiteness test refuses; +0 vs −0 only costs the slower path."""
+    return x.shape == y.shape and same_bytes(x * k, y)
+
+
+def same_bytes(a: Tensor, b: Tensor) -> bool:
+    """True if two CPU tensors of one dtype and shape hold the same bytes (in their contiguous layout)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = (t.detach().resolve_conj().resolve_neg().contiguous() for t in (a, b))
+    n = a.numel() * a.element_size()
+    if n == 0:
+        return True
+    if a.device.type == "cpu" and b.device.type == "cpu":
+        import ctypes
+
+        from .io._common import libc_function
+
+        memcmp = libc_function("memcmp", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int)
+        if memcmp is not None:
+            return a.data_ptr() == b.data_ptr() or memcmp(a.data_ptr(), b.data_ptr(), n) == 0
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float) -> str | None:
     """A proof that s2·B2·A2 = s1·B1·A1 *exactly* (in real arithmetic), or None when there is none to be had cheaply.
 
     It holds when A2 = A1 bit for bit and B2 = c·B1 exactly with c = s1/s2 a power of two (1 included: factors
     copied bit for bit) and c·s2 = s1 exactly. A power-of-two multiply in binary floating point is exact unless it
-    overflows or underflows, so the test is made in a dtype that holds every value of both sides exactly (float32
-    for fp8/fp16/bf16/fp32, float64 for float64), in the direction that cannot underflow: B2 = fl(c·B1) if c ≥ 1,
-    B1 = fl(B2/c) if c < 1; an overflow gives inf, which equals no finite value. All values must be finite
-    (NaN ≠ NaN fails the test anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
+    overflows or underflows, so the test is made in the direction that cannot underflow, B2 = fl(c·B1) if c ≥ 1,
+    B1 = fl(B2/c) if c < 1, and in the factors' own dtype for fp16/bf16/fp32 (see :func:`_native_rescaled`),
+    else in a dtype that holds every value of both sides exactly (float32 for fp8, float64 for float64); an
+    overflow gives inf, which equals no finite value. All values must be finite (NaN ≠ NaN fails the test
+    anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
     one elementwise pass over B and a comparison of A. This is the common case: every rescale by alpha/r with a
     power-of-two ratio (alpha = 2r, alpha = r, ...), and every module whose scale is kept.
     """
@@ -260,17 +294,19 @@ def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, 
     if A1.shape != A2.shape or B1.shape != B2.shape or A1.dtype != A2.dtype:
         return None
     work = _exact_work_dtype(B1, B2)
-    if work is None or not (A1 is A2 or torch.equal(A1, A2)):
+    if work is None or not (A1 is A2 or same_bytes(A1, A2)):
         return None
-    if c == 1.0:
-        x, y = B1.to(work), B2.to(work)
-    elif c > 1.0:
-        x, y = B1.to(work, copy=True).mul_(c), B2.to(work)
+    # x, y: the side multiplied by k = max(c, 1/c) ≥ 1, and the side it must equal
+    (x, y), k = ((B1, B2), c) if c >= 1.0 else ((B2, B1), 1.0 / c)
+    if B1.dtype == B2.dtype and B1.dtype in _NATIVE_EXACT and k <= 2.0**127:
+        if not (same_bytes(x, y) if k == 1.0 else _native_rescaled(x, k, y)):
+            return None
     else:
-        x, y = B2.to(work, copy=True).mul_(1.0 / c), B1.to(work)
-    if not torch.equal(x, y):
-        return None
-    if not (all_finite(A1) and all_finite(x)):
+        kx = x.to(work) if k == 1.0 else x.to(work, copy=True).mul_(k)
+        if not torch.equal(kx, y.to(work)):
+            return None
+    # y = fl(k·x) holds exactly, and y is finite only if x is and nothing overflowed
+    if not (all_finite(A1) and all_finite(y)):
         return None
     return "exact: A identical, B' = B" if c == 1.0 else f"exact: A identical, B' = {c:g}·B with no rounding"
 

@@ -160,18 +160,37 @@ class PlannedWriter:
             self.close()
 
 
-def _libc_trim():
-    try:
+_LIBC: list = []
+
+
+def libc():
+    """The C library through ctypes (errno kept), or None where there is none to load; loaded on first use."""
+    if not _LIBC:
         import ctypes
 
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        return fn
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6", use_errno=True))
+        except OSError:
+            import ctypes.util  # runs ldconfig: only where libc.so.6 is not the name
+
+            try:
+                _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
+            except OSError:
+                _LIBC.append(None)
+    return _LIBC[0]
 
 
-_TRIM = _libc_trim()
+_FUNCTIONS: dict = {}
+
+
+def libc_function(name: str, argtypes: list, restype):
+    """A libc function with its signature set, or None if this C library lacks it."""
+    if name not in _FUNCTIONS:
+        fn = getattr(libc(), name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = argtypes, restype
+        _FUNCTIONS[name] = fn
+    return _FUNCTIONS[name]
 
 
 _SINCE_TRIM = [0]
@@ -192,8 +211,11 @@ def release_memory(nbytes: int | None = None) -> None:
         if _SINCE_TRIM[0] < TRIM_EVERY:
             return
     _SINCE_TRIM[0] = 0
-    if _TRIM is not None:
-        _TRIM(0)
+    import ctypes
+
+    trim = libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager

@@ -10,7 +10,6 @@ moment in which ``out`` does not exist (but never a partial one). A failure leav
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import OutOfSpace, fault_point, is_out_of_space, oneline
+from lora_migrate.io._common import OutOfSpace, fault_point, is_out_of_space, libc, oneline
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -96,7 +95,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if the OS/filesystem cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
+    renameat2 = getattr(libc(), "renameat2", None)
     if renameat2 is None:
         return False
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
@@ -106,18 +105,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-_LIBC = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
 
 
 def _fsync_tree(root: Path) -> None:
