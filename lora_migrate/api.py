@@ -216,8 +216,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
                             if check is None:
                                 report = verify_adapters(ex.source, back, initial=ex.initial)
                             else:
-                                report = check.confirm(((o.module, o) for o in back.modules), back.load,
-                                                       _extras_checks(ex.source, back))
+                                report = check.confirm(back, _extras_checks(ex.source, back))
                         finally:
                             back.store.close()
                         if not report.ok:

@@ -112,12 +112,14 @@ def test_real_full_disk_small_tmpfs(tmp_path):
 # ------------------------------------------------------------------------------------------------ check while writing
 
 
-def test_check_reads_the_written_file_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_check_reads_the_written_file_back(tmp_path, monkeypatch, safetensors):
     """A byte changed on disk after the in-memory check (here: by a writer that corrupts) fails the conversion."""
-    from lora_migrate.io import bin_writer
+    from lora_migrate.io import BinWriter, SafetensorsWriter
 
     src = make_adapter(tmp_path / "src", config={"r": 16}, sd=big_sd())
-    real = bin_writer.BinWriter.write
+    writer = SafetensorsWriter if safetensors else BinWriter
+    real = writer.write
 
     def corrupting(self, name, tensor):
         if self._next == 5:
@@ -125,9 +127,9 @@ def test_check_reads_the_written_file_back(tmp_path, monkeypatch):
             tensor.view(-1)[7] += 1e-3
         real(self, name, tensor)
 
-    monkeypatch.setattr(bin_writer.BinWriter, "write", corrupting)
+    monkeypatch.setattr(writer, "write", corrupting)
     with pytest.raises(VerificationFailed) as info:
-        api.convert(src, tmp_path / "out", to="adapters-1.0")
+        api.convert(src, tmp_path / "out", to="adapters-1.0", safetensors=safetensors)
     bad = info.value.report.failures()
     assert len(bad) == 1 and "read back differs from what was written" in bad[0].detail
     assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io._common import DTYPES, MAX_HEADER_SIZE, UNSUPPORTED_CODES, oneline
 
 _ZIP_MAGIC = b"PK\x03\x04"
+STREAM_CHUNK = 4 << 20  # bytes per piece of TensorFile.stream: big reads, and a piece stays in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TensorFile:
         self._metas = metas
         self._handle = handle  # safe_open handle (safetensors)
         self._tensors = tensors  # loaded dict (bin)
+        self._buffer = None  # reused by stream()
         self._closed = False
 
     def keys(self) -> list[str]:
@@ -85,6 +87,35 @@ class TensorFile:
         storage = _read_span(self._handle, self.path, key, m.offset, m.nbytes)
         return torch.empty(0, dtype=m.dtype).set_(storage, 0, m.shape)
 
+    def stream(self, key: str, chunk: int = STREAM_CHUNK):
+        """The bytes of ``key`` as :meth:`get` would hold them (contiguous, native order), in consecutive pieces of
+        at most ``chunk`` bytes (a multiple of 8), without building the tensor: numpy uint8 arrays that are views
+        of one reused buffer, each valid until the next is asked for. A tensor whose bytes are not one span of the
+        file (a ``.bin`` view into a bigger storage, a ``.bin`` loaded by ``torch.load``) comes as one piece
+        taken from :meth:`get`."""
+        import numpy as np
+
+        if self._closed:
+            raise ValueError(f"{self.path}: file is closed")
+        m = self.meta(key)
+        span = None
+        if self._tensors is None:
+            span = (self._handle, m.offset)
+        elif isinstance(self._tensors, _LazyBinTensors):
+            span = self._tensors.span(key)
+        if span is None:
+            yield self.get(key).contiguous().reshape(-1).view(torch.uint8).numpy()
+            return
+        f, start = span
+        if self._buffer is None or self._buffer.size < min(chunk, m.nbytes):
+            self._buffer = np.empty(min(chunk, max(m.nbytes, 8)), dtype=np.uint8)
+        step = self._buffer.size - self._buffer.size % 8
+        for pos in range(0, m.nbytes, step):
+            n = min(step, m.nbytes - pos)
+            yield _read_into(f, self.path, key, start + pos, self._buffer[:n])
+        if m.nbytes == 0:
+            yield self._buffer[:0]
+
     def close(self) -> None:
         """Release the file. Tensors already returned by :meth:`get` stay valid."""
         if not self._closed:
@@ -93,7 +124,7 @@ class TensorFile:
                 self._handle.close()
             if isinstance(self._tensors, _LazyBinTensors):
                 self._tensors.close()
-            self._handle = self._tensors = None
+            self._handle = self._tensors = self._buffer = None
 
     def __enter__(self) -> TensorFile:
         return self
@@ -467,30 +498,51 @@ class _LazyBinTensors:
         self._last = (key, storage)
         return storage
 
+    def span(self, name: str) -> tuple[object, int] | None:
+        """(file, start) when tensor ``name`` is its whole storage in contiguous order, else None."""
+        key, offset, shape, stride, dtype = self._views[name]
+        start, nbytes = self._spans[key]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offset != 0 or numel * dtype.itemsize != nbytes or tuple(stride) != _contiguous(shape):
+            return None
+        return self._file, start
+
     def close(self) -> None:
         self._last = None
         self._file.close()
 
 
-def _read_span(f, path: Path, name: str, start: int, nbytes: int) -> torch.UntypedStorage:
-    """``nbytes`` bytes at ``start`` of the open file ``f``, read into a fresh CPU storage (no mmap; a read may
-    return short, e.g. at 2 GiB on Linux, so it loops)."""
-    storage = torch.UntypedStorage(nbytes)
-    if not nbytes:
-        return storage
-    buf = memoryview((ctypes.c_ubyte * nbytes).from_address(storage.data_ptr()))
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch reports them."""
+    return torch.empty(shape, device="meta").stride()
+
+
+def _read_into(f, path: Path, name: str, start: int, buf):
+    """Fill ``buf`` (a writable byte buffer) with the bytes at ``start`` of the open file ``f`` and return it (a
+    read may return short, e.g. at 2 GiB on Linux, so it loops)."""
+    view = memoryview(buf).cast("B")
     done = 0
     try:
         f.seek(start)
-        while done < nbytes:
-            got = f.readinto(buf[done:])
+        while done < len(view):
+            got = f.readinto(view[done:])
             if not got:
                 break
             done += got
     except OSError as exc:
         raise LoraMigrateError(f"{path}: cannot read tensor {_short(name)}: {exc.strerror or oneline(exc)}") from exc
-    if done != nbytes:
+    if done != len(view):
         raise LoraMigrateError(f"{path}: tensor {_short(name)} is cut short (file truncated?)")
+    return buf
+
+
+def _read_span(f, path: Path, name: str, start: int, nbytes: int) -> torch.UntypedStorage:
+    """``nbytes`` bytes at ``start`` of the open file ``f``, read into a fresh CPU storage (no mmap)."""
+    storage = torch.UntypedStorage(nbytes)
+    if nbytes:
+        _read_into(f, path, name, start, (ctypes.c_ubyte * nbytes).from_address(storage.data_ptr()))
     return storage
 
 
