@@ -197,6 +197,35 @@ _SINCE_TRIM = [0]
 TRIM_EVERY = 64 << 20
 
 
+class WriteBehind:
+    """Start the disk writes of a file as it grows (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every
+    ``EVERY`` bytes), so the fsync that makes it durable before the rename only waits for the last piece.
+
+    Measured writing 1.1 GB here: write + fsync 0.59 s → 0.50 s (median of 6); the kernel writes back while the
+    next tensors are computed instead of all at the end. It changes nothing a reader sees and is no substitute for
+    the fsync. A no-op where the call is missing or refused (other systems, pipes, /dev/full).
+    """
+
+    EVERY = 16 << 20
+
+    def __init__(self, fd: int):
+        import ctypes
+
+        self._fd = fd
+        self._done = 0
+        self._call = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint],
+                                   ctypes.c_int)
+
+    def wrote(self, end: int, flush=None) -> None:
+        """The file now holds ``end`` bytes; ``flush()`` hands buffered ones to the OS (called only when due)."""
+        if self._call is not None and end - self._done >= self.EVERY:
+            if flush is not None:
+                flush()
+            if self._call(self._fd, self._done, end - self._done, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
+                self._call = None  # unsupported here: stop trying; the fsync at the end does it all
+            self._done = end
+
+
 def release_memory(nbytes: int | None = None) -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``), between modules.
 
