@@ -85,7 +85,26 @@ def write_errors(path):
         raise LoraMigrateError(f"{path}: cannot write: {exc.strerror or oneline(exc)}") from exc
 
 
-class PlannedWriter:
+class ClosesOrAborts:
+    """As a context manager: ``close()`` on success, ``abort()`` (which deletes the partial file) on an error."""
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class PlannedWriter(ClosesOrAborts):
     """The plan shared by the two-phase writers: ``add`` every tensor (name, dtype, shape), ``write_header``,
     then ``write`` each tensor in plan order, ``close``. This class keeps the plan and checks every call against
     it (ValueError on a mismatch); subclasses lay out the bytes. As a context manager, an exception (or an
@@ -143,21 +162,6 @@ class PlannedWriter:
             n = len(self._order) - self._next
             self.abort()
             raise ValueError(f"{self.path}: closed before writing {missing} ({n} planned tensors unwritten)")
-
-    def abort(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
 
 
 _LIBC: list = []
