@@ -63,3 +63,26 @@ def test_a_cut_short_file_says_so(tmp_path):
             f.truncate(path.stat().st_size - 10)
         with pytest.raises(Exception, match="cut short"):
             list(tf.stream("x", chunk=1024))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_memory_of_dropped_tensors_is_reused_and_never_of_live_ones(tmp_path, fmt):
+    d = {f"t{i}": torch.full((256, 64), float(i)) for i in range(6)}
+    path = tmp_path / f"a.{fmt}"
+    save_file(d, path) if fmt == "safetensors" else torch.save(d, path)
+    with open_tensors(path) as tf:
+        t0 = tf.get("t0")
+        ptr = t0.data_ptr()
+        t1 = tf.get("t1")
+        assert t1.data_ptr() != ptr  # t0 is alive
+        view, arr = t1[3:], t1.numpy()
+        del t0
+        t2 = tf.get("t2")
+        assert t2.data_ptr() == ptr and torch.equal(t2, d["t2"])  # t0's memory, overwritten with t2
+        del t1
+        t3 = tf.get("t3")  # t1 lives on in a view and a numpy array
+        assert t3.data_ptr() not in (ptr, view.data_ptr() - view.storage_offset() * 4)
+        assert torch.equal(view, d["t1"][3:]) and (arr == 1.0).all()
+        del view, arr, t2, t3
+        for k in ("t4", "t5", "t0"):
+            assert torch.equal(tf.get(k), d[k])
