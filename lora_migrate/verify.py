@@ -250,10 +250,25 @@ def _native_rescaled(x: Tensor, k: float, y: Tensor) -> bool:
 
     torch forms an fp16/bf16 product in float32 and an fp32 one in float32; a power-of-two multiply there is exact
     (no underflow for k ≥ 1; k is a float32 value), so fl(k·x) is k·x exactly or ±inf on overflow, as in float64
-    (checked exhaustively for fp16/bf16 in the tests). One product in x's dtype, no float32 copy; the bytes are
-    compared with memcmp (``torch.equal`` compares values at a tenth of the speed). Equal bits are equal values
-    except for NaN, which the caller's finiteness test refuses; +0 vs −0 only costs the slower path."""
-    return x.shape == y.shape and same_bytes(x * k, y)
+    (checked exhaustively for fp16/bf16 in the tests). The product is formed in x's dtype, a cache-sized piece at a
+    time into one small buffer (no float32 copy, no tensor-sized temporary whose pages must be faulted in), and
+    compared byte for byte with memcmp (``torch.equal`` compares values at a tenth of the speed). Equal bits are
+    equal values except for NaN, which the caller's finiteness test refuses; +0 vs −0 only costs the slower path."""
+    if x.shape != y.shape:
+        return False
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    n = xf.numel()
+    scratch = torch.empty(min(n, _PIECE), dtype=x.dtype)
+    for i in range(0, n, _PIECE):
+        j = min(i + _PIECE, n)
+        piece = scratch[: j - i]
+        torch.mul(xf[i:j], k, out=piece)
+        if not same_bytes(piece, yf[i:j]):
+            return False
+    return True
+
+
+_PIECE = 1 << 18  # elements per step of _native_rescaled (512 KB of bf16)
 
 
 def same_bytes(a: Tensor, b: Tensor) -> bool:
