@@ -206,11 +206,13 @@ class WriteBehind:
     ``EVERY`` bytes), so the fsync that makes it durable before the rename only waits for the last piece.
 
     Measured writing 1.1 GB here: write + fsync 0.59 s → 0.50 s (median of 6); the kernel writes back while the
-    next tensors are computed instead of all at the end. It changes nothing a reader sees and is no substitute for
-    the fsync. A no-op where the call is missing or refused (other systems, pipes, /dev/full).
+    next tensors are computed instead of all at the end. Every 4 MB rather than 16 or 64 MB: convert() of the
+    1.1 GB adapter 1.24 / 1.41 / 1.42 s (.bin), 1.09 / 1.21 / 1.30 s (safetensors), medians of 9. It changes
+    nothing a reader sees and is no substitute for the fsync. A no-op where the call is missing or refused (other
+    systems, pipes, /dev/full).
     """
 
-    EVERY = 16 << 20
+    EVERY = 4 << 20
 
     def __init__(self, fd: int):
         import ctypes
