@@ -73,6 +73,8 @@ def test_kill_9_leaves_the_previous_output_or_the_new_one_never_a_partial(tmp_pa
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert _state(out, previous, src) == "previous", (point, n)
+        # the killed run's temporary folder is left (hidden); the one an earlier kill left, this run removed
+        assert [x.name.split("-")[-2] for x in tmp_path.iterdir() if "lora-migrate" in x.name] == [str(p.pid)]
     # random moments over a whole run (most land in start-up; some mid-write); the first run measures it
     t0 = time.monotonic()
     p = _convert_proc(src, tmp_path / "timing", {})
@@ -89,8 +91,13 @@ def test_kill_9_leaves_the_previous_output_or_the_new_one_never_a_partial(tmp_pa
         if "new" in seen:  # from here on "previous" is the new output
             previous = snapshot(out)
     # temporary folders a killed run leaves are hidden and never mistaken for OUT
-    assert all(x.name.startswith(".out.lora-migrate-") for x in tmp_path.iterdir()
+    assert all(x.name.startswith(".out.lora-migrate-tmp-") for x in tmp_path.iterdir()
                if x.name not in ("src", "out", "timing") and not x.name.startswith("at-"))
+    # and the next run for the same OUT removes them (their owners are dead) and leaves none of its own
+    p = _convert_proc(src, out, {})
+    assert p.wait() == 0, p.stderr.read().decode()
+    assert _state(out, previous, src) in ("previous", "new")
+    assert [x.name for x in tmp_path.iterdir() if "lora-migrate" in x.name] == []
 
 
 def test_real_full_disk_small_tmpfs(tmp_path):
