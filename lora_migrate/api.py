@@ -132,7 +132,7 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         notes += bad
         o = ex.apply(d, e)
         if check is not None:
-            check.module(d, o, nonfinite=bool(bad))
+            check.module(d, o, nonfinite=bool(bad), finite_source=not bad)  # refuse_nonfinite scanned d
         yield o
         nbytes = sum(t.nbytes for t in (d.A, d.B, d.bias) if t is not None)
         del d, o

@@ -246,14 +246,15 @@ _NATIVE_EXACT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _native_rescaled(x: Tensor, k: float, y: Tensor) -> bool:
-    """y = fl(k·x) bit for bit, for x, y of one dtype among fp16/bf16/fp32 and k = 2^j, 1 ≤ k ≤ 2^127.
+    """y = fl(k·x) bit for bit and finite, for x, y of one dtype among fp16/bf16/fp32 and k = 2^j, 1 < k ≤ 2^127.
 
     torch forms an fp16/bf16 product in float32 and an fp32 one in float32; a power-of-two multiply there is exact
     (no underflow for k ≥ 1; k is a float32 value), so fl(k·x) is k·x exactly or ±inf on overflow, as in float64
     (checked exhaustively for fp16/bf16 in the tests). The product is formed in x's dtype, a cache-sized piece at a
-    time into one small buffer (no float32 copy, no tensor-sized temporary whose pages must be faulted in), and
-    compared byte for byte with memcmp (``torch.equal`` compares values at a tenth of the speed). Equal bits are
-    equal values except for NaN, which the caller's finiteness test refuses; +0 vs −0 only costs the slower path."""
+    time into one small buffer (no float32 copy, no tensor-sized temporary whose pages must be faulted in),
+    compared byte for byte with memcmp (``torch.equal`` compares values at a tenth of the speed) and tested for
+    NaN/Inf while it is in the cache: equal bits are equal values except for NaN, and a finite product rules out
+    an overflow. +0 vs −0 only costs the slower path."""
     if x.shape != y.shape:
         return False
     xf, yf = x.reshape(-1), y.reshape(-1)
@@ -263,7 +264,7 @@ def _native_rescaled(x: Tensor, k: float, y: Tensor) -> bool:
         j = min(i + _PIECE, n)
         piece = scratch[: j - i]
         torch.mul(xf[i:j], k, out=piece)
-        if not same_bytes(piece, yf[i:j]):
+        if not (same_bytes(piece, yf[i:j]) and all_finite(piece)):
             return False
     return True
 
@@ -290,7 +291,8 @@ def same_bytes(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float) -> str | None:
+def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float, *,
+                     finite_source: bool = False) -> str | None:
     """A proof that s2·B2·A2 = s1·B1·A1 *exactly* (in real arithmetic), or None when there is none to be had cheaply.
 
     It holds when A2 = A1 bit for bit and B2 = c·B1 exactly with c = s1/s2 a power of two (1 included: factors
@@ -302,6 +304,9 @@ def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, 
     anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
     one elementwise pass over B and a comparison of A. This is the common case: every rescale by alpha/r with a
     power-of-two ratio (alpha = 2r, alpha = r, ...), and every module whose scale is kept.
+
+    ``finite_source``: the caller has already found every value of A1 and B1 finite (the conversion's
+    ``refuse_nonfinite``), so they are not scanned again; the rescaled side is still tested (an overflow).
     """
     c = s1 / s2 if s2 != 0 else float("nan")
     if not (_power_of_two(c) and c * s2 == s1):
@@ -314,14 +319,17 @@ def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, 
     # x, y: the side multiplied by k = max(c, 1/c) ≥ 1, and the side it must equal
     (x, y), k = ((B1, B2), c) if c >= 1.0 else ((B2, B1), 1.0 / c)
     if B1.dtype == B2.dtype and B1.dtype in _NATIVE_EXACT and k <= 2.0**127:
-        if not (same_bytes(x, y) if k == 1.0 else _native_rescaled(x, k, y)):
+        if k == 1.0:
+            y_finite = same_bytes(x, y) and (finite_source or all_finite(y))  # y = B1's bytes
+        else:
+            y_finite = _native_rescaled(x, k, y)  # y = fl(k·x), each piece tested finite as it is compared
+        if not y_finite:
             return None
     else:
         kx = x.to(work) if k == 1.0 else x.to(work, copy=True).mul_(k)
-        if not torch.equal(kx, y.to(work)):
+        if not (torch.equal(kx, y.to(work)) and all_finite(y)):  # y = fl(k·x) exactly, and nothing overflowed
             return None
-    # y = fl(k·x) holds exactly, and y is finite only if x is and nothing overflowed
-    if not (all_finite(A1) and all_finite(y)):
+    if not (finite_source or all_finite(A1)):
         return None
     return "exact: A identical, B' = B" if c == 1.0 else f"exact: A identical, B' = {c:g}·B with no rounding"
 
@@ -363,10 +371,11 @@ def _lora_shape_problem(A: Tensor | None, B: Tensor) -> str | None:
 # the checks
 
 
-def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0,
+            finite_source: bool = False) -> ModuleCheck:
     """:func:`_compare_update`, and a DoRA magnitude vector (which is carried over, never rewritten) must be
-    present on both sides or neither, and equal bit for bit."""
-    check = _compare_update(src, out, probes=probes, seed=seed)
+    present on both sides or neither, and equal bit for bit. ``finite_source``: see :func:`exactly_rescaled`."""
+    check = _compare_update(src, out, probes=probes, seed=seed, finite_source=finite_source)
     m1, m2 = src.magnitude, out.magnitude
     if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
         return check.model_copy(update=dict(ok=False, status="mismatch",
@@ -374,7 +383,8 @@ def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 
     return check
 
 
-def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0,
+                    finite_source: bool = False) -> ModuleCheck:
     """Check that ``out`` applies the same update as ``src`` (ΔW, Δb; (IA)³ vectors), to within the dtype tolerance.
 
     Ranks may differ (zero padding, re-expressions); out/in dimensions, kind and bias length must agree. All
@@ -419,7 +429,8 @@ def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed
                 f"ΔW is {B1.shape[0]}×{A1.shape[1]} in source vs {B2.shape[0]}×{A2.shape[1]} in output",
             )
         n_out = B1.shape[0]
-        exact = exactly_rescaled(A1, B1, s1, A2, B2, s2) if src.bias is None and out.bias is None else None
+        exact = (exactly_rescaled(A1, B1, s1, A2, B2, s2, finite_source=finite_source)
+                 if src.bias is None and out.bias is None else None)
         if exact is not None:
             return ModuleCheck(module=module, status="ok", rel_fro=0.0, rel_probe=0.0, tolerance=tol, ok=True,
                                detail=exact)
@@ -639,8 +650,10 @@ class WriteCheck:
         self.prints: dict[str, tuple] = {}
         self.seconds = 0.0
 
-    def module(self, src: ModuleDelta, out: ModuleDelta, *, nonfinite: bool = False) -> None:
-        """Check ``out`` against ``src``; ``nonfinite``: the source holds NaN/Inf that the user let through."""
+    def module(self, src: ModuleDelta, out: ModuleDelta, *, nonfinite: bool = False,
+               finite_source: bool = False) -> None:
+        """Check ``out`` against ``src``. ``nonfinite``: the source holds NaN/Inf that the user let through;
+        ``finite_source``: the caller has found every value of ``src`` finite (not scanned again)."""
         import time
 
         t0 = time.perf_counter()
@@ -651,7 +664,7 @@ class WriteCheck:
                 module=src.module, status="nonfinite_allowed", tolerance=tolerance_for(*_dtypes(src)), ok=True,
                 detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
         else:
-            self.checks[src.module] = compare(src, out, probes=self.probes)
+            self.checks[src.module] = compare(src, out, probes=self.probes, finite_source=finite_source)
         self.prints[src.module] = _fingerprint(out)
         self.seconds += time.perf_counter() - t0
 
