@@ -1,15 +1,18 @@
 """Performance at scale, as ratios measured in one run (issue 5). Run by hand; not a test.
 
-    .venv/bin/python bench/bench_scale.py [--layers 80,5] [--rank 64] [--repeat 2] [--skip-users]
+    .venv/bin/python bench/bench_scale.py [--layers 80,5] [--rank 64] [--repeat 3] [--skip-users]
 
 Synthetic adapters-1.1 (AdapterHub) adapters shaped like a 70B-class Llama (hidden 8192, intermediate 28672,
 GQA k/v 1024, 80 layers; q, k, v, up, down: every linear layer AdapterHub's LoRA adapts), r=64, bf16:
 80 layers ≈ 1.1 GB, 5 layers ≈ 0.07 GB. Every measurement runs in a fresh subprocess (wall time, CPU time, peak
-RSS) and the best of ``--repeat`` runs counts, because the 2-core machine is shared:
+RSS); the median of ``--repeat`` runs counts (each figure its own median), because the 2-core machine is shared;
+the load average is printed before and after each size:
 
   (a) ``convert --to adapters-1.0`` (scale 2 folded into every B, with the numeric check) vs a raw
-      ``safetensors.load_file`` + ``save_file`` of the same file; wall and CPU time. The default output is
-      pytorch_adapter.bin (torch's zip writer, CRC-32 per record); ``st`` columns: with ``--safetensors``;
+      ``safetensors.load_file`` + ``save_file`` of the same file ("copy"), and vs that copy followed by an
+      ``fsync`` of the file and its folder ("copy+fsync"): convert makes its output durable before renaming it
+      into place (crash safety), which the plain copy does not; wall and CPU time. Output ``bin``:
+      pytorch_adapter.bin (the adapters default: torch's zip format, CRC-32 per record); ``st``: ``--safetensors``;
   (b) peak RSS of convert minus that of ``python -c "import torch"``, for both sizes;
   (c) the check's share of the conversion (``VerifyReport.seconds`` / convert's own time);
   (d) ``lora-migrate --help`` and ``lora-migrate conventions`` wall time;
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,9 +44,15 @@ mode, src, out = sys.argv[1:4]
 t0, c0 = time.perf_counter(), time.process_time()
 import torch
 extra = {}
-if mode == "copy":
+if mode in ("copy", "copy_fsync"):
+    import os
     from safetensors.torch import load_file, save_file
     save_file(load_file(src + "/adapter.safetensors"), out)
+    if mode == "copy_fsync":  # what convert does before its rename: the file, then its folder
+        for p, flags in ((out, os.O_RDONLY), (os.path.dirname(out), os.O_RDONLY | os.O_DIRECTORY)):
+            fd = os.open(p, flags)
+            os.fsync(fd)
+            os.close(fd)
 elif mode in ("convert", "convert_st"):
     import lora_migrate
     t1 = time.perf_counter()
@@ -101,9 +111,15 @@ def child(mode: str, src: Path, out: Path, *more) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def best(mode: str, repeat: int, *args) -> dict:
+def median(mode: str, repeat: int, *args) -> dict:
+    """Each numeric figure's median over ``repeat`` fresh runs (and the wall times of all runs)."""
     runs = [child(mode, *args) for _ in range(repeat)]
-    return min(runs, key=lambda x: x["seconds"])
+    out = dict(runs[len(runs) // 2])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)):
+            out[k] = statistics.median(r[k] for r in runs)
+    out["walls"] = [r["seconds"] for r in runs]
+    return out
 
 
 def wall(cmd: list[str], repeat: int) -> float:
@@ -112,7 +128,7 @@ def wall(cmd: list[str], repeat: int) -> float:
         t = time.perf_counter()
         subprocess.run(cmd, capture_output=True, check=True)
         times.append(time.perf_counter() - t)
-    return min(times)
+    return statistics.median(times)
 
 
 SMALL = {"self_attn.q_proj": (512, 512), "self_attn.k_proj": (512, 512), "self_attn.v_proj": (512, 512),
@@ -141,8 +157,8 @@ def users_today(tmp: Path, repeat: int) -> None:
     base, src = tmp / "base", tmp / "small"
     in_child("--make-base", base)
     base_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
-    users = best("users", repeat, src, tmp / "users_out", base)
-    ours = best("convert", repeat, src, tmp / "ours_out")
+    users = median("users", repeat, src, tmp / "users_out", base)
+    ours = median("convert", repeat, src, tmp / "ours_out")
     print(f"(f) small Llama (8 layers, hidden 512, base model {base_mb:.0f} MB), r=16 adapter: load base + "
           f"load_adapter + save_adapter (adapters 1.3.0) {users['seconds']:.2f} s, {users['peak_rss_mb']:.0f} MB; "
           f"lora-migrate convert {ours['seconds']:.2f} s, {ours['peak_rss_mb']:.0f} MB, no base weights read: "
@@ -153,7 +169,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="80,5", help="layer counts of the 70B-shaped adapters (80 ≈ 1.1 GB bf16)")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-users", action="store_true", help="skip (f), which loads a small base model")
     ap.add_argument("--make-adapter", nargs=3, help=argparse.SUPPRESS)  # folder layers rank (in a child)
     ap.add_argument("--make-base", help=argparse.SUPPRESS)
@@ -172,26 +188,29 @@ def main() -> None:
           f"{wall([str(exe), 'conventions'], 5):.3f} s (target < 0.3 s)")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         tmp = Path(tmp)
-        floor = best("baseline", 3, tmp, tmp / "x")
+        floor = median("baseline", 3, tmp, tmp / "x")
         print(f"`import torch` alone: {floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mb']:.0f} MB")
-        print(f"{'layers':>6} {'MB':>6} {'copy s':>7} {'conv s':>7} {'(a) wall':>8} {'(a) cpu':>8} "
-              f"{'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9} {'st s':>6} {'st wall':>8} {'st cpu':>7}")
+        print(f"{'layers':>6} {'MB':>6} {'out':>3} {'copy s':>7} {'+fsync':>7} {'conv s':>7} {'(a) wall':>8} "
+              f"{'(a)+fsync':>9} {'(a) cpu':>8} {'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9}  walls")
         for layers in (int(x) for x in args.layers.split(",")):
             src = tmp / f"l{layers}"
             in_child("--make-adapter", src, layers, args.rank)
             size = (src / "adapter.safetensors").stat().st_size
-            copy = best("copy", args.repeat, src, tmp / "copy.safetensors")
-            conv = best("convert", args.repeat, src, tmp / "out")
-            conv_st = best("convert_st", args.repeat, src, tmp / "out")  # like for like: safetensors out
-            print(f"{layers:>6} {size / 1e6:>6.0f} {copy['seconds']:>7.2f} {conv['seconds']:>7.2f} "
-                  f"{conv['seconds'] / copy['seconds']:>7.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
-                  f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
-                  f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M {copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M"
-                  f" {conv_st['seconds']:>6.2f} {conv_st['seconds'] / copy['seconds']:>7.2f}×"
-                  f" {conv_st['cpu'] / copy['cpu']:>6.2f}×")
-            print(f"       check: {conv['summary']}")
+            print(f"       load average {os.getloadavg()[0]:.1f}")
+            copy = median("copy", args.repeat, src, tmp / "copy.safetensors")
+            copy_fsync = median("copy_fsync", args.repeat, src, tmp / "copy.safetensors")
+            for out, mode in (("bin", "convert"), ("st", "convert_st")):  # st: like for like, safetensors out
+                conv = median(mode, args.repeat, src, tmp / "out")
+                print(f"{layers:>6} {size / 1e6:>6.0f} {out:>3} {copy['seconds']:>7.2f} {copy_fsync['seconds']:>7.2f} "
+                      f"{conv['seconds']:>7.2f} {conv['seconds'] / copy['seconds']:>7.2f}× "
+                      f"{conv['seconds'] / copy_fsync['seconds']:>8.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
+                      f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
+                      f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M "
+                      f"{copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M  "
+                      f"{' '.join(f'{w:.2f}' for w in conv['walls'])} (copy {' '.join(f'{w:.2f}' for w in copy['walls'])})")
+            print(f"       check: {conv['summary']}; load average {os.getloadavg()[0]:.1f}")
             shutil.rmtree(src)
-        print("(e) batch of 500 small adapters: not measured, lora-migrate has no batch command yet")
+        print("(e) batch: see bench/bench_batch.py")
         if not args.skip_users:
             users_today(tmp, args.repeat)
 

@@ -172,7 +172,8 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         ref = ex.reference(d, e)
         o = ex.apply(d, e)
         if check is not None:
-            check.module(ref, o, nonfinite=bool(bad))
+            # refuse_nonfinite scanned d; a PiSSA reference also holds the initial factors, unscanned
+            check.module(ref, o, nonfinite=bool(bad), finite_source=not bad and ex.initial is None)
         yield o
         nbytes = sum(t.nbytes for t in (d.A, d.B, d.bias) if t is not None)
         del d, o
@@ -272,8 +273,7 @@ def _write_checked(ex: Execution, tmp: Path, out: Path, target, verify: bool, al
     if verify:
         back = _read_back(folder, target, ex.source.info.name)
         try:
-            report = check.confirm(((o.module, o) for o in back.modules), back.load,
-                                   _extras_checks(ex.source, back, ex.extras))
+            report = check.confirm(back, _extras_checks(ex.source, back, ex.extras))
         finally:
             back.store.close()
         if not report.ok:

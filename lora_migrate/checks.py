@@ -220,23 +220,18 @@ def _rank_shape(a) -> list[Finding]:
 
 @adapter_check("nonfinite")
 def _nonfinite(a) -> list[Finding]:
-    import torch
-
     from .io._common import release_memory
+    from .rules.values import count_nonfinite
 
     out = []
     for e in a.modules:
         for param, key in e.keys.items():
             t = a.store.get(key)
-            if t.is_floating_point():
-                bad = ~torch.isfinite(t)
-                n = int(bad.sum())
-                if n:
-                    what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                    if what == "NaN" and bool(torch.isinf(t).any()):
-                        what = "NaN and Inf"
-                    out.append(_err("nonfinite", f"{key}: {n} of {t.numel()} values are {what}", a.info.name,
-                                    e.module))
+            nan, inf = count_nonfinite(t)
+            if nan or inf:
+                what = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
+                out.append(_err("nonfinite", f"{key}: {nan + inf} of {t.numel()} values are {what}", a.info.name,
+                                e.module))
             del t
         release_memory()
     return out

@@ -40,6 +40,10 @@ class TensorStore:
     def get(self, key: str):
         return self._where[key].get(key)
 
+    def stream(self, key: str):
+        """``key``'s bytes in pieces, without building the tensor (:meth:`TensorFile.stream`)."""
+        return self._where[key].stream(key)
+
     def close(self) -> None:
         for f in self.files:
             f.close()

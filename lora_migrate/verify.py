@@ -242,17 +242,71 @@ def _exact_work_dtype(*ts: Tensor) -> torch.dtype | None:
     return None
 
 
-def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float) -> str | None:
+_NATIVE_EXACT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _native_rescaled(x: Tensor, k: float, y: Tensor) -> bool:
+    """y = fl(k·x) bit for bit and finite, for x, y of one dtype among fp16/bf16/fp32 and k = 2^j, 1 < k ≤ 2^127.
+
+    torch forms an fp16/bf16 product in float32 and an fp32 one in float32; a power-of-two multiply there is exact
+    (no underflow for k ≥ 1; k is a float32 value), so fl(k·x) is k·x exactly or ±inf on overflow, as in float64
+    (checked exhaustively for fp16/bf16 in the tests). The product is formed in x's dtype, a cache-sized piece at a
+    time into one small buffer (no float32 copy, no tensor-sized temporary whose pages must be faulted in),
+    compared byte for byte with memcmp (``torch.equal`` compares values at a tenth of the speed) and tested for
+    NaN/Inf while it is in the cache: equal bits are equal values except for NaN, and a finite product rules out
+    an overflow. +0 vs −0 only costs the slower path."""
+    if x.shape != y.shape:
+        return False
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    n = xf.numel()
+    scratch = torch.empty(min(n, _PIECE), dtype=x.dtype)
+    for i in range(0, n, _PIECE):
+        j = min(i + _PIECE, n)
+        piece = scratch[: j - i]
+        torch.mul(xf[i:j], k, out=piece)
+        if not (same_bytes(piece, yf[i:j]) and all_finite(piece)):
+            return False
+    return True
+
+
+_PIECE = 1 << 18  # elements per step of _native_rescaled (512 KB of bf16)
+
+
+def same_bytes(a: Tensor, b: Tensor) -> bool:
+    """True if two CPU tensors of one dtype and shape hold the same bytes (in their contiguous layout)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = (t.detach().resolve_conj().resolve_neg().contiguous() for t in (a, b))
+    n = a.numel() * a.element_size()
+    if n == 0:
+        return True
+    if a.device.type == "cpu" and b.device.type == "cpu":
+        import ctypes
+
+        from .io._common import libc_function
+
+        memcmp = libc_function("memcmp", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int)
+        if memcmp is not None:
+            return a.data_ptr() == b.data_ptr() or memcmp(a.data_ptr(), b.data_ptr(), n) == 0
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, s2: float, *,
+                     finite_source: bool = False) -> str | None:
     """A proof that s2·B2·A2 = s1·B1·A1 *exactly* (in real arithmetic), or None when there is none to be had cheaply.
 
     It holds when A2 = A1 bit for bit and B2 = c·B1 exactly with c = s1/s2 a power of two (1 included: factors
     copied bit for bit) and c·s2 = s1 exactly. A power-of-two multiply in binary floating point is exact unless it
-    overflows or underflows, so the test is made in a dtype that holds every value of both sides exactly (float32
-    for fp8/fp16/bf16/fp32, float64 for float64), in the direction that cannot underflow: B2 = fl(c·B1) if c ≥ 1,
-    B1 = fl(B2/c) if c < 1; an overflow gives inf, which equals no finite value. All values must be finite
-    (NaN ≠ NaN fails the test anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
+    overflows or underflows, so the test is made in the direction that cannot underflow, B2 = fl(c·B1) if c ≥ 1,
+    B1 = fl(B2/c) if c < 1, and in the factors' own dtype for fp16/bf16/fp32 (see :func:`_native_rescaled`),
+    else in a dtype that holds every value of both sides exactly (float32 for fp8, float64 for float64); an
+    overflow gives inf, which equals no finite value. All values must be finite (NaN ≠ NaN fails the test
+    anyway). Then ΔW_out − ΔW_src = 0 and no norm, probe or matmul is needed: the cost is
     one elementwise pass over B and a comparison of A. This is the common case: every rescale by alpha/r with a
     power-of-two ratio (alpha = 2r, alpha = r, ...), and every module whose scale is kept.
+
+    ``finite_source``: the caller has already found every value of A1 and B1 finite (the conversion's
+    ``refuse_nonfinite``), so they are not scanned again; the rescaled side is still tested (an overflow).
     """
     c = s1 / s2 if s2 != 0 else float("nan")
     if not (_power_of_two(c) and c * s2 == s1):
@@ -260,17 +314,22 @@ def exactly_rescaled(A1: Tensor, B1: Tensor, s1: float, A2: Tensor, B2: Tensor, 
     if A1.shape != A2.shape or B1.shape != B2.shape or A1.dtype != A2.dtype:
         return None
     work = _exact_work_dtype(B1, B2)
-    if work is None or not (A1 is A2 or torch.equal(A1, A2)):
+    if work is None or not (A1 is A2 or same_bytes(A1, A2)):
         return None
-    if c == 1.0:
-        x, y = B1.to(work), B2.to(work)
-    elif c > 1.0:
-        x, y = B1.to(work, copy=True).mul_(c), B2.to(work)
+    # x, y: the side multiplied by k = max(c, 1/c) ≥ 1, and the side it must equal
+    (x, y), k = ((B1, B2), c) if c >= 1.0 else ((B2, B1), 1.0 / c)
+    if B1.dtype == B2.dtype and B1.dtype in _NATIVE_EXACT and k <= 2.0**127:
+        if k == 1.0:
+            y_finite = same_bytes(x, y) and (finite_source or all_finite(y))  # y = B1's bytes
+        else:
+            y_finite = _native_rescaled(x, k, y)  # y = fl(k·x), each piece tested finite as it is compared
+        if not y_finite:
+            return None
     else:
-        x, y = B2.to(work, copy=True).mul_(1.0 / c), B1.to(work)
-    if not torch.equal(x, y):
-        return None
-    if not (all_finite(A1) and all_finite(x)):
+        kx = x.to(work) if k == 1.0 else x.to(work, copy=True).mul_(k)
+        if not (torch.equal(kx, y.to(work)) and all_finite(y)):  # y = fl(k·x) exactly, and nothing overflowed
+            return None
+    if not (finite_source or all_finite(A1)):
         return None
     return "exact: A identical, B' = B" if c == 1.0 else f"exact: A identical, B' = {c:g}·B with no rounding"
 
@@ -312,10 +371,11 @@ def _lora_shape_problem(A: Tensor | None, B: Tensor) -> str | None:
 # the checks
 
 
-def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0,
+            finite_source: bool = False) -> ModuleCheck:
     """:func:`_compare_update`, and a DoRA magnitude vector (which is carried over, never rewritten) must be
-    present on both sides or neither, and equal bit for bit."""
-    check = _compare_update(src, out, probes=probes, seed=seed)
+    present on both sides or neither, and equal bit for bit. ``finite_source``: see :func:`exactly_rescaled`."""
+    check = _compare_update(src, out, probes=probes, seed=seed, finite_source=finite_source)
     m1, m2 = src.magnitude, out.magnitude
     if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
         return check.model_copy(update=dict(ok=False, status="mismatch",
@@ -323,7 +383,8 @@ def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 
     return check
 
 
-def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0) -> ModuleCheck:
+def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0,
+                    finite_source: bool = False) -> ModuleCheck:
     """Check that ``out`` applies the same update as ``src`` (ΔW, Δb; (IA)³ vectors), to within the dtype tolerance.
 
     Ranks may differ (zero padding, re-expressions); out/in dimensions, kind and bias length must agree. All
@@ -368,7 +429,8 @@ def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed
                 f"ΔW is {B1.shape[0]}×{A1.shape[1]} in source vs {B2.shape[0]}×{A2.shape[1]} in output",
             )
         n_out = B1.shape[0]
-        exact = exactly_rescaled(A1, B1, s1, A2, B2, s2) if src.bias is None and out.bias is None else None
+        exact = (exactly_rescaled(A1, B1, s1, A2, B2, s2, finite_source=finite_source)
+                 if src.bias is None and out.bias is None else None)
         if exact is not None:
             return ModuleCheck(module=module, status="ok", rel_fro=0.0, rel_probe=0.0, tolerance=tol, ok=True,
                                detail=exact)
@@ -530,16 +592,28 @@ def tensor_digest(t: Tensor) -> tuple[str, tuple[int, ...], int, int]:
     memory speed (13 GB/s measured, against 3.7 GB/s for zlib.crc32 on this machine), and any change of the
     bytes, a moved or swapped word included, changes it except with probability ~2⁻⁶⁴ for a random change. It
     guards against accidents between write and read-back (a layout bug, a bad disk), not against an adversary."""
+    raw = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return stream_digest(t.dtype, tuple(t.shape), [raw])
+
+
+def stream_digest(dtype: torch.dtype, shape: tuple[int, ...], pieces) -> tuple[str, tuple[int, ...], int, int]:
+    """:func:`tensor_digest` of a tensor whose bytes come in consecutive pieces (uint8 numpy arrays, every one but
+    the last a multiple of 8 bytes long), e.g. read from a file through one reused buffer."""
     import zlib
 
     import numpy as np
 
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    n = raw.size // 8
-    words = raw[: 8 * n].view(np.uint64)
-    with np.errstate(over="ignore"):
-        h = int(np.dot(words, _multipliers(n))) if n else 0
-    return str(t.dtype), tuple(t.shape), h, zlib.crc32(raw[8 * n :])
+    h, at, tail = 0, 0, b""
+    for raw in pieces:
+        if tail:
+            raise ValueError("only the last piece may end between 64-bit words")
+        n = raw.size // 8
+        if n:
+            with np.errstate(over="ignore"):
+                h += int(np.dot(raw[: 8 * n].view(np.uint64), _multipliers(at + n)[at:]))
+            at += n
+        tail = raw[8 * n :].tobytes()
+    return str(dtype), tuple(shape), h % 2**64, zlib.crc32(tail)
 
 
 _TENSORS = ("A", "B", "bias", "magnitude")
@@ -576,8 +650,10 @@ class WriteCheck:
         self.prints: dict[str, tuple] = {}
         self.seconds = 0.0
 
-    def module(self, src: ModuleDelta, out: ModuleDelta, *, nonfinite: bool = False) -> None:
-        """Check ``out`` against ``src``; ``nonfinite``: the source holds NaN/Inf that the user let through."""
+    def module(self, src: ModuleDelta, out: ModuleDelta, *, nonfinite: bool = False,
+               finite_source: bool = False) -> None:
+        """Check ``out`` against ``src``. ``nonfinite``: the source holds NaN/Inf that the user let through;
+        ``finite_source``: the caller has found every value of ``src`` finite (not scanned again)."""
         import time
 
         t0 = time.perf_counter()
@@ -588,25 +664,27 @@ class WriteCheck:
                 module=src.module, status="nonfinite_allowed", tolerance=tolerance_for(*_dtypes(src)), ok=True,
                 detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
         else:
-            self.checks[src.module] = compare(src, out, probes=self.probes)
+            self.checks[src.module] = compare(src, out, probes=self.probes, finite_source=finite_source)
         self.prints[src.module] = _fingerprint(out)
         self.seconds += time.perf_counter() - t0
 
-    def confirm(self, back: Iterable[tuple[str, object]], load, more: Iterable[ModuleCheck] = ()) -> VerifyReport:
-        """``back``: (module name, entry) of the written output as the target reads it; ``load(entry)`` its delta.
-        ``more``: further checks for the report (non-LoRA tensors carried over)."""
+    def confirm(self, back, more: Iterable[ModuleCheck] = ()) -> VerifyReport:
+        """``back``: the written output as the target reads it (a :class:`~lora_migrate.source.SourceAdapter`);
+        ``more``: further checks for the report (non-LoRA tensors carried over). Each tensor's bytes are digested
+        straight from the file as its reader would load them (:func:`stored_fingerprint`), not built as tensors."""
         import time
 
         t0 = time.perf_counter()
         checks = dict(self.checks)
         seen = set()
         extras = []
-        for name, entry in back:
+        for entry in back.modules:
+            name = entry.module
             if name not in checks:
                 extras.append(extra(name))
                 continue
             seen.add(name)
-            got = _fingerprint(load(entry))
+            got = stored_fingerprint(back, entry)
             if not _same_print(got, self.prints[name]) and checks[name].ok:
                 c = checks[name]
                 checks[name] = c.model_copy(update=dict(
@@ -616,6 +694,23 @@ class WriteCheck:
         result = [c if n in seen else missing(n, "checked in memory but not found when reading the output back")
                   for n, c in checks.items()]
         return build_report(result + extras + list(more), self.seconds + time.perf_counter() - t0)
+
+
+def stored_fingerprint(adapter, entry) -> tuple:
+    """The fingerprint of ``adapter.load(entry)`` (see :func:`_fingerprint`), with every tensor's bytes digested
+    as they come from the file (:meth:`TensorFile.stream`: one reused buffer, no tensor built)."""
+    from .adapter import delta_kind
+
+    fused = None if entry.fused is None else entry.fused.groups
+    prints = []
+    for param in ("a", "b", "bias", "magnitude"):  # ModuleDelta's A, B, bias, magnitude (SourceAdapter.load)
+        key = entry.keys.get(param)
+        if key is None:
+            prints.append(None)
+        else:
+            m = adapter.store.meta(key)
+            prints.append(stream_digest(m.dtype, m.shape, adapter.store.stream(key)))
+    return (delta_kind(entry.kind), fused, float(entry.scale), *prints)
 
 
 def _describe(fp: tuple) -> str:

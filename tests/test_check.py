@@ -64,13 +64,16 @@ def test_unclaimed_keys_fail(tmp_path):
     assert "unclaimed-keys" in codes(r) and "mystery" in r.findings[0].message and not r.ok
 
 
-@pytest.mark.parametrize("value,word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
-def test_nan_and_inf_name_the_module(tmp_path, value, word):
+@pytest.mark.parametrize("values,word", [((float("nan"),), "NaN"), ((float("inf"),), "Inf"),
+                                         ((float("-inf"), float("nan")), "NaN and Inf")])
+def test_nan_and_inf_name_the_module(tmp_path, values, word):
     sd = tensors()
-    sd[f"{MODULES[1]}.loras.m1.lora_B"][3, 1] = value
+    for i, value in enumerate(values):
+        sd[f"{MODULES[1]}.loras.m1.lora_B"][3, i] = value
     r = lora_migrate.check(make_adapter(tmp_path / "a", sd=sd))
     (f,) = r.findings
-    assert f.code == "nonfinite" and f.module == MODULES[1] and f"1 of 48 values are {word}" in f.message
+    assert f.code == "nonfinite" and f.module == MODULES[1]
+    assert f"{len(values)} of 48 values are {word}" in f.message
 
 
 def test_rank_contradicting_the_config_fails(tmp_path):

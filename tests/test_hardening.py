@@ -73,6 +73,8 @@ def test_kill_9_leaves_the_previous_output_or_the_new_one_never_a_partial(tmp_pa
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert _state(out, previous, src) == "previous", (point, n)
+        # the killed run's temporary folder is left (hidden); the one an earlier kill left, this run removed
+        assert [x.name.split("-")[-2] for x in tmp_path.iterdir() if "lora-migrate" in x.name] == [str(p.pid)]
     # random moments over a whole run (most land in start-up; some mid-write); the first run measures it
     t0 = time.monotonic()
     p = _convert_proc(src, tmp_path / "timing", {})
@@ -89,8 +91,13 @@ def test_kill_9_leaves_the_previous_output_or_the_new_one_never_a_partial(tmp_pa
         if "new" in seen:  # from here on "previous" is the new output
             previous = snapshot(out)
     # temporary folders a killed run leaves are hidden and never mistaken for OUT
-    assert all(x.name.startswith(".out.lora-migrate-") for x in tmp_path.iterdir()
+    assert all(x.name.startswith(".out.lora-migrate-tmp-") for x in tmp_path.iterdir()
                if x.name not in ("src", "out", "timing") and not x.name.startswith("at-"))
+    # and the next run for the same OUT removes them (their owners are dead) and leaves none of its own
+    p = _convert_proc(src, out, {})
+    assert p.wait() == 0, p.stderr.read().decode()
+    assert _state(out, previous, src) in ("previous", "new")
+    assert [x.name for x in tmp_path.iterdir() if "lora-migrate" in x.name] == []
 
 
 def test_real_full_disk_small_tmpfs(tmp_path):
@@ -112,12 +119,14 @@ def test_real_full_disk_small_tmpfs(tmp_path):
 # ------------------------------------------------------------------------------------------------ check while writing
 
 
-def test_check_reads_the_written_file_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_check_reads_the_written_file_back(tmp_path, monkeypatch, safetensors):
     """A byte changed on disk after the in-memory check (here: by a writer that corrupts) fails the conversion."""
-    from lora_migrate.io import bin_writer
+    from lora_migrate.io import BinWriter, SafetensorsWriter
 
     src = make_adapter(tmp_path / "src", config={"r": 16}, sd=big_sd())
-    real = bin_writer.BinWriter.write
+    writer = SafetensorsWriter if safetensors else BinWriter
+    real = writer.write
 
     def corrupting(self, name, tensor):
         if self._next == 5:
@@ -125,9 +134,9 @@ def test_check_reads_the_written_file_back(tmp_path, monkeypatch):
             tensor.view(-1)[7] += 1e-3
         real(self, name, tensor)
 
-    monkeypatch.setattr(bin_writer.BinWriter, "write", corrupting)
+    monkeypatch.setattr(writer, "write", corrupting)
     with pytest.raises(VerificationFailed) as info:
-        api.convert(src, tmp_path / "out", to="adapters-1.0")
+        api.convert(src, tmp_path / "out", to="adapters-1.0", safetensors=safetensors)
     bad = info.value.report.failures()
     assert len(bad) == 1 and "read back differs from what was written" in bad[0].detail
     assert not (tmp_path / "out").exists()
@@ -161,12 +170,12 @@ def test_allow_nonfinite_passes_values_through(tmp_path):
 def test_power_of_two_fast_rescale_is_bit_identical_to_float64_exhaustively():
     for dt in (torch.float16, torch.bfloat16):
         every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dt)
-        for c in (1.0, 2.0, 8.0, 2.0**30):
+        for c in (1.0, 2.0, 8.0, 2.0**30, 2.0**127, 2.0**128, 2.0**200):
             fast, ref = _mul(every, c), (every.double() * c).to(dt)
             assert torch.equal(fast.view(torch.int16)[~ref.isnan()], ref.view(torch.int16)[~ref.isnan()])
             assert torch.equal(fast.isnan(), ref.isnan())
     x = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), dtype=torch.int32).view(torch.float32)
-    for c in (2.0, 2.0**100):
+    for c in (2.0, 2.0**100, 2.0**127, 2.0**200):
         fast, ref = _mul(x, c), (x.double() * c).float()
         assert torch.equal(fast[~ref.isnan()], ref[~ref.isnan()])
 

@@ -82,9 +82,9 @@ def test_fused_expand_places_blocks_in_qkv_thirds():
     d = ModuleDelta("c_attn", A=A, B=B, scale=1.0, provenance=P, fused=FusedQKV((0, 2)))
     W = dense(d)
     assert W.shape == (9, 5)
-    torch.testing.assert_close(W[0:3], (B[0:3] @ A[0:2]).double())
+    torch.testing.assert_close(W[0:3], B[0:3].double() @ A[0:2].double())
     torch.testing.assert_close(W[3:6], torch.zeros(3, 5, dtype=torch.float64))
-    torch.testing.assert_close(W[6:9], (B[3:6] @ A[2:4]).double())
+    torch.testing.assert_close(W[6:9], B[3:6].double() @ A[2:4].double())
 
 
 def test_choose_alpha_for_adapters_1_0_writes_alpha_equal_r():

@@ -97,6 +97,29 @@ def test_power_of_two_rescale_is_proven_exact(dtype, c):
     assert not compare(big, up).ok
 
 
+@pytest.mark.parametrize("finite_source", [False, True])  # True: the source is not scanned again, the output is
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_claim_in_native_dtype_agrees_with_float64_for_every_value(dtype, finite_source):
+    """The exact test runs in fp16/bf16 itself; over every finite value it claims exact iff float64 says so."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[every.isfinite()]
+    A = torch.ones(1, 1, dtype=dtype)
+    for c in (2.0, 8.0, 2.0**20, 0.5, 2.0**-7):
+        for part in every.split(4096):  # slices with and without overflow / underflow of c·B
+            B1 = part.reshape(-1, 1)
+            B2 = (B1.double() * c).to(dtype)
+            truth = bool(B2.isfinite().all()) and torch.equal(B2.double(), B1.double() * c)
+            claim = compare(mk(A, B1, c), mk(A, B2, 1.0), finite_source=finite_source).detail.startswith("exact")
+            assert claim == truth, (dtype, c, part[0].item())
+    B1 = every[(every.abs() < 1000) & (every.abs() > 1e-3)].reshape(-1, 1)
+    B2 = B1 * 4
+    assert compare(mk(A, B1, 4.0), mk(A, B2, 1.0)).detail.startswith("exact")
+    for i in (0, B2.shape[0] // 2, B2.shape[0] - 1):  # any single element one ulp off
+        B3 = B2.clone()
+        B3[i] = torch.nextafter(B3[i], torch.tensor(float("inf"), dtype=dtype))
+        assert not compare(mk(A, B1, 4.0), mk(A, B3, 1.0)).detail.startswith("exact")
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     out=st.integers(1, 20),

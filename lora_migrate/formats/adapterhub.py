@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ..adapter import AdapterInfo, FusedQKV, ScaleProvenance
 from ..errors import DetectionError, LoraMigrateError
-from ..io import BinWriter, SafetensorsWriter, open_tensors
+from ..io import BackgroundWriter, BinWriter, SafetensorsWriter, open_tensors
 from ..schemas import CONVENTIONS, Convention
 from ..schemas.adapterhub import FUSED_QKV_MODULES, OTHER_METHOD_KEYS, AdapterHubWrapper
 from ..source import (HeadFiles, ModuleEntry, SourceAdapter, TensorStore, json_number, read_json,
@@ -377,7 +377,7 @@ def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, 
     if name is None:
         raise LoraMigrateError(f"{target.name} cannot read safetensors weights")
     writer = SafetensorsWriter if name.endswith(".safetensors") else BinWriter
-    with writer(out_dir / name) as w:  # plan the whole header, then stream one tensor at a time
+    with BackgroundWriter(writer(out_dir / name)) as w:  # plan the whole header, then stream one tensor at a time
         for module, param, shape, dtype in planned:
             w.add(target.keys.key(param, module, info.name), dtype, shape)
         w.write_header()

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ..adapter import AdapterInfo, ScaleProvenance
 from ..errors import LoraMigrateError, UnsupportedFeature
-from ..io import BinWriter, SafetensorsWriter
+from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
 from ..schemas import Convention
 from ..schemas.base import Scaling
 from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST, PEFT_PREFIX,
@@ -324,7 +324,7 @@ def write_peft(out_dir: Path, target: Convention, config: dict, tensors, planned
     name = "adapter_model.safetensors" if safetensors else "adapter_model.bin"
     writer = SafetensorsWriter(out_dir / name, metadata={"format": "pt"}) if safetensors \
         else BinWriter(out_dir / name)
-    with writer as w:
+    with BackgroundWriter(writer) as w:
         for key, shape, dtype in planned:
             w.add(key, dtype, shape)
         w.write_header()

@@ -85,7 +85,26 @@ def write_errors(path):
         raise LoraMigrateError(f"{path}: cannot write: {exc.strerror or oneline(exc)}") from exc
 
 
-class PlannedWriter:
+class ClosesOrAborts:
+    """As a context manager: ``close()`` on success, ``abort()`` (which deletes the partial file) on an error."""
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class PlannedWriter(ClosesOrAborts):
     """The plan shared by the two-phase writers: ``add`` every tensor (name, dtype, shape), ``write_header``,
     then ``write`` each tensor in plan order, ``close``. This class keeps the plan and checks every call against
     it (ValueError on a mismatch); subclasses lay out the bytes. As a context manager, an exception (or an
@@ -144,38 +163,73 @@ class PlannedWriter:
             self.abort()
             raise ValueError(f"{self.path}: closed before writing {missing} ({n} planned tensors unwritten)")
 
-    def abort(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
 
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
+_LIBC: list = []
 
 
-def _libc_trim():
-    try:
+def libc():
+    """The C library through ctypes (errno kept), or None where there is none to load; loaded on first use."""
+    if not _LIBC:
         import ctypes
 
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        return fn
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6", use_errno=True))
+        except OSError:
+            import ctypes.util  # runs ldconfig: only where libc.so.6 is not the name
+
+            try:
+                _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
+            except OSError:
+                _LIBC.append(None)
+    return _LIBC[0]
 
 
-_TRIM = _libc_trim()
+_FUNCTIONS: dict = {}
+
+
+def libc_function(name: str, argtypes: list, restype):
+    """A libc function with its signature set, or None if this C library lacks it."""
+    if name not in _FUNCTIONS:
+        fn = getattr(libc(), name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = argtypes, restype
+        _FUNCTIONS[name] = fn
+    return _FUNCTIONS[name]
 
 
 _SINCE_TRIM = [0]
 TRIM_EVERY = 64 << 20
+
+
+class WriteBehind:
+    """Start the disk writes of a file as it grows (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every
+    ``EVERY`` bytes), so the fsync that makes it durable before the rename only waits for the last piece.
+
+    Measured writing 1.1 GB here: write + fsync 0.59 s → 0.50 s (median of 6); the kernel writes back while the
+    next tensors are computed instead of all at the end. Every 4 MB rather than 16 or 64 MB: convert() of the
+    1.1 GB adapter 1.24 / 1.41 / 1.42 s (.bin), 1.09 / 1.21 / 1.30 s (safetensors), medians of 9. It changes
+    nothing a reader sees and is no substitute for the fsync. A no-op where the call is missing or refused (other
+    systems, pipes, /dev/full).
+    """
+
+    EVERY = 4 << 20
+
+    def __init__(self, fd: int):
+        import ctypes
+
+        self._fd = fd
+        self._done = 0
+        self._call = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint],
+                                   ctypes.c_int)
+
+    def wrote(self, end: int, flush=None) -> None:
+        """The file now holds ``end`` bytes; ``flush()`` hands buffered ones to the OS (called only when due)."""
+        if self._call is not None and end - self._done >= self.EVERY:
+            if flush is not None:
+                flush()
+            if self._call(self._fd, self._done, end - self._done, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
+                self._call = None  # unsupported here: stop trying; the fsync at the end does it all
+            self._done = end
 
 
 def release_memory(nbytes: int | None = None) -> None:
@@ -192,8 +246,11 @@ def release_memory(nbytes: int | None = None) -> None:
         if _SINCE_TRIM[0] < TRIM_EVERY:
             return
     _SINCE_TRIM[0] = 0
-    if _TRIM is not None:
-        _TRIM(0)
+    import ctypes
+
+    trim = libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager

@@ -5,22 +5,27 @@ step is a rename), fsyncs what was written there and renames it into place. Repl
 Linux ``renameat2(RENAME_EXCHANGE)`` where available, which swaps old and new in one step so ``out`` is always
 the complete old or the complete new output; elsewhere the old output is first renamed aside, which leaves a
 moment in which ``out`` does not exist (but never a partial one). A failure leaves ``out`` untouched.
+
+A process killed with SIGKILL cannot delete its temporary directory. Each name therefore carries its owner:
+``.<out>.lora-migrate-tmp-<host>-<pid>-<random>`` (host: 8 hex digits of the host name), and the next
+:func:`atomic_output` for the same ``out`` removes those whose owner is gone (:func:`remove_stale`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import OutOfSpace, fault_point, is_out_of_space, oneline
+from lora_migrate.io._common import OutOfSpace, fault_point, is_out_of_space, libc, oneline
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -38,9 +43,10 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     if os.path.lexists(out) and not overwrite:
         raise LoraMigrateError(f"{out} already exists; pass --overwrite to replace it")
     parent = out.parent
+    remove_stale(out)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-migrate-tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=parent))
     except OSError as exc:
         reason = exc.strerror or oneline(exc)
         raise LoraMigrateError(f"cannot create output directory in {parent}: {reason}") from None
@@ -57,6 +63,61 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         if finishing and isinstance(exc, OSError):  # fsync / rename; the caller's own OSErrors pass through
             raise LoraMigrateError(f"cannot write {out}: {exc.strerror or oneline(exc)}") from exc
         raise
+
+
+def _host_tag() -> str:
+    import socket
+    import zlib
+
+    return f"{zlib.crc32(socket.gethostname().encode('utf-8', 'surrogateescape')):08x}"
+
+
+def _prefix(out: Path, kind: str) -> str:
+    """``.<out>.lora-migrate-<kind>-<host>-<pid>-``; mkdtemp appends 8 random characters."""
+    return f".{out.name}.lora-migrate-{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True  # cannot tell: keep its folder
+    return True
+
+
+def remove_stale(out: str | os.PathLike) -> list[Path]:
+    """Delete the temporary directories that earlier runs for ``out`` left behind when they were killed, and
+    return them. Only what is clearly ours: a directory (not a link) of this user named exactly
+    ``.<out name>.lora-migrate-tmp-<host>-<pid>-<8 chars>`` by a process of this host that no longer runs. A
+    ``-old-`` folder (the previous output moved aside while replacing it, see :func:`_install`) is deleted on the
+    same terms and only while ``out`` exists, since otherwise it may hold the only copy of the previous output.
+    Names without a pid (older versions) and folders of live processes are left alone."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.lora-migrate-(tmp|old)-([0-9a-f]{{8}})-([0-9]+)-[a-z0-9_]{{8}}")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    host, removed = _host_tag(), []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or m.group(2) != host or _alive(int(m.group(3))):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(out):
+            continue
+        p = out.parent / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == getattr(os, "getuid", lambda: st.st_uid)():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def refuse_overlap(src: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -81,7 +142,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     elif _exchange(tmp, out):
         _remove(tmp)  # tmp now holds the old output
     else:
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.lora-migrate-old-", dir=out.parent))
+        aside = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
         old = aside / "old"
         os.rename(out, old)
         try:
@@ -96,7 +157,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if the OS/filesystem cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
+    renameat2 = getattr(libc(), "renameat2", None)
     if renameat2 is None:
         return False
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
@@ -106,18 +167,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-_LIBC = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True))
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
 
 
 def _fsync_tree(root: Path) -> None:

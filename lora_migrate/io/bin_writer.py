@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import (OutOfSpace, PlannedWriter, fault_point, is_out_of_space, oneline,
-                                     write_errors)
+from lora_migrate.io._common import (OutOfSpace, PlannedWriter, WriteBehind, fault_point, is_out_of_space,
+                                     oneline, write_errors)
 
 
 def save_bin(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
@@ -231,6 +231,7 @@ class BinWriter(PlannedWriter):
         self._zip = None  # torch._C.PyTorchFileWriter
         self._stream = None  # Python file object under the zip writer (non-ASCII paths), else None
         self._buffer: dict[str, torch.Tensor] | None = None  # fallback mode: tensors for torch.save at close
+        self._behind: tuple[int, WriteBehind] | None = None  # (own read-only fd, its write-behind) when streaming
         self._started = False
         self._done = False
         self.streaming: bool | None = None  # decided by write_header()
@@ -280,6 +281,12 @@ class BinWriter(PlannedWriter):
             self._zip.write_record(".format_version", "1", len("1"))
             self._zip.write_record(".storage_alignment", str(alignment), len(str(alignment)))
             self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        if self.path.is_file():  # torch's writer keeps its file to itself: start write-back through our own fd
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return
+            self._behind = (fd, WriteBehind(fd))
 
     # -- phase 2 ---------------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -300,6 +307,8 @@ class BinWriter(PlannedWriter):
             with self._zip_errors():
                 fault_point("write")
                 self._zip.write_record(f"data/{key}", storage, nbytes)
+            if self._behind is not None:
+                self._behind[1].wrote(os.fstat(self._behind[0]).st_size)
         self._next += 1
 
     def close(self) -> None:
@@ -310,6 +319,7 @@ class BinWriter(PlannedWriter):
         if self._buffer is not None:
             self._close_fallback()
             return
+        self._close_behind()
         with self._zip_errors():
             self._zip.write_end_of_file()  # also closes the C++ file stream when opened by name
             if self._stream is not None:
@@ -337,6 +347,7 @@ class BinWriter(PlannedWriter):
             return
         self._done = True
         self._buffer = None
+        self._close_behind()
         zip_writer, stream, self._zip, self._stream = self._zip, self._stream, None, None
         if zip_writer is not None:
             # Finalize explicitly: PyTorchFileWriter's destructor finalizes an unfinished archive itself and,
@@ -353,6 +364,11 @@ class BinWriter(PlannedWriter):
                 pass
         if self._started and self.path.is_file():  # never unlink a device node such as /dev/full
             self.path.unlink(missing_ok=True)
+
+    def _close_behind(self) -> None:
+        behind, self._behind = self._behind, None
+        if behind is not None:
+            os.close(behind[0])
 
     def __del__(self):
         # An abandoned writer must not reach PyTorchFileWriter's destructor unfinished (see abort()).

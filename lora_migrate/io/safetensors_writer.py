@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, PlannedWriter, fault_point, write_errors
+from lora_migrate.io._common import BY_TORCH, MAX_HEADER_SIZE, PlannedWriter, WriteBehind, fault_point, write_errors
 
 
 def safetensors_order(items: Iterable[tuple[str, torch.dtype]]) -> list[str]:
@@ -90,6 +90,8 @@ class SafetensorsWriter(PlannedWriter):
         with write_errors(self.path):
             self._file = open(self.path, "wb")
             self._file.write(header)
+        self._behind = WriteBehind(self._file.fileno())
+        self._end = len(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor; its name, dtype and shape must match the plan exactly."""
@@ -101,6 +103,8 @@ class SafetensorsWriter(PlannedWriter):
         with write_errors(self.path):
             fault_point("write")
             self._file.write(data)
+            self._end += data.nbytes
+            self._behind.wrote(self._end, self._file.flush)
         self._next += 1
 
     def close(self) -> None:

@@ -14,8 +14,9 @@ class NonFiniteValues(LoraMigrateError):
     """A tensor of the source holds NaN or ±Inf (bad input, exit code 2 unless --allow-nonfinite)."""
 
 
-def _count(t: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, ±Inf count); the common all-finite case costs one sum (:func:`verify.all_finite`)."""
+def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, ±Inf count); the common all-finite case costs one sum (:func:`verify.all_finite`); 0, 0 for
+    integer tensors."""
     if all_finite(t):
         return 0, 0
     return int(torch.isnan(t).sum().item()), int(torch.isinf(t).sum().item())
@@ -32,7 +33,7 @@ def refuse_nonfinite(d: ModuleDelta, *, allow: bool = False) -> list[str]:
     for label, t in tensors:
         if t is None:
             continue
-        nan, inf = _count(t)
+        nan, inf = count_nonfinite(t)
         if nan or inf:
             what = " and ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if x)
             found.append(f"{label} holds {what} of {t.numel()} values")

@@ -191,3 +191,51 @@ def test_refuse_overlap(tmp_path):
     refuse_overlap(src / "adapter_model.safetensors", tmp_path / "out")
     with pytest.raises(LoraMigrateError, match="inside the output"):
         refuse_overlap(src / "adapter_model.safetensors", src)
+
+
+# ------------------------------------------------------------------------------------------------ stale temps
+
+
+def dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_names_carry_host_and_pid(tmp_path):
+    with atomic_output(tmp_path / "out") as tmp:
+        _, kind, host, pid, rand = tmp.name.rsplit("-", 4)
+        assert tmp.name.startswith(".out.lora-migrate-tmp-") and host == atomic._host_tag()
+        assert int(pid) == os.getpid() and len(rand) == 8
+
+
+def test_stale_temps_of_dead_owners_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    host, dead, alive = atomic._host_tag(), dead_pid(), os.getpid()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    names = {
+        f".out.lora-migrate-tmp-{host}-{dead}-abcd_123": "removed",       # ours, owner gone
+        f".out.lora-migrate-tmp-{host}-{alive}-abcd_123": "kept",         # owner running
+        f".out.lora-migrate-tmp-{other_host}-{dead}-abcd_123": "kept",    # another machine's (shared disk)
+        f".out.lora-migrate-tmp-{host}-{dead}-abcd_1234": "kept",         # not a name we make
+        ".out.lora-migrate-tmp-abcd_123": "kept",                         # an older version's: owner unknown
+        f".other.lora-migrate-tmp-{host}-{dead}-abcd_123": "kept",        # another output's
+        f".out.lora-migrate-old-{host}-{dead}-abcd_123": "kept",          # OUT missing: may hold the only copy
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    (tmp_path / f".out.lora-migrate-tmp-{host}-{dead}-file_123").write_text("a file, not a folder")
+    (tmp_path / f".out.lora-migrate-tmp-{host}-{dead}-link_123").symlink_to(tmp_path / ".out.lora-migrate-tmp-abcd_123")
+    with atomic_output(out) as tmp:
+        (tmp / "f").write_text("new")
+    for name, fate in names.items():
+        assert (tmp_path / name).exists() == (fate == "kept"), name
+    assert (tmp_path / f".out.lora-migrate-tmp-{host}-{dead}-file_123").is_file()
+    assert (tmp_path / f".out.lora-migrate-tmp-{host}-{dead}-link_123").is_symlink()
+    assert (tmp_path / ".out.lora-migrate-tmp-abcd_123" / "f").exists()  # not followed through the link
+    # with OUT in place, a dead owner's moved-aside previous output is removable too
+    assert atomic.remove_stale(out) == [tmp_path / f".out.lora-migrate-old-{host}-{dead}-abcd_123"]

@@ -76,6 +76,18 @@ def test_all_dtypes_round_trip_and_byte_identical_to_torch_save(tmp_path):
     assert_loads(path, d)
 
 
+def test_write_behind_starts_disk_writes_and_changes_no_byte(tmp_path, monkeypatch):
+    from lora_migrate.io import _common
+
+    calls = []
+    real = _common.WriteBehind.wrote
+    monkeypatch.setattr(_common.WriteBehind, "EVERY", 8)
+    monkeypatch.setattr(_common.WriteBehind, "wrote", lambda self, end, flush=None: (calls.append(end),
+                                                                                     real(self, end, flush)))
+    test_all_dtypes_round_trip_and_byte_identical_to_torch_save(tmp_path)
+    assert len(calls) == len(sample_all_dtypes()) and calls == sorted(calls)
+
+
 def test_zip_layout(tmp_path):
     """Archive folder is the file stem (as torch.save(obj, path)); records in torch's order; 64-byte aligned."""
     d = {"w": torch.randn(3, 5), "v": torch.randn(7).to(torch.bfloat16), "z": torch.zeros(0)}

@@ -82,6 +82,28 @@ def test_bytes_identical_to_save_file(tmp_path, metadata):
     assert ours.read_bytes() == reference.read_bytes()
 
 
+def test_write_behind_starts_disk_writes_and_changes_no_byte(tmp_path, monkeypatch):
+    from lora_migrate.io import _common
+
+    ranges = []
+    monkeypatch.setattr(_common.WriteBehind, "EVERY", 8)
+    real = _common.libc_function
+
+    def recording(name, argtypes, restype):
+        fn = real(name, argtypes, restype)
+        if name != "sync_file_range" or fn is None:
+            return fn
+        return lambda fd, start, n, flags: (ranges.append((start, n)), fn(fd, start, n, flags))[1]
+
+    monkeypatch.setattr(_common, "libc_function", recording)
+    test_bytes_identical_to_save_file(tmp_path, {"format": "pt"})
+    if not hasattr(_common.libc(), "sync_file_range"):
+        pytest.skip("no sync_file_range here")
+    size = (tmp_path / "ours.safetensors").stat().st_size
+    assert ranges and ranges[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert size - 8 < ranges[-1][0] + ranges[-1][1] <= size  # every range handed over, the last tensor included
+
+
 def _split(raw):
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
