@@ -61,7 +61,7 @@ elif mode in ("convert", "convert_st"):
     r = lora_migrate.convert(src, out, to="adapters-1.0", safetensors=mode == "convert_st")
     assert r.ok, r
     extra = {"convert_seconds": time.perf_counter() - t1, "check_seconds": r.adapters[0].verify.seconds,
-             "summary": r.adapters[0].verify.summary()}
+             "summary": r.adapters[0].verify.summary(), "package": lora_migrate.__file__}
 elif mode == "users":  # what a user does today: the base model, the source library, the target library
     import adapters, transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[4])
@@ -108,11 +108,15 @@ def child(mode: str, src: Path, out: Path, *more, tree: str | None = None) -> di
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     env = dict(os.environ, PYTHONPATH=tree) if tree else None
+    # cwd: with `python -c` the working directory comes first on sys.path, before PYTHONPATH
     p = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), *map(str, more)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=tree or out.parent)
     if p.returncode:
         raise SystemExit(f"{mode} failed:\n{p.stderr}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    if tree and "package" in got and not Path(got["package"]).is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"--also {tree}: the child imported {got['package']}")
+    return got
 
 
 def medians(runs: list[dict]) -> dict:
