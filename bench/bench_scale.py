@@ -5,8 +5,10 @@
 Synthetic adapters-1.1 (AdapterHub) adapters shaped like a 70B-class Llama (hidden 8192, intermediate 28672,
 GQA k/v 1024, 80 layers; q, k, v, up, down: every linear layer AdapterHub's LoRA adapts), r=64, bf16:
 80 layers ≈ 1.1 GB, 5 layers ≈ 0.07 GB. Every measurement runs in a fresh subprocess (wall time, CPU time, peak
-RSS); the median of ``--repeat`` runs counts (each figure its own median), because the 2-core machine is shared;
-the load average is printed before and after each size:
+RSS); the median of ``--repeat`` rounds counts (each figure its own median), because the 2-core machine is shared;
+each round runs every measurement of a size once in turn, so a burst of load from elsewhere hits them alike;
+the load average is printed before and after each size. ``--also TREE`` adds the same conversions by another
+checkout (before/after a change), interleaved with the rest:
 
   (a) ``convert --to adapters-1.0`` (scale 2 folded into every B, with the numeric check) vs a raw
       ``safetensors.load_file`` + ``save_file`` of the same file ("copy"), and vs that copy followed by an
@@ -59,7 +61,7 @@ elif mode in ("convert", "convert_st"):
     r = lora_migrate.convert(src, out, to="adapters-1.0", safetensors=mode == "convert_st")
     assert r.ok, r
     extra = {"convert_seconds": time.perf_counter() - t1, "check_seconds": r.adapters[0].verify.seconds,
-             "summary": r.adapters[0].verify.summary()}
+             "summary": r.adapters[0].verify.summary(), "package": lora_migrate.__file__}
 elif mode == "users":  # what a user does today: the base model, the source library, the target library
     import adapters, transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[4])
@@ -101,25 +103,44 @@ def make_adapter(folder: Path, layers: int, r: int, modules=MODULES, hidden=HIDD
     return (folder / "adapter.safetensors").stat().st_size
 
 
-def child(mode: str, src: Path, out: Path, *more) -> dict:
+def child(mode: str, src: Path, out: Path, *more, tree: str | None = None) -> dict:
+    """One measurement in a fresh process; ``tree``: import lora_migrate from that checkout instead."""
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
+    env = dict(os.environ, PYTHONPATH=tree) if tree else None
+    # cwd: with `python -c` the working directory comes first on sys.path, before PYTHONPATH
     p = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), *map(str, more)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env, cwd=tree or out.parent)
     if p.returncode:
         raise SystemExit(f"{mode} failed:\n{p.stderr}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    if tree and "package" in got and not Path(got["package"]).is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"--also {tree}: the child imported {got['package']}")
+    return got
 
 
-def median(mode: str, repeat: int, *args) -> dict:
-    """Each numeric figure's median over ``repeat`` fresh runs (and the wall times of all runs)."""
-    runs = [child(mode, *args) for _ in range(repeat)]
+def medians(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the runs (and the wall times of all runs)."""
     out = dict(runs[len(runs) // 2])
     for k, v in runs[0].items():
         if isinstance(v, (int, float)):
             out[k] = statistics.median(r[k] for r in runs)
     out["walls"] = [r["seconds"] for r in runs]
     return out
+
+
+def median(mode: str, repeat: int, *args) -> dict:
+    return medians([child(mode, *args) for _ in range(repeat)])
+
+
+def interleaved(jobs: dict[str, tuple], repeat: int) -> dict[str, dict]:
+    """``repeat`` rounds, each running every job once in turn (so a burst of load from elsewhere hits all of them
+    alike), then each job's medians. ``jobs``: name -> (mode, src, out[, tree])."""
+    runs: dict[str, list] = {name: [] for name in jobs}
+    for _ in range(repeat):
+        for name, (mode, src, out, *tree) in jobs.items():
+            runs[name].append(child(mode, src, out, tree=tree[0] if tree else None))
+    return {name: medians(r) for name, r in runs.items()}
 
 
 def wall(cmd: list[str], repeat: int) -> float:
@@ -171,6 +192,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-users", action="store_true", help="skip (f), which loads a small base model")
+    ap.add_argument("--also", metavar="TREE", help="also time the conversions with lora_migrate imported from TREE "
+                    "(another checkout, e.g. `git archive <commit> | tar -x -C TREE`), interleaved: rows '... also'")
     ap.add_argument("--make-adapter", nargs=3, help=argparse.SUPPRESS)  # folder layers rank (in a child)
     ap.add_argument("--make-base", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -190,25 +213,31 @@ def main() -> None:
         tmp = Path(tmp)
         floor = median("baseline", 3, tmp, tmp / "x")
         print(f"`import torch` alone: {floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mb']:.0f} MB")
-        print(f"{'layers':>6} {'MB':>6} {'out':>3} {'copy s':>7} {'+fsync':>7} {'conv s':>7} {'(a) wall':>8} "
+        print(f"{'layers':>6} {'MB':>6} {'out':>9} {'copy s':>7} {'+fsync':>7} {'conv s':>7} {'(a) wall':>8} "
               f"{'(a)+fsync':>9} {'(a) cpu':>8} {'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9}  walls")
         for layers in (int(x) for x in args.layers.split(",")):
             src = tmp / f"l{layers}"
             in_child("--make-adapter", src, layers, args.rank)
             size = (src / "adapter.safetensors").stat().st_size
             print(f"       load average {os.getloadavg()[0]:.1f}")
-            copy = median("copy", args.repeat, src, tmp / "copy.safetensors")
-            copy_fsync = median("copy_fsync", args.repeat, src, tmp / "copy.safetensors")
-            for out, mode in (("bin", "convert"), ("st", "convert_st")):  # st: like for like, safetensors out
-                conv = median(mode, args.repeat, src, tmp / "out")
-                print(f"{layers:>6} {size / 1e6:>6.0f} {out:>3} {copy['seconds']:>7.2f} {copy_fsync['seconds']:>7.2f} "
+            jobs = {"copy": ("copy", src, tmp / "copy.safetensors"),
+                    "copy_fsync": ("copy_fsync", src, tmp / "copy.safetensors"),
+                    "bin": ("convert", src, tmp / "out"), "st": ("convert_st", src, tmp / "out")}
+            if args.also:  # the same conversions by another checkout (e.g. before a change)
+                jobs.update({"bin also": ("convert", src, tmp / "out", args.also),
+                             "st also": ("convert_st", src, tmp / "out", args.also)})
+            got = interleaved(jobs, args.repeat)
+            copy, copy_fsync = got["copy"], got["copy_fsync"]
+            for out in [k for k in jobs if k.startswith(("bin", "st"))]:
+                conv = got[out]
+                print(f"{layers:>6} {size / 1e6:>6.0f} {out:>9} {copy['seconds']:>7.2f} {copy_fsync['seconds']:>7.2f} "
                       f"{conv['seconds']:>7.2f} {conv['seconds'] / copy['seconds']:>7.2f}× "
                       f"{conv['seconds'] / copy_fsync['seconds']:>8.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
                       f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
                       f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M "
                       f"{copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M  "
                       f"{' '.join(f'{w:.2f}' for w in conv['walls'])} (copy {' '.join(f'{w:.2f}' for w in copy['walls'])})")
-            print(f"       check: {conv['summary']}; load average {os.getloadavg()[0]:.1f}")
+            print(f"       check: {got['st']['summary']}; load average {os.getloadavg()[0]:.1f}")
             shutil.rmtree(src)
         print("(e) batch: see bench/bench_batch.py")
         if not args.skip_users:

@@ -25,6 +25,7 @@ class BackgroundWriter(ClosesOrAborts):
         self.writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._abandoned = False  # set by abort(): queued tensors are dropped, not written
         self._thread: threading.Thread | None = None
 
     def add(self, name, dtype, shape) -> None:
@@ -40,7 +41,7 @@ class BackgroundWriter(ClosesOrAborts):
             item = self._queue.get()
             if item is _STOP:
                 return
-            if self._error is None:  # after an error, only drain (the main thread is told at its next call)
+            if self._error is None and not self._abandoned:  # after an error or abort, only drain the queue
                 try:
                     self.writer.write(*item)
                 except BaseException as exc:  # noqa: BLE001 -- handed to the main thread
@@ -75,6 +76,7 @@ class BackgroundWriter(ClosesOrAborts):
         self.writer.close()
 
     def abort(self) -> None:
+        self._abandoned = True
         self._stop()
         self._error = None
         self.writer.abort()
