@@ -68,7 +68,7 @@ from pathlib import Path
 GOLDEN = Path(__file__).resolve().parent
 VENVS = GOLDEN / ".venvs"
 TORCH_PIN = "torch==2.13.0"
-DEFAULT_CONVERTER = "/work/main/.venv/bin/lora-migrate"
+DEFAULT_CONVERTER = str(GOLDEN.parent / ".venv" / "bin" / "lora-migrate")  # this checkout's
 TOL = 1e-5
 
 # --------------------------------------------------------------------------------------------------
@@ -246,42 +246,43 @@ def base_rel(case: str) -> str:
 # ==================================================================================================
 # Host side: envs
 # ==================================================================================================
-def cmd_envs(args) -> None:
+def build_envs(envs: dict, only, imports_ok) -> None:
+    """Create or refresh each env of ``envs`` (name → recipe with ``deps`` and optional ``no_deps``), idempotently:
+    an env whose recorded recipe matches and whose ``imports_ok(env)`` passes is left alone. torch is installed
+    FIRST from the local CPU wheel, and everything after it is constrained to it. Shared with make_golden_peft.py."""
     VENVS.mkdir(parents=True, exist_ok=True)
     gi = GOLDEN / ".gitignore"
     if not gi.exists() or ".venvs/" not in gi.read_text().split():
         gi.write_text(".venvs/\n")
     constraints = VENVS / "constraints.txt"
     constraints.write_text(TORCH_PIN + "\n")
-    for env, spec in ENVS.items():
-        if args.only and env not in args.only:
+    for env, spec in envs.items():
+        if only and env not in only:
             continue
         vdir = VENVS / env
         marker = vdir / ".golden-recipe.json"
         recipe = {"torch": TORCH_PIN, **spec}
-        if marker.exists() and json.loads(marker.read_text()) == recipe and env_python(env).exists() \
-                and _env_imports_ok(env):
+        if marker.exists() and json.loads(marker.read_text()) == recipe and imports_ok(env):
             print(f"[envs] {env}: up to date")
             continue
         print(f"[envs] {env}: building", flush=True)
         if not env_python(env).exists():
             subprocess.run([sys.executable, "-m", "venv", str(vdir)], check=True)
         pip = [str(env_python(env)), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-        # torch FIRST, from the local CPU wheel; everything later is constrained to it.
         subprocess.run(pip + [TORCH_PIN], check=True)
-        if spec["no_deps"]:
+        if spec.get("no_deps"):
             subprocess.run(pip + ["-c", str(constraints), "--no-deps"] + spec["no_deps"], check=True)
         subprocess.run(pip + ["-c", str(constraints)] + spec["deps"], check=True)
-        if not _env_imports_ok(env):
+        if not imports_ok(env):
             raise SystemExit(f"[envs] {env}: import check failed")
         marker.write_text(json.dumps(recipe, indent=1))
         print(f"[envs] {env}: ok")
 
 
-def _env_imports_ok(env: str) -> bool:
-    code = ("import torch, transformers; " +
-            ("import transformers.adapters" if env == "at31" else "import adapters") +
-            "; assert torch.__version__.startswith('2.13.0')")
+def imports_ok(env: str, code: str) -> bool:
+    """``code`` runs without error in ``env``'s venv (which must exist)."""
+    if not env_python(env).exists():
+        return False
     r = subprocess.run([str(env_python(env)), "-c", code], env=env_subprocess_env(), capture_output=True, text=True,
                        check=False)
     if r.returncode:
@@ -289,16 +290,28 @@ def _env_imports_ok(env: str) -> bool:
     return r.returncode == 0
 
 
-def run_worker(env: str, task: str, job: dict) -> dict:
-    """Run ``task`` in ``env``'s venv; the job goes in, the result comes out, both as JSON files."""
-    with tempfile.TemporaryDirectory(prefix=f"golden-{env}-") as td:
+def run_worker(env: str, task: str, job: dict, script: Path = Path(__file__)) -> dict:
+    """Run ``script _worker task`` in ``env``'s venv; the job goes in, the result comes out, both as JSON files."""
+    if not env_python(env).exists():
+        raise SystemExit(f"env {env} missing: run `python3 {script.name} envs` first")
+    with tempfile.TemporaryDirectory(prefix=f"{script.stem}-{env}-") as td:
         jpath, rpath = Path(td) / "job.json", Path(td) / "result.json"
         jpath.write_text(json.dumps(job))
-        r = subprocess.run([str(env_python(env)), str(Path(__file__).resolve()), "_worker", task, env,
+        r = subprocess.run([str(env_python(env)), str(script.resolve()), "_worker", task, env,
                             str(jpath), str(rpath)], env=env_subprocess_env(), check=False)
         if r.returncode:
             raise SystemExit(f"worker {task} in {env} failed (exit {r.returncode})")
         return json.loads(rpath.read_text())
+
+
+def cmd_envs(args) -> None:
+    build_envs(ENVS, args.only, _env_imports_ok)
+
+
+def _env_imports_ok(env: str) -> bool:
+    return imports_ok(env, "import torch, transformers; " +
+                      ("import transformers.adapters" if env == "at31" else "import adapters") +
+                      "; assert torch.__version__.startswith('2.13.0')")
 
 
 # ==================================================================================================

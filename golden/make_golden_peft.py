@@ -69,8 +69,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the host-side basics shared with the AdapterHub goldens (make_golden.py is stdlib-only at top level too)
-from make_golden import (DEFAULT_CONVERTER, GOLDEN, MODEL_SEED, TOL, TORCH_PIN, VENVS, _fmt,  # noqa: E402
-                         _maxdiff, env_python, env_subprocess_env)
+from make_golden import (DEFAULT_CONVERTER, GOLDEN, MODEL_SEED, TOL, _fmt, _maxdiff,  # noqa: E402
+                         build_envs, env_python, imports_ok)
+from make_golden import run_worker as _run_worker  # noqa: E402
 
 # cases live one level down, in golden/peft/<env>/<case>, so tests/test_golden.py's glob("*/*/meta.json") over the
 # AdapterHub goldens does not pick them up
@@ -374,60 +375,20 @@ def case_inputs(case: str) -> dict:
 # Host side: envs
 # ==================================================================================================
 def cmd_envs(args) -> None:
-    VENVS.mkdir(parents=True, exist_ok=True)
-    gi = GOLDEN / ".gitignore"
-    if not gi.exists() or ".venvs/" not in gi.read_text().split():
-        gi.write_text(".venvs/\n")
-    constraints = VENVS / "constraints.txt"
-    constraints.write_text(TORCH_PIN + "\n")
-    for env, spec in ENVS.items():
-        if args.only and env not in args.only:
-            continue
-        vdir = VENVS / env
-        marker = vdir / ".golden-recipe.json"
-        recipe = {"torch": TORCH_PIN, **spec}
-        if marker.exists() and json.loads(marker.read_text()) == recipe and _env_imports_ok(env):
-            print(f"[envs] {env}: up to date")
-            continue
-        print(f"[envs] {env}: building", flush=True)
-        if not env_python(env).exists():
-            subprocess.run([sys.executable, "-m", "venv", str(vdir)], check=True)
-        pip = [str(env_python(env)), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-        subprocess.run(pip + [TORCH_PIN], check=True)  # FIRST, from the local CPU wheel
-        subprocess.run(pip + ["-c", str(constraints)] + spec["deps"], check=True)
-        if not _env_imports_ok(env):
-            raise SystemExit(f"[envs] {env}: import check failed")
-        marker.write_text(json.dumps(recipe, indent=1))
-        print(f"[envs] {env}: ok")
+    build_envs(ENVS, args.only, _env_imports_ok)
     missing = [e for e in ADAPTERHUB_ENVS if not env_python(e).exists() and not (args.only and e not in args.only)]
     if missing:
         subprocess.run([sys.executable, str(GOLDEN / "make_golden.py"), "envs", "--only", *missing], check=True)
 
 
 def _env_imports_ok(env: str) -> bool:
-    if not env_python(env).exists():
-        return False
-    code = ("import torch, transformers, peft; assert torch.__version__.startswith('2.13.0'); "
-            f"assert peft.__version__ == {ENVS[env]['library_version']!r}")
-    r = subprocess.run([str(env_python(env)), "-c", code], env=env_subprocess_env(), capture_output=True, text=True,
-                       check=False)
-    if r.returncode:
-        print(r.stderr[-2000:])
-    return r.returncode == 0
+    return imports_ok(env, "import torch, transformers, peft; assert torch.__version__.startswith('2.13.0'); "
+                           f"assert peft.__version__ == {ENVS[env]['library_version']!r}")
 
 
 def run_worker(env: str, task: str, job: dict) -> dict:
-    """Run ``task`` in ``env``'s venv; the job goes in, the result comes out, both as JSON files."""
-    if not env_python(env).exists():
-        raise SystemExit(f"env {env} missing: run `python3 {Path(__file__).name} envs` first")
-    with tempfile.TemporaryDirectory(prefix=f"golden-peft-{env}-") as td:
-        jpath, rpath = Path(td) / "job.json", Path(td) / "result.json"
-        jpath.write_text(json.dumps(job))
-        r = subprocess.run([str(env_python(env)), str(Path(__file__).resolve()), "_worker", task, env,
-                            str(jpath), str(rpath)], env=env_subprocess_env(), check=False)
-        if r.returncode:
-            raise SystemExit(f"worker {task} in {env} failed (exit {r.returncode})")
-        return json.loads(rpath.read_text())
+    """Run ``task`` in ``env``'s venv with this script's worker (``make_golden.run_worker``)."""
+    return _run_worker(env, task, job, Path(__file__))
 
 
 # ==================================================================================================

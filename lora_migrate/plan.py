@@ -478,18 +478,17 @@ def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
     refused by ``refuse_features``), the frozen embedding copies ``...embed_tokens|lm_head.base_layer.weight`` are
     the base model's own weights, which vLLM takes from the base model: the newest skips them by name
     (``is_base_embeddding_weights``), older releases and other layer names raise "... is unsupported LoRA weight".
-    So they are left out. A saved embedding with no LoRA on it (a resized vocabulary) is refused."""
-    kept, dropped = [], []
+    So they are left out: nothing extra is written. A saved embedding with no LoRA on it (a resized vocabulary)
+    is refused."""
     for k in src.extras:
         if not pf.is_frozen_base_copy(k):
             raise UnsupportedFeature(f"{src.info.name}: vLLM refuses it: \"{k} is unsupported LoRA weight\" (a full "
                                      "embedding/lm_head weight saved without LoRA on it, as for a resized vocabulary)")
-        dropped.append(k)
-    if dropped:
-        steps.append(Step(rule="drop_base_copies", what=f"leave out {len(dropped)} frozen base embedding copies "
-                          f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in dropped[:2])}): vLLM takes them from the base "
-                          "model; older vLLM raises \"is unsupported LoRA weight\" on them"))
-    return kept
+    if src.extras:
+        steps.append(Step(rule="drop_base_copies", what=f"leave out {len(src.extras)} frozen base embedding copies "
+                          f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in src.extras[:2])}): vLLM takes them from the "
+                          "base model; older vLLM raises \"is unsupported LoRA weight\" on them"))
+    return []
 
 
 def coverage_unproven(src: SourceAdapter) -> str | None:

@@ -15,25 +15,9 @@ import torch
 from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, TensorMeta, open_tensors
 from lora_migrate.io import tensors as tensors_module
-from tests.io.bitwise import bitwise_equal, random_tensor, SAVE_DTYPES
+from tests.io.bitwise import bitwise_equal, edge_sample
 from tests.io.memprobe import run_script
 
-DTYPES = SAVE_DTYPES
-
-
-def sample():
-    gen = torch.Generator().manual_seed(1)
-    d = {f"t.{str(dt).split('.')[-1]}": random_tensor(dt, (3, 5), gen) for dt in DTYPES}
-    d["scalar.bf16"] = torch.tensor(-2.5, dtype=torch.bfloat16)
-    d["scalar.i64"] = torch.tensor(-7)
-    d["scalar.bool"] = torch.tensor(True)
-    d["scalar.fp8"] = torch.tensor(0.5).to(torch.float8_e4m3fn)
-    d["empty"] = torch.zeros(0, 5, dtype=torch.float16)
-    d["empty2"] = torch.zeros(3, 0)
-    d["empty.fp8"] = torch.zeros(0).to(torch.float8_e5m2)
-    d["0"] = torch.arange(5.0)  # a name equal to a storage key
-    d["storage"] = torch.arange(3)  # a name equal to a string in the persistent ids
-    return d
 
 
 def is_lazy(tf):
@@ -66,7 +50,7 @@ def write_with_bin_writer(path, d):
 
 @pytest.mark.parametrize("writer", ["torch.save", "BinWriter"])
 def test_every_dtype_bitwise_equal_to_torch_load(tmp_path, writer):
-    d = sample()
+    d = edge_sample()
     path = tmp_path / "pytorch_adapter.bin"
     if writer == "torch.save":
         torch.save(d, path)
@@ -143,7 +127,7 @@ def test_parameters_and_state_dicts(tmp_path):
 
 
 def test_meta_and_keys_read_no_data(tmp_path, monkeypatch):
-    d = sample()
+    d = edge_sample()
     path = tmp_path / "m.bin"
     torch.save(d, path)
 
@@ -293,7 +277,7 @@ class _FutureUnpickler:
 
 @pytest.mark.parametrize("module", [None, type(sys)("fake", "no Unpickler"), type(sys)("fake", "other API")])
 def test_without_torchs_private_unpickler_falls_back(tmp_path, monkeypatch, module):
-    d = sample()
+    d = edge_sample()
     path = tmp_path / "f.bin"
     torch.save(d, path)
     if module is not None and module.__doc__ == "other API":

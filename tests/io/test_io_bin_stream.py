@@ -20,7 +20,7 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, OutOfSpace
 from lora_migrate.io import bin_writer as bin_module
 from tests.io.memprobe import run_script
-from tests.io.bitwise import SAVE_DTYPES, bits, bitwise_equal, random_tensor  # noqa: F401
+from tests.io.bitwise import SAVE_DTYPES, bits, bitwise_equal, edge_sample, random_tensor  # noqa: F401
 
 DTYPES = SAVE_DTYPES
 
@@ -36,25 +36,6 @@ def write_all(path, tensors, order=None):
     return w
 
 
-def sample_all_dtypes():
-    gen = torch.Generator().manual_seed(0)
-    d = {f"t.{str(dt).split('.')[-1]}": random_tensor(dt, (3, 4), gen) for dt in DTYPES}
-    d["scalar.bf16"] = torch.tensor(1.5, dtype=torch.bfloat16)
-    d["scalar.i64"] = torch.tensor(-7)
-    d["scalar.bool"] = torch.tensor(True)
-    d["scalar.fp8"] = torch.tensor(0.5).to(torch.float8_e4m3fn)
-    d["empty"] = torch.zeros(0, 5, dtype=torch.float16)
-    d["empty2"] = torch.zeros(3, 0)
-    d["empty.fp8"] = torch.zeros(0).to(torch.float8_e5m2)
-    d["ones3d"] = torch.ones(2, 1, 3, dtype=torch.int32)
-    d["0"] = torch.arange(5.0)  # a name equal to a storage key
-    d["storage"] = torch.arange(3)  # names equal to strings in the persistent ids
-    d["cpu"] = torch.arange(2.0)
-    d["b"] = torch.zeros(1)  # plan order is not sorted
-    d["a"] = torch.zeros(2)
-    return d
-
-
 def assert_loads(path, d):
     for mmap in (False, True):
         loaded = torch.load(path, weights_only=True, mmap=mmap)
@@ -65,7 +46,7 @@ def assert_loads(path, d):
 
 
 def test_all_dtypes_round_trip_and_byte_identical_to_torch_save(tmp_path):
-    d = sample_all_dtypes()
+    d = edge_sample()
     (tmp_path / "ours").mkdir()
     (tmp_path / "ref").mkdir()
     path = tmp_path / "ours" / "pytorch_adapter.bin"
@@ -85,7 +66,7 @@ def test_write_behind_starts_disk_writes_and_changes_no_byte(tmp_path, monkeypat
     monkeypatch.setattr(_common.WriteBehind, "wrote", lambda self, end, flush=None: (calls.append(end),
                                                                                      real(self, end, flush)))
     test_all_dtypes_round_trip_and_byte_identical_to_torch_save(tmp_path)
-    assert len(calls) == len(sample_all_dtypes()) and calls == sorted(calls)
+    assert len(calls) == len(edge_sample()) and calls == sorted(calls)
 
 
 def test_zip_layout(tmp_path):
@@ -313,7 +294,7 @@ def test_unwritable(tmp_path):
 
 def test_fallback_without_pytorch_file_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(bin_module, "_file_writer_class", lambda: None)
-    d = sample_all_dtypes()
+    d = edge_sample()
     (tmp_path / "ref").mkdir()
     path = tmp_path / "pytorch_adapter.bin"
     w = write_all(path, d)
