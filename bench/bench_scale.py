@@ -104,18 +104,41 @@ def make_adapter(folder: Path, layers: int, r: int, modules=MODULES, hidden=HIDD
 
 
 def child(mode: str, src: Path, out: Path, *more, tree: str | None = None) -> dict:
-    """One measurement in a fresh process; ``tree``: import lora_migrate from that checkout instead."""
+    """One measurement in a fresh process; ``tree``: import lora_migrate from that checkout instead.
+
+    Besides the child's own figures (its clock starts before ``import torch`` and stops before the interpreter's
+    teardown), the parent measures the whole process as a user waits for it: ``wall`` from spawn to exit, and
+    ``cpu_all`` / ``rss_all`` from ``wait4``. Modes ``cli`` / ``cli_st`` run the ``lora-migrate`` console script
+    itself, which reports nothing of its own."""
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     env = dict(os.environ, PYTHONPATH=tree) if tree else None
+    if mode in ("cli", "cli_st"):
+        exe = str(Path(sys.executable).with_name("lora-migrate"))
+        if tree:  # the other checkout's entry point (`main` before `run` existed), run by this interpreter
+            cmd = [sys.executable, "-c", "import sys; from lora_migrate import cli; sys.argv[0] = 'lora-migrate'; "
+                   "getattr(cli, 'run', cli.main)()"]
+        else:
+            cmd = [exe]
+        cmd += ["convert", str(src), str(out), "--to", "adapters-1.0", *(["--safetensors"] if mode == "cli_st" else [])]
+    else:
+        cmd = [sys.executable, "-c", CHILD, mode, str(src), str(out), *map(str, more)]
     # cwd: with `python -c` the working directory comes first on sys.path, before PYTHONPATH
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), *map(str, more)],
-                       capture_output=True, text=True, env=env, cwd=tree or out.parent)
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env, cwd=tree or out.parent)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0), fe.seek(0)
+        stdout, stderr = fo.read(), fe.read()
     if p.returncode:
-        raise SystemExit(f"{mode} failed:\n{p.stderr}")
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{mode} failed:\n{stderr}")
+    got = json.loads(stdout.strip().splitlines()[-1]) if mode not in ("cli", "cli_st") else {}
     if tree and "package" in got and not Path(got["package"]).is_relative_to(Path(tree).resolve()):
         raise SystemExit(f"--also {tree}: the child imported {got['package']}")
+    got.update(wall=wall, cpu_all=ru.ru_utime + ru.ru_stime, rss_all=ru.ru_maxrss / 1024)
+    got.setdefault("seconds", wall)
     return got
 
 
@@ -126,6 +149,7 @@ def medians(runs: list[dict]) -> dict:
         if isinstance(v, (int, float)):
             out[k] = statistics.median(r[k] for r in runs)
     out["walls"] = [r["seconds"] for r in runs]
+    out["walls_all"] = [r["wall"] for r in runs]
     return out
 
 
@@ -135,11 +159,12 @@ def median(mode: str, repeat: int, *args) -> dict:
 
 def interleaved(jobs: dict[str, tuple], repeat: int) -> dict[str, dict]:
     """``repeat`` rounds, each running every job once in turn (so a burst of load from elsewhere hits all of them
-    alike), then each job's medians. ``jobs``: name -> (mode, src, out[, tree])."""
+    alike), then each job's medians. ``jobs``: name -> (mode, src, out[, tree[, more arguments]])."""
     runs: dict[str, list] = {name: [] for name in jobs}
     for _ in range(repeat):
-        for name, (mode, src, out, *tree) in jobs.items():
-            runs[name].append(child(mode, src, out, tree=tree[0] if tree else None))
+        for name, (mode, src, out, *rest) in jobs.items():
+            tree, more = (rest[0] if rest else None), rest[1:]
+            runs[name].append(child(mode, src, out, *more, tree=tree))
     return {name: medians(r) for name, r in runs.items()}
 
 
@@ -178,12 +203,14 @@ def users_today(tmp: Path, repeat: int) -> None:
     base, src = tmp / "base", tmp / "small"
     in_child("--make-base", base)
     base_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
-    users = median("users", repeat, src, tmp / "users_out", base)
-    ours = median("convert", repeat, src, tmp / "ours_out")
+    got = interleaved({"users": ("users", src, tmp / "users_out", None, base), "ours": ("convert", src, tmp / "ours_out"),
+                       "cli": ("cli", src, tmp / "ours_out")}, repeat)
+    users, ours, cli = got["users"], got["ours"], got["cli"]
     print(f"(f) small Llama (8 layers, hidden 512, base model {base_mb:.0f} MB), r=16 adapter: load base + "
           f"load_adapter + save_adapter (adapters 1.3.0) {users['seconds']:.2f} s, {users['peak_rss_mb']:.0f} MB; "
-          f"lora-migrate convert {ours['seconds']:.2f} s, {ours['peak_rss_mb']:.0f} MB, no base weights read: "
-          f"{users['seconds'] / ours['seconds']:.1f}× faster")
+          f"lora_migrate.convert() {ours['seconds']:.2f} s, {ours['peak_rss_mb']:.0f} MB, no base weights read: "
+          f"{users['seconds'] / ours['seconds']:.1f}× faster; whole processes: users {users['wall']:.2f} s, "
+          f"`lora-migrate convert` {cli['wall']:.2f} s, {users['wall'] / cli['wall']:.1f}× faster")
 
 
 def main() -> None:
@@ -213,8 +240,13 @@ def main() -> None:
         tmp = Path(tmp)
         floor = median("baseline", 3, tmp, tmp / "x")
         print(f"`import torch` alone: {floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mb']:.0f} MB")
-        print(f"{'layers':>6} {'MB':>6} {'out':>9} {'copy s':>7} {'+fsync':>7} {'conv s':>7} {'(a) wall':>8} "
-              f"{'(a)+fsync':>9} {'(a) cpu':>8} {'(c) check':>9} {'(b) RSS':>8} {'copy RSS':>9}  walls")
+        print("(a) API: lora_migrate.convert() in a child, clock from before `import torch` to the end of the "
+              "script (no interpreter teardown), vs the copy script's own clock alike; CPU likewise\n"
+              "(a) CLI: `lora-migrate convert` as a user runs it, wall from spawn to exit, vs the copy script's "
+              "whole process alike (with its teardown); CPU from wait4")
+        print(f"{'layers':>6} {'MB':>6} {'out':>8} {'copy':>6} {'+fsync':>6} {'API s':>6} {'(a) API':>8} {'+fsync':>7} "
+              f"{'cpu':>6} {'copy w':>6} {'CLI w':>6} {'(a) CLI':>8} {'cpu':>6} {'(c) chk':>7} {'(b) RSS':>7} "
+              f"{'CLI RSS':>7} {'copy RSS':>8}")
         for layers in (int(x) for x in args.layers.split(",")):
             src = tmp / f"l{layers}"
             in_child("--make-adapter", src, layers, args.rank)
@@ -222,21 +254,29 @@ def main() -> None:
             print(f"       load average {os.getloadavg()[0]:.1f}")
             jobs = {"copy": ("copy", src, tmp / "copy.safetensors"),
                     "copy_fsync": ("copy_fsync", src, tmp / "copy.safetensors"),
-                    "bin": ("convert", src, tmp / "out"), "st": ("convert_st", src, tmp / "out")}
+                    "bin": ("convert", src, tmp / "out"), "st": ("convert_st", src, tmp / "out"),
+                    "bin cli": ("cli", src, tmp / "out"), "st cli": ("cli_st", src, tmp / "out")}
             if args.also:  # the same conversions by another checkout (e.g. before a change)
                 jobs.update({"bin also": ("convert", src, tmp / "out", args.also),
-                             "st also": ("convert_st", src, tmp / "out", args.also)})
+                             "st also": ("convert_st", src, tmp / "out", args.also),
+                             "bin also cli": ("cli", src, tmp / "out", args.also),
+                             "st also cli": ("cli_st", src, tmp / "out", args.also)})
             got = interleaved(jobs, args.repeat)
             copy, copy_fsync = got["copy"], got["copy_fsync"]
-            for out in [k for k in jobs if k.startswith(("bin", "st"))]:
-                conv = got[out]
-                print(f"{layers:>6} {size / 1e6:>6.0f} {out:>9} {copy['seconds']:>7.2f} {copy_fsync['seconds']:>7.2f} "
-                      f"{conv['seconds']:>7.2f} {conv['seconds'] / copy['seconds']:>7.2f}× "
-                      f"{conv['seconds'] / copy_fsync['seconds']:>8.2f}× {conv['cpu'] / copy['cpu']:>7.2f}× "
-                      f"{conv['check_seconds'] / conv['convert_seconds']:>8.0%} "
-                      f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M "
-                      f"{copy['peak_rss_mb'] - floor['peak_rss_mb']:>8.0f}M  "
-                      f"{' '.join(f'{w:.2f}' for w in conv['walls'])} (copy {' '.join(f'{w:.2f}' for w in copy['walls'])})")
+            for out in [k for k in jobs if k.startswith(("bin", "st")) and not k.endswith("cli")]:
+                conv, cli = got[out], got[out + " cli"]
+                print(f"{layers:>6} {size / 1e6:>6.0f} {out:>8} {copy['seconds']:>6.2f} {copy_fsync['seconds']:>6.2f} "
+                      f"{conv['seconds']:>6.2f} {conv['seconds'] / copy['seconds']:>7.2f}× "
+                      f"{conv['seconds'] / copy_fsync['seconds']:>6.2f}× {conv['cpu'] / copy['cpu']:>5.2f}× "
+                      f"{copy['wall']:>6.2f} {cli['wall']:>6.2f} {cli['wall'] / copy['wall']:>7.2f}× "
+                      f"{cli['cpu_all'] / copy['cpu_all']:>5.2f}× "
+                      f"{conv['check_seconds'] / conv['convert_seconds']:>7.0%} "
+                      f"{conv['peak_rss_mb'] - floor['peak_rss_mb']:>6.0f}M "
+                      f"{cli['rss_all'] - floor['peak_rss_mb']:>6.0f}M "
+                      f"{copy['peak_rss_mb'] - floor['peak_rss_mb']:>7.0f}M")
+                print(f"{'':>22} API {' '.join(f'{w:.2f}' for w in conv['walls'])}; CLI "
+                      f"{' '.join(f'{w:.2f}' for w in cli['walls'])}; copy {' '.join(f'{w:.2f}' for w in copy['walls'])} "
+                      f"(whole process {' '.join(f'{w:.2f}' for w in copy['walls_all'])})")
             print(f"       check: {got['st']['summary']}; load average {os.getloadavg()[0]:.1f}")
             shutil.rmtree(src)
         print("(e) batch: see bench/bench_batch.py")

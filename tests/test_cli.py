@@ -166,3 +166,59 @@ def test_verbose_prints_every_module(tmp_path):
     assert out.count("SelfAttention.") == 2 and "relative error" in out
     code, out = run("verify", src, tmp_path / "out", "-v")
     assert code == 0 and out.count(": ok, relative error") == 2
+
+
+# ------------------------------------------------------------------------------- the console entry point: run()
+
+def _entry(*args, prelude: str = ""):
+    """The console script as installed (``lora_migrate.cli:run``) in a fresh process, output to pipes (so stdout is
+    block-buffered and only a flush before ``os._exit`` gets it out)."""
+    import subprocess
+    import sys
+
+    code = f"{prelude}\nimport sys\nfrom lora_migrate.cli import run\nsys.argv[0] = 'lora-migrate'\nrun()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_run():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "lora-migrate"]
+    assert ep.value == "lora_migrate.cli:run"
+
+
+def test_run_flushes_output_runs_exit_handlers_and_keeps_exit_codes(tmp_path):
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    bye = "import atexit, sys\natexit.register(lambda: print('exit handler ran', file=sys.stderr))"
+    p = _entry("convert", src, tmp_path / "out", "--to", "adapters-1.0", "--json", prelude=bye)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["adapters"][0]["verify"]["ok"] is True  # the whole JSON document reached the pipe
+    assert "exit handler ran" in p.stderr
+    p = _entry("convert", src, tmp_path / "out", "--to", "adapters-1.0", prelude=bye)
+    assert p.returncode == 2 and p.stderr.splitlines()[0].startswith("error: ") and "--overwrite" in p.stderr
+    assert "exit handler ran" in p.stderr
+    p = _entry("convert", tmp_path / "nope", tmp_path / "o2", "--to", "adapters-1.0")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    p = _entry("conventions")  # no torch: the normal exit
+    assert p.returncode == 0 and "adapters-1.0" in p.stdout
+
+
+def test_run_skips_the_teardown_only_after_torch(tmp_path):
+    """With torch loaded the process ends by os._exit: an object's __del__ at teardown never runs. Without torch,
+    or with LORA_MIGRATE_FULL_EXIT=1, it does."""
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    marker = ("import sys\nclass _D:\n    def __del__(self):\n        sys.stderr.write('teardown ran\\n')\n"
+              "sys.modules['_d'] = _D()")
+    p = _entry("convert", src, tmp_path / "out", "--to", "adapters-1.0", prelude=marker)
+    assert p.returncode == 0 and "teardown ran" not in p.stderr and "OK" in p.stdout
+    p = _entry("conventions", prelude=marker)
+    assert p.returncode == 0 and "teardown ran" in p.stderr
+    import os
+    import subprocess
+    import sys
+
+    code = f"{marker}\nimport sys\nfrom lora_migrate.cli import run\nrun()"
+    p = subprocess.run([sys.executable, "-c", code, "convert", str(src), str(tmp_path / "out2"), "--to",
+                        "adapters-1.0"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LORA_MIGRATE_FULL_EXIT": "1"})
+    assert p.returncode == 0 and "teardown ran" in p.stderr
