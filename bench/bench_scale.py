@@ -13,14 +13,19 @@ checkout (before/after a change), interleaved with the rest:
   (a) ``convert --to adapters-1.0`` (scale 2 folded into every B, with the numeric check) vs a raw
       ``safetensors.load_file`` + ``save_file`` of the same file ("copy"), and vs that copy followed by an
       ``fsync`` of the file and its folder ("copy+fsync"): convert makes its output durable before renaming it
-      into place (crash safety), which the plain copy does not; wall and CPU time. Output ``bin``:
-      pytorch_adapter.bin (the adapters default: torch's zip format, CRC-32 per record); ``st``: ``--safetensors``;
+      into place (crash safety), which the plain copy does not. Timed two ways: "API", ``lora_migrate.convert()``
+      in a child whose own clock runs from before ``import torch`` to the end of its script, against the copy
+      timed alike; "CLI", the ``lora-migrate convert`` console script as a user runs it, timed by the parent from
+      spawn to exit (CPU time and peak RSS from ``wait4``), against the copy script's whole process alike.
+      Output ``bin``: pytorch_adapter.bin (the adapters default: torch's zip format, CRC-32 per record); ``st``:
+      ``--safetensors``;
   (b) peak RSS of convert minus that of ``python -c "import torch"``, for both sizes;
   (c) the check's share of the conversion (``VerifyReport.seconds`` / convert's own time);
   (d) ``lora-migrate --help`` and ``lora-migrate conventions`` wall time;
-  (e) ``batch``: not measured, there is no batch command yet;
+  (e) ``batch``: measured by ``bench/bench_batch.py`` (500 small adapters: ``bench_batch.py 500 2``);
   (f) what users do today: load a base model with adapters 1.3.0, ``load_adapter``, ``save_adapter`` (on a
-      small Llama), vs ``lora-migrate convert`` of the same adapter, which reads no base weights.
+      small Llama), vs ``lora_migrate.convert()`` and the ``lora-migrate convert`` CLI on the same adapter, which
+      read no base weights.
 """
 
 from __future__ import annotations
