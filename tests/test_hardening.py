@@ -203,3 +203,27 @@ def test_digest_sees_any_change_and_is_stable_as_the_cache_grows():
     odd = torch.arange(11, dtype=torch.uint8)
     assert tensor_digest(odd) != tensor_digest(torch.cat([odd[:-1], torch.tensor([99], dtype=torch.uint8)]))
     assert tensor_digest(a.view(7, 1000)) != d  # the shape is part of it
+
+
+def test_read_back_catches_a_byte_changed_after_the_check(tmp_path, monkeypatch):
+    """The written file is compared with the digests taken while checking: change one value of a rescaled B on
+    its way to the file (after the check passed on it) and the conversion must fail with nothing written."""
+    from lora_migrate.io import safetensors_writer
+
+    src = make_adapter(tmp_path / "src", config={"r": 16}, sd=big_sd())
+    real = safetensors_writer.SafetensorsWriter.write
+    hit = []
+
+    def corrupt(self, name, t):
+        if name.endswith("lora_B") and not hit:
+            t = t.clone()
+            t.view(-1)[7] = t.view(-1)[7] * 2
+            hit.append(name)
+        return real(self, name, t)
+
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write", corrupt)
+    res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--to", "adapters-1.0",
+                                    "--safetensors"])
+    assert hit and res.exit_code == 1, res.output
+    assert "differs from what was written and checked" in res.output
+    assert not (tmp_path / "out").exists()
