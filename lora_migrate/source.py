@@ -159,5 +159,7 @@ def validation_message(where: str, err: ValidationError) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown field for this convention"
+    elif first["type"] == "value_error":  # our own validators: their sentence, without pydantic's "Value error, "
+        msg = msg.removeprefix("Value error, ")
     more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{where}: {loc}: {msg}{more}"

@@ -231,10 +231,11 @@ CASES: list[Case] = [
          lambda d: _conv(_dup_adapters(d), d / "out"), "two adapter folders hold adapters of the same name"),
     # names and paths
     Case("name_dotdot", "adapter name that would escape the output folder (../x)", _escaping_name("../x"),
-         "keys no AdapterHub LoRA template claims"),
+         "name: adapter name '../x' is not a plain folder name"),
     Case("name_absolute", "adapter name that is an absolute path (/tmp/x)", _escaping_name("/tmp/x"),
-         "cannot be a folder name"),
-    Case("name_nul", "adapter name holding NUL", _escaping_name("a\0b"), "cannot be a folder name"),
+         "name: adapter name '/tmp/x' is not a plain folder name"),
+    Case("name_nul", "adapter name holding NUL", _escaping_name("a\0b"),
+         "name: adapter name 'a\\x00b' is not a plain folder name"),
     # values
     Case("value_nan", "NaN in a tensor", _nonfinite(float("nan")),
          "module encoder.block.0.layer.0.SelfAttention.v: lora_B holds 1 NaN of 48 values"),

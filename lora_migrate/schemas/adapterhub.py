@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .base import KeyTemplates
 
@@ -53,6 +53,17 @@ class AdapterHubWrapper(_Strict):
     name: str
     version: str | None = None
     config_id: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, name: str) -> str:
+        """The name becomes a folder (``save_all_adapters``, and ours for several adapters) and a key segment
+        (``loras.<name>.``): one that is not a plain folder name ('..', a path, NUL) is refused here, with its
+        reason, rather than later as keys no template claims."""
+        if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+            raise ValueError(f"adapter name {name!r} is not a plain folder name (it would be written outside "
+                             "its folder, or cannot be one)")
+        return name
 
 
 class LoRAConfig31(_Strict):
