@@ -132,6 +132,28 @@ def test_conventions_lists_every_scaling_rule():
         "peft": "alpha/r", "lorax": "alpha/r", "vllm": "alpha/r"}
 
 
+def test_conventions_listing_is_current_and_needs_no_schemas():
+    """`conventions` prints lora_migrate/_listing.py, generated from the schemas: it must be exactly what the
+    schemas render now (else: scripts/gen_conventions_listing.py), and printing it must not import
+    pydantic or the schemas (the point of the copy)."""
+    import subprocess
+    import sys
+
+    from lora_migrate._listing import LISTING
+    from lora_migrate.cli import render_conventions
+    from lora_migrate.schemas import CONVENTIONS
+
+    assert LISTING == render_conventions(CONVENTIONS), "run: .venv/bin/python scripts/gen_conventions_listing.py"
+    code, out = run("conventions")
+    assert code == 0 and out == LISTING
+    probe = ("import sys\nfrom lora_migrate.cli import run\nsys.argv[1:] = ['conventions']\n"
+             "import atexit\natexit.register(lambda: print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('pydantic', 'torch') or m.startswith('lora_migrate.schemas')), file=sys.stderr))\nrun()")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == LISTING
+    assert p.stderr.strip() == "[]", p.stderr
+
+
 def test_converting_onto_itself_or_inside_the_source_is_refused(tmp_path):
     src = make_adapter(tmp_path / "src", version="3.1.0")
     before = snapshot(src)
