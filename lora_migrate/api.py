@@ -26,6 +26,7 @@ from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
+from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
 from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
@@ -517,25 +518,6 @@ def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:
 
 
 # ------------------------------------------------------------------------------------------------ conventions
-
-
-class ConventionInfo(BaseModel):
-    name: str
-    library: str
-    versions: str
-    aliases: list[str]
-    scaling: dict[str, str]
-    notes: str
-    writes: str
-    version_written: str
-
-
-def conventions() -> list[ConventionInfo]:
-    """Every convention lora-migrate reads and writes, with its scaling rule."""
-    return [ConventionInfo(name=c.name, library=c.library, versions=c.versions, aliases=list(c.aliases),
-                           scaling={k: v.value for k, v in c.scaling.items()}, notes=c.scaling_notes,
-                           writes=f"{c.config_file} + {c.weights_write}", version_written=c.version_to_write)
-            for c in CONVENTIONS]
 
 
 from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)

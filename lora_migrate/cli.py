@@ -257,9 +257,9 @@ def verify(src, out, from_, to, initial_adapter, base_model, verbose, as_json):
 def conventions(as_json):
     """List every convention with its scaling rule."""
     if as_json:
-        from . import api
+        from .schemas.info import conventions as infos
 
-        _echo_json(api.conventions())
+        _echo_json(infos())
         return
     from ._listing import LISTING  # render_conventions() of the schemas, kept current by a test
 

@@ -152,6 +152,11 @@ def test_conventions_listing_is_current_and_needs_no_schemas():
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout == LISTING
     assert p.stderr.strip() == "[]", p.stderr
+    probe = ("import sys\nfrom lora_migrate.cli import run\nsys.argv[1:] = ['conventions', '--json']\n"
+             "import atexit\natexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\nrun()")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and len(json.loads(p.stdout)) == len(CONVENTIONS)
+    assert p.stderr.strip() == "False", p.stderr  # --json lists them without torch too
 
 
 def test_converting_onto_itself_or_inside_the_source_is_refused(tmp_path):
