@@ -304,6 +304,33 @@ def run_worker(env: str, task: str, job: dict, script: Path = Path(__file__)) ->
         return json.loads(rpath.read_text())
 
 
+def serve_worker(argv: list[str], make_lib, tasks: dict, seed: int | None = None) -> None:
+    """The worker's side of :func:`run_worker`, in the env's venv: ``argv`` is ``task env job.json result.json``;
+    ``make_lib(env)`` gives the object the task functions take (with ``.torch``); one torch thread."""
+    task, env, jpath, rpath = argv
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    lib = make_lib(env)
+    lib.torch.set_num_threads(1)
+    if seed is not None:
+        lib.torch.manual_seed(seed)
+    job = json.loads(Path(jpath).read_text())
+    Path(rpath).write_text(json.dumps(tasks[task](lib, job)))
+
+
+def run_private(argv: list[str], worker, fake_converter) -> bool:
+    """The scripts' internal entry points: ``_worker`` (see :func:`run_worker`) and ``_fake_converter`` (tests of
+    ``accept``). True when ``argv`` was one of them and it ran."""
+    if len(argv) > 1 and argv[1] == "_worker":
+        worker(argv[2:])
+        return True
+    if len(argv) > 1 and argv[1] == "_fake_converter":
+        sys.exit(fake_converter(argv[2:]))
+    return False
+
+
 def cmd_envs(args) -> None:
     build_envs(ENVS, args.only, _env_imports_ok)
 
@@ -1012,26 +1039,13 @@ def w_load_check(lib: Lib, job: dict) -> dict:
 
 
 def worker_main(argv) -> None:
-    task, env, jpath, rpath = argv
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    lib = Lib(env)
-    lib.torch.set_num_threads(1)
-    lib.torch.manual_seed(MODEL_SEED)
-    job = json.loads(Path(jpath).read_text())
-    fn = {"generate": w_generate, "check": w_check, "load_check": w_load_check}[task]
-    Path(rpath).write_text(json.dumps(fn(lib, job)))
+    serve_worker(argv, Lib, {"generate": w_generate, "check": w_check, "load_check": w_load_check}, seed=MODEL_SEED)
 
 
 # ==================================================================================================
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        worker_main(sys.argv[2:])
+    if run_private(sys.argv, worker_main, cmd_fake_converter):
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "_fake_converter":
-        sys.exit(cmd_fake_converter(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("envs", help="create/refresh the virtual envs (idempotent)")

@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the host-side basics shared with the AdapterHub goldens (make_golden.py is stdlib-only at top level too)
 from make_golden import (DEFAULT_CONVERTER, GOLDEN, MODEL_SEED, TOL, _fmt, _maxdiff,  # noqa: E402
                          build_envs, env_python, imports_ok)
+from make_golden import run_private, serve_worker  # noqa: E402
 from make_golden import run_worker as _run_worker  # noqa: E402
 
 # cases live one level down, in golden/peft/<env>/<case>, so tests/test_golden.py's glob("*/*/meta.json") over the
@@ -1133,25 +1134,13 @@ def w_load_check(w: W, job: dict) -> dict:
 
 
 def worker_main(argv) -> None:
-    task, env, jpath, rpath = argv
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    w = W(env)
-    w.torch.set_num_threads(1)
-    job = json.loads(Path(jpath).read_text())
-    fn = {"generate": w_generate, "check": w_check, "load_check": w_load_check}[task]
-    Path(rpath).write_text(json.dumps(fn(w, job)))
+    serve_worker(argv, W, {"generate": w_generate, "check": w_check, "load_check": w_load_check})
 
 
 # ==================================================================================================
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        worker_main(sys.argv[2:])
+    if run_private(sys.argv, worker_main, cmd_fake_converter):
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "_fake_converter":
-        sys.exit(cmd_fake_converter(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("envs", help="create/refresh the virtual envs (idempotent)")

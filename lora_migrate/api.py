@@ -26,6 +26,7 @@ from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
+from .schemas.base import plain_folder_name
 from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
@@ -107,7 +108,7 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
     for a in source.adapters:
         if a.info.name in names:
             sub = "." if single else a.info.name
-            if sub != "." and (sub in ("..", "") or "/" in sub or "\\" in sub or "\0" in sub):
+            if sub != "." and not plain_folder_name(sub):
                 raise LoraMigrateError(f"adapter name {sub!r} cannot be a folder name")
             out.append(plan_adapter(a, target, sub, safetensors=safetensors, keep_head=keep_head,
                                     initial=initial_for(a), model_type=model_type,

@@ -199,12 +199,16 @@ def test_verbose_prints_every_module(tmp_path):
 
 def _entry(*args, prelude: str = ""):
     """The console script as installed (``lora_migrate.cli:run``) in a fresh process, output to pipes (so stdout is
-    block-buffered and only a flush before ``os._exit`` gets it out)."""
+    block-buffered: what is not flushed before ``os._exit`` is lost)."""
     import subprocess
     import sys
 
+    import os
+
     code = f"{prelude}\nimport sys\nfrom lora_migrate.cli import run\nsys.argv[0] = 'lora-migrate'\nrun()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 def test_console_script_is_run():
@@ -224,6 +228,11 @@ def test_run_flushes_output_runs_exit_handlers_and_keeps_exit_codes(tmp_path):
     p = _entry("convert", src, tmp_path / "out", "--to", "adapters-1.0", prelude=bye)
     assert p.returncode == 2 and p.stderr.splitlines()[0].startswith("error: ") and "--overwrite" in p.stderr
     assert "exit handler ran" in p.stderr
+    # an exit handler's print() into a pipe stays in Python's buffer (the command's click.echo calls, which flush,
+    # are over by then): only run()'s flush after the handlers gets it out
+    late = "import atexit\natexit.register(lambda: print('printed by an exit handler'))"
+    p = _entry("convert", src, tmp_path / "out3", "--to", "adapters-1.0", prelude=late)
+    assert p.returncode == 0 and p.stdout.endswith("OK\nprinted by an exit handler\n"), p.stdout
     p = _entry("convert", tmp_path / "nope", tmp_path / "o2", "--to", "adapters-1.0")
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     p = _entry("conventions")  # no torch: the normal exit

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import KeyTemplates
+from .base import KeyTemplates, plain_folder_name
 
 
 class _Strict(BaseModel):
@@ -60,7 +60,7 @@ class AdapterHubWrapper(_Strict):
         """The name becomes a folder (``save_all_adapters``, and ours for several adapters) and a key segment
         (``loras.<name>.``): one that is not a plain folder name ('..', a path, NUL) is refused here, with its
         reason, rather than later as keys no template claims."""
-        if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+        if not plain_folder_name(name):
             raise ValueError(f"adapter name {name!r} is not a plain folder name (it would be written outside "
                              "its folder, or cannot be one)")
         return name

@@ -191,3 +191,9 @@ class Convention(Frozen):
             return "none"
         lows = [Version(s.version) for s in specs if s.operator in (">=", ">", "==", "~=")]
         return "all" if lows and max(lows) >= v else "some"
+
+
+def plain_folder_name(name: str) -> bool:
+    """An adapter name that can be one folder inside the output: not empty, '.' or '..', and without a path
+    separator or NUL (it would be written outside that folder, or cannot be a name at all)."""
+    return name not in ("", ".", "..") and not any(ch in name for ch in "/\\\0")
