@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
@@ -52,6 +52,7 @@ class ConvertResult(BaseModel):
     adapters: list[AdapterResult]
     seconds: float
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return all(a.verify is None or a.verify.ok for a in self.adapters)
@@ -295,6 +296,7 @@ class VerifyResult(BaseModel):
     output_convention: str
     adapters: dict[str, VerifyReport]
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.adapters.values())

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .errors import LoraMigrateError
 
@@ -83,6 +83,7 @@ class BatchResult(BaseModel):
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.items)
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return self.count("failed") == 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from .errors import DetectionError, LoraMigrateError, VerificationFailed
 from .hub import resolve_source
@@ -50,6 +50,7 @@ class CheckResult(BaseModel):
     conversion: ConversionCheck | None
     seconds: float
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return not any(f.level == "error" for f in self.findings)

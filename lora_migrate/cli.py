@@ -1,5 +1,6 @@
 """The command line. It parses, calls the library, prints, and maps errors to exit codes in one place:
-0 ok, 1 the numeric check failed, 2 bad input or usage. The library (and torch) are imported only when a
+0 ok, 1 the numeric check failed, 2 bad input or usage, 3 internal error; with ``--json`` every exit prints
+exactly one JSON document on stdout. The library (and torch) are imported only when a
 command runs, so ``--help`` and ``conventions`` stay fast."""
 
 from __future__ import annotations
@@ -51,39 +52,63 @@ def _lib(name: str):
     return module
 
 
+def _error_json(kind: str, message: str, path: str | None = None, **extra) -> None:
+    """The one JSON document of a failed command with ``--json``: ``{"error": {kind, message, path}}``."""
+    click.echo(json.dumps({"error": {"kind": kind, "message": message, "path": path}, **extra}, indent=2))
+
+
 class Group(click.Group):
-    """Turns library errors into one line on stderr and an exit code; never a traceback for bad input."""
+    """Turns every failure into one line on stderr and an exit code, and with ``--json`` also into exactly one JSON
+    document on stdout: 1 the numeric check failed, 2 bad input or usage, 3 an internal error. Never a
+    traceback (unless LORA_MIGRATE_DEBUG is set)."""
 
     def invoke(self, ctx):
-        from .errors import LoraMigrateError, VerificationFailed
+        from .errors import EXIT_INTERNAL, LoraMigrateError, VerificationFailed
 
+        args = [*getattr(ctx, "_protected_args", ()), *ctx.args]
+        as_json = "--json" in args[1:]
         try:
             return super().invoke(ctx)
         except VerificationFailed as e:
+            if as_json:
+                report = None if e.report is None else e.report.model_dump(mode="json")
+                _error_json(e.kind, str(e), None, report=report)
             click.echo(f"error: {e}", err=True)
             if e.report is not None:
                 for m in e.report.failures()[:10]:
                     click.echo(f"  {m.module}: {m.status} {m.detail}", err=True)
             click.echo(getattr(e, "tail", "nothing was written"), err=True)
-            sys.exit(1)
+            sys.exit(e.exit_code)
         except LoraMigrateError as e:
+            if as_json:
+                _error_json(e.kind, str(e), e.path)
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            sys.exit(e.exit_code)
+        except click.ClickException as e:  # usage: a missing argument, a bad option value, an unknown command
+            if as_json:
+                _error_json("usage", e.format_message())
+            e.show()
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a SIGPIPE'd tool does
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(141)
         except KeyboardInterrupt:
+            if as_json:
+                _error_json("interrupted", "interrupted; nothing was written")
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
-        except Exception as e:  # a bug, but the user still gets one line
+        except Exception as e:  # a bug: one line, exit 3
             if os.environ.get("LORA_MIGRATE_DEBUG"):
                 raise
-            click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with LORA_MIGRATE_DEBUG=1 for "
-                       "details and please report it", err=True)
-            sys.exit(2)
+            message = (f"internal error ({type(e).__name__}: {e}); nothing was written; rerun with "
+                       "LORA_MIGRATE_DEBUG=1 for the traceback and please report it")
+            if as_json:
+                _error_json("internal", message)
+            click.echo(f"error: {message}", err=True)
+            sys.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from .detect import open_source
 from .errors import LoraMigrateError, UnsupportedFeature, VerificationFailed
@@ -75,6 +75,7 @@ class FixMergedResult(BaseModel):
     notes: list[str]
     seconds: float
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return self.untouched_identical and all(r.ok for r in self.repaired)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from .detect import open_source
 from .errors import LoraMigrateError, UnsupportedFeature, VerificationFailed
@@ -54,6 +54,7 @@ class MergeResult(BaseModel):
     max_rel_to_weight: float
     seconds: float
 
+    @computed_field
     @property
     def ok(self) -> bool:
         return self.untouched_identical and all(t.ok for t in self.merged)

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from lora_migrate.cli import main
 
 from .peft_models import make_peft, peft_logits
+from .tolerance import assert_logits_close
 
 pytest.importorskip("peft")
 
-TOL = 1e-5
+
 ALL = ["conv1", "conv2", "conv3d", "conv1d", "head"]
 CONV2D = ["conv1", "conv2", "head"]  # what every PEFT era wraps (nn.Conv2d since 0.6)
 CASES = {
@@ -74,7 +75,7 @@ def test_conv_lora_reproduced_by_real_peft_or_refused(case, target, tmp_path, tm
         return
     assert code == 0, out
     got = peft_logits(tmp_path / "out", "conv")
-    assert (got - ref).abs().max().item() <= TOL
+    assert_logits_close(got, ref)
 
 
 def test_conv_eras_write_what_each_needs(tmp_path, tmp_path_factory):

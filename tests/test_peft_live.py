@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from lora_migrate import api
 from lora_migrate.errors import LoraMigrateError, UnsupportedFeature
 
+from .tolerance import assert_logits_close
 from .models import build
 from .peft_models import adapters_logits, make_peft, peft_logits
 
 pytest.importorskip("peft")
 
-TOL = 1e-5
+
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AH_OK = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # where AdapterHub's Llama LoRA attaches
@@ -102,7 +103,7 @@ def test_peft_source_reproduced_by_real_target(case, target, tmp_path, tmp_path_
     r = api.convert(src, tmp_path / "out", to=target)
     assert r.ok
     got = _target_logits(tmp_path / "out", target, c)
-    assert (got - ref).abs().max().item() <= TOL
+    assert_logits_close(got, ref)
 
 
 def test_rslora_into_lorax_uses_alpha_times_sqrt_r_not_alpha_times_r(tmp_path, tmp_path_factory):
@@ -167,12 +168,12 @@ def test_multi_adapter_peft_folder_converts_one_subfolder_each(tmp_path):
     assert sorted(a.plan.adapter for a in r.adapters) == ["default", "m2"]
     for n in ("default", "m2"):
         got = peft_logits(tmp_path / "out" / n, "llama")
-        assert (got - refs[n]).abs().max().item() <= TOL
+        assert_logits_close(got, refs[n])
     # m2 adapts up_proj alone, and a config-built model names no base: say which AdapterHub mapping applies
     r = api.convert(tmp_path / "src", tmp_path / "ah", to="adapters-1.1", model_type="llama")
     for n in ("default", "m2"):
         got = adapters_logits(tmp_path / "ah" / n, "llama")
-        assert (got - refs[n]).abs().max().item() <= TOL
+        assert_logits_close(got, refs[n])
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -205,9 +206,9 @@ def test_pissa_and_olora_become_rank_2r_lora_on_the_original_weights(init, tmp_p
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
     got = peft_logits(tmp_path / "out", "llama")
-    assert (got - ref).abs().max().item() <= TOL
+    assert_logits_close(got, ref)
     r = api.convert(tmp_path / "trained", tmp_path / "ah", to="adapters-1.1", initial_adapter=tmp_path / "init")
-    assert (adapters_logits(tmp_path / "ah", "llama") - ref).abs().max().item() <= TOL
+    assert_logits_close(adapters_logits(tmp_path / "ah", "llama"), ref)
     del randomize
 
 
@@ -228,7 +229,7 @@ def test_adapterhub_goldens_into_peft_reproduce_their_logits(arch, subdir, tmp_p
     base = load_base((case / meta["base"]).resolve())
     inputs = inputs_for(base, case / "input.json")
     model = PeftModel.from_pretrained(base, tmp_path / "out").eval()
-    assert (logits(model, inputs) - ref).abs().max().item() <= TOL
+    assert_logits_close(logits(model, inputs), ref)
 
 
 def test_unknown_module_keys_are_refused(tmp_path, tmp_path_factory):
@@ -293,7 +294,7 @@ def test_embedding_into_vllm_leaves_out_the_frozen_base_copy(tmp_path, tmp_path_
     out = load_file(tmp_path / "o" / "adapter_model.safetensors")
     assert all(k.endswith(_VLLM_KEY) for k in out), sorted(k for k in out if not k.endswith(_VLLM_KEY))
     got = peft_logits(tmp_path / "o", "llama")  # the copy was the frozen base weight: nothing lost
-    assert (got - ref).abs().max().item() <= TOL
+    assert_logits_close(got, ref)
     v = api.verify(src, tmp_path / "o", to="vllm")
     assert v.ok
 
@@ -340,7 +341,7 @@ def test_adapterhub_mapping_follows_the_base_models_config(arch, tmp_path):
 
     r = api.convert(tmp_path / "src", tmp_path / "out", to="adapters-1.1")
     assert any(f"model_type '{arch}' from the config.json" in s.what for s in r.adapters[0].plan.steps)
-    assert (adapters_logits(tmp_path / "out", arch) - ref).abs().max().item() <= TOL
+    assert_logits_close(adapters_logits(tmp_path / "out", arch), ref)
 
     wrong = "llama" if arch == "qwen2" else "qwen2"
     api.convert(tmp_path / "src", tmp_path / "guess", to="adapters-1.1", model_type=wrong)

@@ -18,12 +18,13 @@ from lora_migrate.errors import LoraMigrateError
 from lora_migrate.initial import base_weight_keys
 from lora_migrate.io._common import few_threads as one_thread
 
+from .tolerance import SVD_ULPS, assert_logits_close, assert_rebuilt_deltas_close, base_noise
 from .models import build, inputs_for, logits, load_base
 from .peft_models import adapters_logits, peft_logits
 
 pytest.importorskip("peft")
 
-TOL = 1e-5
+
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AH_LLAMA = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # where AdapterHub's Llama LoRA attaches
 AH_GPT2 = ["c_attn", "mlp.c_proj", "c_fc"]
@@ -122,9 +123,7 @@ def test_base_model_rebuild_reproduces_the_trained_adapter_on_the_original_base(
     cfg = json.loads((out / "adapter_config.json").read_text())
     src_cfg = json.loads((root / "trained" / "adapter_config.json").read_text())
     assert cfg["init_lora_weights"] is True and cfg["r"] == 2 * src_cfg["r"]
-    got = peft_logits(out, c["arch"])
-    diff = (got - c["ref"]).abs().max().item()
-    assert diff <= TOL, diff
+    assert_logits_close(peft_logits(out, c["arch"]), c["ref"])
     # the saved initial adapter gives the same bytes (for GPT-2 OLoRA through olora_stored_init)
     code, _, stderr = run("convert", root / "trained", tmp_path / "saved", "--to", "peft", "--initial-adapter",
                           root / "init")
@@ -134,16 +133,17 @@ def test_base_model_rebuild_reproduces_the_trained_adapter_on_the_original_base(
     # our B₀A₀ against the product of PEFT's own saved initial adapter
     ours, theirs = _rebuilt_products(out, root / "trained"), _init_products(root / "init")
     assert ours.keys() == theirs.keys()
-    if name == "gpt2_olora":  # PEFT's olora_init subtracts (Q_r·R_r) in the stored (in, out) layout
-        assert max((ours[k] - theirs[k].T).abs().max().item() for k in ours) == 0.0
-    else:
-        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0.0
+    # PEFT's olora_init subtracts (Q_r·R_r) in the stored (in, out) layout; a QR of the transposed matrix takes
+    # other kernels (MKL_ENABLE_INSTRUCTIONS=AVX2: 4e-19 apart), so products are compared to their rounding
+    flip = (lambda t: t.T) if name == "gpt2_olora" else (lambda t: t)
+    for k in ours:
+        assert (ours[k] - flip(theirs[k])).norm() <= SVD_ULPS * 2.0**-24 * theirs[k].norm(), k
     if (root / "peft_conv").exists():
-        peft_diff = (peft_logits(root / "peft_conv", c["arch"]) - c["ref"]).abs().max().item()
+        peft_got = peft_logits(root / "peft_conv", c["arch"])
         if name == "gpt2_olora":  # PEFT's own conversion subtracts the untransposed Q_r·R_r: it is off
-            assert peft_diff > 1e-2, peft_diff
+            assert (peft_got - c["ref"]).abs().max().item() > 1e-2
         else:
-            assert peft_diff <= TOL, peft_diff
+            assert_logits_close(peft_got, c["ref"])
             mine = load_file(str(out / "adapter_model.safetensors"))
             peft = load_file(str(root / "peft_conv" / "adapter_model.safetensors"))
             assert mine.keys() == peft.keys() and all(torch.equal(mine[k], peft[k]) for k in mine)
@@ -159,8 +159,7 @@ def test_base_model_rebuild_into_adapterhub_reproduces_the_logits(name, target, 
         c = make_case(root, "gpt2", dict(CASES[name]["lora"], target_modules=AH_GPT2), peft_conversion=False)
     code, _, stderr = run("convert", root / "trained", tmp_path / "ah", "--to", target, "--base-model", root / "base")
     assert code == 0, stderr
-    diff = (adapters_logits(tmp_path / "ah", c["arch"]) - c["ref"]).abs().max().item()
-    assert diff <= TOL, diff
+    assert_logits_close(adapters_logits(tmp_path / "ah", c["arch"]), c["ref"])
 
 
 @pytest.mark.parametrize("target", ["lorax", "vllm", "peft-0.13"])
@@ -169,7 +168,7 @@ def test_base_model_rebuild_into_serving_and_old_peft_reproduces_the_logits(targ
     root = c["root"]
     code, _, stderr = run("convert", root / "trained", tmp_path / "o", "--to", target, "--base-model", root / "base")
     assert code == 0, stderr
-    assert (peft_logits(tmp_path / "o", "llama") - c["ref"]).abs().max().item() <= TOL
+    assert_logits_close(peft_logits(tmp_path / "o", "llama"), c["ref"])
 
 
 def test_base_model_in_every_layout_gives_the_same_bytes(tmp_path, tmp_path_factory):
@@ -207,7 +206,7 @@ def test_base_model_from_the_hub_cache_offline(tmp_path, tmp_path_factory, monke
     code, _, stderr = run("convert", root / "trained", tmp_path / "o", "--to", "peft", "--base-model",
                           "hf://org/tiny-llama")
     assert code == 0, stderr
-    assert (peft_logits(tmp_path / "o", "llama") - c["ref"]).abs().max().item() <= TOL
+    assert_logits_close(peft_logits(tmp_path / "o", "llama"), c["ref"])
     _refused(["convert", root / "trained", tmp_path / "x", "--to", "peft", "--base-model", "hf://org/not-cached"],
              tmp_path / "x", "not in the local Hugging Face cache")
 
@@ -294,7 +293,7 @@ def test_pissa_niter_needs_the_saved_initial_adapter(tmp_path):
     assert "'pissa_niter_4' changed the base weights" in stdout and "--base-model" not in stdout
     code, _, stderr = run("convert", trained, out, "--to", "peft", "--initial-adapter", c["root"] / "init")
     assert code == 0, stderr
-    assert (peft_logits(out, "llama") - c["ref"]).abs().max().item() <= TOL
+    assert_logits_close(peft_logits(out, "llama"), c["ref"])
 
 
 def test_missing_or_misshapen_base_weights_are_refused(tmp_path, tmp_path_factory):
@@ -339,7 +338,11 @@ def test_base_model_with_initial_adapter_or_with_a_plain_adapter_is_refused(tmp_
 @pytest.mark.parametrize("case", ["llama_pissa", "llama_olora"])
 def test_golden_pissa_olora_with_the_base_model(case, tmp_path):
     """golden/peft/pf21/<case>: adapter/ with --base-model _base/llama reproduces the committed logits (the trained
-    adapter on residual_base), and equals peft's own converted_by_peft/ byte for byte in its tensors."""
+    adapter on residual_base), and computes the same ΔW as peft's own converted_by_peft/, module by module, by the
+    project's factored check. The factors come out of an SVD (PiSSA) or a QR (OLoRA), whose last bits depend on the
+    CPU's LAPACK kernels, so they are compared by what they compute, not by bytes: byte identity with PEFT is
+    claimed for one machine, and tested live where PEFT and lora-migrate run on the same one
+    (test_base_model_rebuild_reproduces_the_trained_adapter_on_the_original_base)."""
     cdir = GOLDEN / case
     meta = json.loads((cdir / "meta.json").read_text())
     base_dir = (cdir / meta["base"]).resolve()
@@ -349,9 +352,34 @@ def test_golden_pissa_olora_with_the_base_model(case, tmp_path):
     assert code == 0, stderr
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_dir), str(out)).eval()
+    base = load_base(base_dir)
+    stored = load_file(str(cdir / "logits.safetensors"))
+    noise = base_noise(base, inputs_for(base, cdir / "input.json"), stored["base_logits"])
+    model = PeftModel.from_pretrained(base, str(out)).eval()
     got = logits(model, inputs_for(model, cdir / "input.json"))
-    assert (got - load_file(str(cdir / "logits.safetensors"))["logits"]).abs().max().item() <= TOL
+    assert_logits_close(got, stored["logits"], noise=noise, what=case)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert_rebuilt_deltas_close(load_file(str(out / "adapter_model.safetensors")),
+                                load_file(str(cdir / "converted_by_peft" / "adapter_model.safetensors")),
+                                load_file(str(base_dir / "model.safetensors")), cfg["lora_alpha"] / cfg["r"], what=case)
+
+
+@pytest.mark.parametrize("case", ["llama_pissa", "llama_olora"])
+def test_golden_pissa_olora_bytes_on_the_machine_that_wrote_them(case, tmp_path):
+    """Byte identity with peft's converted_by_peft/ is claimed only on the machine that wrote the golden (its CPU
+    and the kernels torch picked there, recorded in meta.json's ``machine``); elsewhere this test says so and
+    skips."""
+    from .tolerance import this_machine
+
+    cdir = GOLDEN / case
+    meta = json.loads((cdir / "meta.json").read_text())
+    if meta.get("machine") != this_machine():
+        pytest.skip(f"byte identity with PEFT is claimed only on the machine that wrote the golden "
+                    f"({meta.get('machine') or 'not recorded in meta.json'}); this is {this_machine()}")
+    out = tmp_path / "out"
+    code, _, stderr = run("convert", cdir / "adapter", out, "--to", "peft", "--base-model",
+                          (cdir / meta["base"]).resolve())
+    assert code == 0, stderr
     mine, peft = load_file(str(out / "adapter_model.safetensors")), \
         load_file(str(cdir / "converted_by_peft" / "adapter_model.safetensors"))
     assert mine.keys() == peft.keys() and all(torch.equal(mine[k], peft[k]) for k in mine)

@@ -281,12 +281,17 @@ def few_threads():
 _FAULT_COUNTS: dict[str, int] = {}
 
 
+class InjectedBug(Exception):
+    """What ``LORA_MIGRATE_FAULT=bug:POINT:N`` raises: an error no handler expects."""
+
+
 def fault_point(name: str) -> None:
     """A named point in the writers where tests inject failures (never set in normal use).
 
     ``LORA_MIGRATE_FAULT=ACTION:POINT:N`` acts at the N-th time POINT is reached in this process:
     ``enospc`` raises ENOSPC as a full disk does; ``pause`` creates the file named by
-    ``LORA_MIGRATE_FAULT_MARKER`` and sleeps, so that a test can kill -9 the process at exactly that point.
+    ``LORA_MIGRATE_FAULT_MARKER`` and sleeps, so that a test can kill -9 the process at exactly that point;
+    ``bug`` raises :class:`InjectedBug`, as a bug would (the CLI's exit 3).
     """
     import os
 
@@ -306,6 +311,8 @@ def fault_point(name: str) -> None:
     _FAULT_COUNTS.pop(name)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "bug":
+        raise InjectedBug(f"fault injected at {name!r}")
     if action == "pause":
         import time
 
