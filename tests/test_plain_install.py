@@ -4,8 +4,8 @@ lora_migrate must import there, and the README's example, inspect, check, verify
 between the families, batch and push --dry-run must work. The test extras (transformers, peft, adapters) pull in
 packages the package may import without declaring them (numpy did); this venv has none of them.
 
-The venv is kept at .venv-plain/ and the package reinstalled into it on every run (``pip install .`` of a local
-folder always rebuilds it), so the test follows the working tree. ``LORA_MIGRATE_PLAIN_VENV`` names another place.
+The venv is kept at .venv-plain/ and the package reinstalled into it on every run from a clean copy of the
+working tree (``pip install .`` of a local folder always rebuilds it), so the test follows the working tree. ``LORA_MIGRATE_PLAIN_VENV`` names another place.
 """
 
 from __future__ import annotations
@@ -23,9 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
 
 
-def _pip(venv: Path, *args: str) -> None:
+def _pip(venv: Path, *args: str, cwd: Path = ROOT) -> None:
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    *args], check=True, cwd=ROOT)
+                    *args], check=True, cwd=cwd)
+
+
+def _clean_copy(dest: Path) -> Path:
+    """The files a source distribution holds, without build/ or egg-info left by an earlier install (setuptools
+    would package a stale module from build/lib)."""
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "lora_migrate", dest / "lora_migrate", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +43,8 @@ def plain(tmp_path_factory) -> Path:
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         _pip(venv, "-c", "constraints.txt", "torch==2.13.0")
-    _pip(venv, "-c", "constraints.txt", ".")
+    src = _clean_copy(tmp_path_factory.mktemp("sdist"))
+    _pip(venv, "-c", "constraints.txt", ".", cwd=src)
     return venv
 
 

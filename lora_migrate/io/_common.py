@@ -45,8 +45,6 @@ DTYPES: dict[str, DtypeInfo] = {
     if hasattr(torch, name)
 }
 BY_TORCH: dict[torch.dtype, DtypeInfo] = {info.torch_dtype: info for info in DTYPES.values()}
-#: Codes the format defines but torch cannot represent.
-UNSUPPORTED_CODES = frozenset({"F6_E2M3", "F6_E3M2"}) | {c for c, *_ in _TABLE if c not in DTYPES}
 
 
 class OutOfSpace(LoraMigrateError):

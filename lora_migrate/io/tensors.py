@@ -1,8 +1,9 @@
 """Lazy, validated reading of tensor files: ``.safetensors`` and PyTorch ``.bin`` checkpoints.
 
 ``open_tensors(path)`` returns a :class:`TensorFile` that lists keys and shapes without loading data and loads
-one tensor at a time. Safetensors headers are parsed and checked here, strictly and before safetensors sees the
-file, so that a malformed file ends in a one-line :class:`LoraMigrateError` naming the file, never a traceback.
+one tensor at a time. Safetensors files are validated by the safetensors library (``safe_open``) before anything
+is read at their offsets, so that a malformed file ends in a one-line :class:`LoraMigrateError` naming the file,
+never a traceback.
 Data is then read tensor by tensor at the header's offsets into fresh memory (no mmap, so resident memory
 stays about one tensor during a pass over the file). ``.bin`` files: ``data.pkl`` is read with torch's own
 weights-only unpickler (anything other than tensors is refused) and each storage's zip record is read on
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.io._common import DTYPES, MAX_HEADER_SIZE, UNSUPPORTED_CODES, oneline
+from lora_migrate.io._common import DTYPES, oneline
 
 _ZIP_MAGIC = b"PK\x03\x04"
 STREAM_CHUNK = 4 << 20  # bytes per piece of TensorFile.stream: big reads, and a piece stays in the CPU cache
@@ -177,105 +178,72 @@ def _open_safetensors(path: Path, size: int) -> TensorFile:
 def read_safetensors_header(
     path: str | os.PathLike, size: int | None = None
 ) -> tuple[dict[str, TensorMeta], dict[str, str] | None]:
-    """Parse and strictly validate a safetensors header: ``({key: TensorMeta} in data order, __metadata__)``.
+    """Validate a safetensors file with the safetensors library and return ``({key: TensorMeta} in data order,
+    __metadata__)``.
 
-    Checks what the Rust reader checks (and duplicate keys, which it silently collapses): header length within
-    the file and under 100 MB, UTF-8, JSON object, known dtypes, non-negative integer shapes, each tensor's
-    byte range equal to shape x dtype size, and ranges that tile the data section exactly (no overlap, no
-    hole, no trailing bytes).
-    """
+    ``safe_open`` checks everything a reader must trust before it reads at the header's offsets: the header length
+    (within the file, under 100 MB), UTF-8, JSON, known dtypes, non-negative shapes, each tensor's byte range equal
+    to shape × dtype size, and ranges that tile the data section exactly (no overlap, hole or trailing byte). Its
+    error becomes one line naming the file, with the sizes that explain a truncated download. Only then is the
+    header read here, for the data offsets the streaming reader needs (safe_open does not expose them)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-
-    def bad(reason: str) -> LoraMigrateError:
-        return LoraMigrateError(f"{path}: not a valid safetensors file: {reason}")
-
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except SafetensorError as exc:
+        raise LoraMigrateError(f"{path}: not a valid safetensors file: {_explain(path, exc)}") from None
+    except OSError as exc:
+        raise LoraMigrateError(f"{path}: cannot read: {exc.strerror or oneline(exc)}") from None
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size if size is None else size
-            if size < 8:
-                raise bad(f"file is {size} bytes, too short for the 8-byte header length")
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_SIZE:
-                raise bad(f"header length {n} is over the {MAX_HEADER_SIZE}-byte limit")
-            if n > size - 8:
-                raise bad(f"header length {n} runs past the end of the file ({size} bytes; truncated?)")
             raw = f.read(n)
     except OSError as exc:
         raise LoraMigrateError(f"{path}: cannot read: {exc.strerror or oneline(exc)}") from None
-    if len(raw) != n:
-        raise bad("file shrank while being read")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad(f"header is not valid UTF-8 (byte {exc.start})") from None
-
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _Duplicate as exc:
-        raise bad(f"header has duplicate key {_short(exc.args[0])}") from None
-    except json.JSONDecodeError as exc:
-        raise bad(f"header is not valid JSON ({exc.msg} at char {exc.pos})") from None
-    except (ValueError, RecursionError) as exc:
-        raise bad(f"header is not valid JSON ({oneline(exc)})") from None
-    if not isinstance(header, dict):
-        raise bad(f"header is a JSON {type(header).__name__}, not an object")
-
+    header = json.loads(raw)
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise bad("__metadata__ must be an object of string values")
-
-    def is_uint(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
     entries = []
     for key, info in header.items():
-        if not isinstance(info, dict):
-            raise bad(f"entry {_short(key)} is not an object")
-        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if isinstance(code, str) and code in UNSUPPORTED_CODES:
-            raise bad(f"tensor {_short(key)} has dtype {code}, which torch cannot represent")
-        if not isinstance(code, str) or code not in DTYPES:
-            raise bad(f"tensor {_short(key)} has unknown dtype {_short(code)}")
-        if not isinstance(shape, list) or not all(is_uint(d) for d in shape):
-            raise bad(f"tensor {_short(key)} has invalid shape {_short(shape)}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_uint(o) for o in offsets)):
-            raise bad(f"tensor {_short(key)} has invalid data_offsets {_short(offsets)}")
-        begin, end = offsets
-        if end < begin:
-            raise bad(f"tensor {_short(key)} has data_offsets {offsets} that end before they begin")
-        dt = DTYPES[code]
-        numel = 1
-        for d in shape:
-            numel *= d
-        bits = numel * dt.bits
-        if bits % 8 or end - begin != bits // 8:
-            need = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits (not whole bytes)"
-            held = end - begin
-            raise bad(f"tensor {_short(key)} ({code} {_short(shape)}) needs {need}, data_offsets {offsets} hold {held}")
+        code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in DTYPES:
+            raise LoraMigrateError(f"{path}: not a valid safetensors file: tensor {_short(key)} has dtype {code}, "
+                                   "which torch cannot represent")
         torch_shape = tuple(shape)
         if code == "F4":  # two F4 values per torch float4_e2m1fn_x2 element
             if not shape or shape[-1] % 2:
-                raise bad(f"tensor {_short(key)} (F4 {_short(shape)}) needs an even last dimension")
+                raise LoraMigrateError(f"{path}: not a valid safetensors file: tensor {_short(key)} "
+                                       f"(F4 {_short(shape)}) needs an even last dimension")
             torch_shape = (*shape[:-1], shape[-1] // 2)
-        entries.append((begin, end, TensorMeta(key, torch_shape, dt.torch_dtype, end - begin, 8 + n + begin)))
-
+        entries.append((begin, end, TensorMeta(key, torch_shape, DTYPES[code].torch_dtype, end - begin,
+                                               8 + n + begin)))
     entries.sort(key=lambda e: (e[0], e[1]))  # stable: equal ranges (empty tensors) keep header order
-    pos, prev = 0, None
-    for begin, end, m in entries:
-        if begin < pos:
-            raise bad(f"tensor {_short(m.key)} data [{begin}, {end}) overlaps tensor {_short(prev)}")
-        if begin > pos:
-            raise bad(f"{begin - pos}-byte hole in the data section before tensor {_short(m.key)}")
-        pos, prev = end, m.key
-    data_len = size - 8 - n
-    if pos > data_len:
-        raise bad(f"tensor data needs {pos} bytes but the file holds {data_len} after the header (truncated?)")
-    if pos < data_len:
-        raise bad(f"{data_len - pos} unexpected trailing bytes after the last tensor")
     return {m.key: m for _, _, m in entries}, metadata
+
+
+def _explain(path: Path, exc: Exception) -> str:
+    """safetensors' reason, without its fixed prefix, and for a file that is too short or too long the sizes."""
+    reason = oneline(str(exc).removeprefix("Error while deserializing header: "))
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    if "not fully covered" not in reason and "invalid header length" not in reason:
+        return reason
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return f"header length {n} runs past the end of the file ({size} bytes; truncated?)"
+            header = json.loads(f.read(n))
+        need = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return reason
+    held = size - 8 - n
+    if need > held:
+        return f"tensor data needs {need} bytes but the file holds {held} after the header (truncated?)"
+    if need < held:
+        return f"{held - need} unexpected trailing bytes after the last tensor"
+    return reason
 
 
 # -------------------------------------------------------------------------------------------------- .bin
@@ -580,21 +548,7 @@ def _read_span(f, path: Path, name: str, start: int, nbytes: int, pool: _Storage
     return storage
 
 
-class _Duplicate(ValueError):
     pass
-
-
-def _no_duplicates(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _Duplicate(k)
-        obj[k] = v
-    return obj
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _first_sentence(text: str) -> str:

@@ -274,7 +274,7 @@ def test_no_tensors_empty_metadata_save_file_bug(tmp_path):
     broken = bytes(save({}, metadata={}))
     assert broken[8:].rstrip() == b'{},"__metadata__":{}}'
     (tmp_path / "broken.safetensors").write_bytes(broken)
-    with pytest.raises(LoraMigrateError, match="not valid JSON"):
+    with pytest.raises(LoraMigrateError, match="invalid JSON"):
         open_tensors(tmp_path / "broken.safetensors")
     path = tmp_path / "ours.safetensors"
     write_all(path, {}, metadata={})
