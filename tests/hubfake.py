@@ -16,7 +16,9 @@ Uploads take the route huggingface_hub 0.36 takes against the real Hub (file:lin
    storage URL on the Hub) and a ``verify`` href.
 3. ``PUT`` of the bytes to the upload href, with no Hub token (``lfs.py:309-328``; ``http_backoff`` retries 500,
    502, 503, 504 five times). This server keeps the bytes by oid only if their sha256 and size are the ones the batch
-   announced.
+   announced. When the upload action's header has a ``chunk_size`` (the Hub's answer for large files; here
+   ``multipart_chunk``), each slice is PUT to its numbered URL and the parts' ETags are POSTed to the href
+   (``lfs.py:244-256``, ``331-363``).
 4. ``POST`` of ``{"oid", "size"}`` to the verify href with the Hub token (``lfs.py:258-267``): 404 when nothing was
    stored for the oid.
 5. ``POST /api/models/{repo}/commit/{rev}``, ndjson (``hf_api.py:4296-4320``, ``_commit_api.py:909-928``): ``file``
@@ -32,6 +34,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 # what a new Hub repo's default .gitattributes sends to LFS (the weight and archive formats among them)
 LFS_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".npy", ".npz",
@@ -75,11 +78,17 @@ class FakeHub:
     stored LFS objects ((repo, oid) → bytes).
 
     ``upload_status``: the storage PUT answers this HTTP status instead (403 an expired pre-signed URL, 500 a storage
-    fault) and stores nothing."""
+    fault) and stores nothing. ``multipart_chunk``: objects larger than this are uploaded in parts of this size, each
+    PUT to its own URL, then assembled by a completion POST (``lfs.py:331-363``, the Hub's route for large files);
+    ``hub.completions`` records those POSTs."""
 
-    def __init__(self, token: str | None = None, upload_status: int | None = None):
+    def __init__(self, token: str | None = None, upload_status: int | None = None,
+                 multipart_chunk: int | None = None):
         self.token = token
         self.upload_status = upload_status
+        self.multipart_chunk = multipart_chunk
+        self.completions: list[dict] = []
+        self._parts: dict[tuple[str, str], dict[int, bytes]] = {}
         self.commits: list[dict] = []
         self.requests: list[tuple[str, str, dict]] = []
         self.repos: set[str] = set()
@@ -125,6 +134,8 @@ class FakeHub:
             def do_POST(self):
                 body = self._body()
                 hub.requests.append(("POST", self.path, dict(self.headers)))
+                if self.path.startswith("/api/complete_multipart?"):  # signed in its query, sent without the token
+                    return self._complete(parse_qs(urlsplit(self.path).query), json.loads(body))
                 if not self._authorized():
                     return self._reply(401, {"error": "Invalid credentials"})
                 parts = self.path.split("?")[0].strip("/").split("/")
@@ -183,10 +194,19 @@ class FakeHub:
                             objects.append({"oid": oid, "size": size})
                             continue
                         hub._announced[(rid, oid)] = size
+                        upload = {"href": f"{host}/lfs-storage/{rid}/{oid}?X-Amz-Expires=900"}
+                        chunk = hub.multipart_chunk
+                        if chunk and size > chunk:  # a part URL each, and the completion URL as the href
+                            hub._parts[(rid, oid)] = {}
+                            upload = {"href": f"{host}/api/complete_multipart?repo={rid}&oid={oid}&signature=s",
+                                      "header": {"chunk_size": str(chunk), **{
+                                          f"{i:05d}": f"{host}/lfs-storage/{rid}/{oid}?partNumber={i}&uploadId=u"
+                                          for i in range(1, -(-size // chunk) + 1)}}}
                         objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                            "upload": {"href": f"{host}/lfs-storage/{rid}/{oid}?X-Amz-Expires=900"},
-                            "verify": {"href": f"{host}/{rid}.git/info/lfs/objects/verify"}}})
-                    return self._reply(200, {"transfer": "basic", "objects": objects},
+                            "upload": upload, "verify": {"href": f"{host}/{rid}.git/info/lfs/objects/verify"}}})
+                    multipart = any("chunk_size" in o.get("actions", {}).get("upload", {}).get("header", {})
+                                    for o in objects)
+                    return self._reply(200, {"transfer": "multipart" if multipart else "basic", "objects": objects},
                                        ctype="application/vnd.git-lfs+json")
                 if op == "verify":
                     oid = req["oid"]
@@ -208,20 +228,41 @@ class FakeHub:
                 if parts[0] != "lfs-storage" or len(parts) != 4:
                     return self._reply(404, {"error": f"not implemented in the fake: {self.path}"})
                 rid, oid = "/".join(parts[1:3]), parts[3]
+                part = parse_qs(urlsplit(self.path).query).get("partNumber")
                 hub.puts.append((oid, body))
                 if self.headers.get("authorization"):
                     return self._reply(400, {"error": "Only one auth mechanism allowed"})
                 if hub.upload_status is not None:
                     return self._reply(hub.upload_status, {"error": "injected storage failure"})
-                if (rid, oid) not in hub._announced:
-                    return self._reply(403, {"error": "no upload was announced for this oid"})
-                if hashlib.sha256(body).hexdigest() != oid or len(body) != hub._announced[(rid, oid)]:
+                if (rid, oid) not in hub._announced or (part is not None) != ((rid, oid) in hub._parts):
+                    return self._reply(403, {"error": "no such upload was announced for this oid"})
+                if part is not None:  # one part: kept until the completion POST names it by its ETag
+                    hub._parts[(rid, oid)][int(part[0])] = body
+                elif not self._store(rid, oid, body):
                     return self._reply(400, {"error": "BadDigest: the content does not match its sha256 or size"})
-                hub.objects[(rid, oid)] = body
                 self.send_response(200)
                 self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            def _store(self, rid, oid, data) -> bool:
+                """Keep ``data`` as object ``oid`` if it is the content the batch announced."""
+                if hashlib.sha256(data).hexdigest() != oid or len(data) != hub._announced[(rid, oid)]:
+                    return False
+                hub.objects[(rid, oid)] = data
+                return True
+
+            def _complete(self, query, req):
+                hub.completions.append(req)
+                rid, oid = query["repo"][0], query["oid"][0]
+                have = hub._parts.get((rid, oid), {})
+                named = [(p["partNumber"], p["etag"]) for p in req.get("parts", [])]
+                if req.get("oid") != oid or [n for n, _ in named] != list(range(1, len(have) + 1)) or any(
+                        etag != f'"{hashlib.md5(have[n]).hexdigest()}"' for n, etag in named):
+                    return self._reply(400, {"error": "InvalidPart: the parts do not match the ones uploaded"})
+                if not self._store(rid, oid, b"".join(have[n] for n, _ in named)):
+                    return self._reply(400, {"error": "BadDigest: the content does not match its sha256 or size"})
+                return self._reply(200, {})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

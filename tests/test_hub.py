@@ -200,7 +200,7 @@ def _hub_env(hub, tmp_path) -> dict:
 def _order(hub) -> list[str]:
     """The upload's steps in the order the server saw them."""
     steps = {"/preupload/": "preupload", "/info/lfs/objects/batch": "batch", "/lfs-storage/": "put",
-             "/info/lfs/objects/verify": "verify", "/commit/": "commit"}
+             "/api/complete_multipart": "complete", "/info/lfs/objects/verify": "verify", "/commit/": "commit"}
     return [next(v for k, v in steps.items() if k in p) for _, p, _ in hub.requests if any(k in p for k in steps)]
 
 
@@ -275,6 +275,29 @@ def test_push_sends_the_weights_through_lfs(tmp_path, to, opts, weights):
     assert second["header"]["summary"] == "again"
 
 
+def test_push_sends_large_weights_in_parts(tmp_path, in_process_hub):
+    """The LFS route for a large file: the batch answer carries a ``chunk_size`` and a URL per part, huggingface_hub
+    PUTs each slice there and posts the parts' ETags to the completion URL (``lfs.py:331-363``), then verifies. A
+    1000-byte chunk stands in for the Hub's large one."""
+    src = make_adapter(tmp_path / "src", version="3.1.0")
+    conv = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "local"), "--to", "adapters-1.0"])
+    assert conv.exit_code == 0, conv.output
+    data = (tmp_path / "local" / "pytorch_adapter.bin").read_bytes()
+    oid, n = hashlib.sha256(data).hexdigest(), -(-len(data) // 1000)
+    assert n >= 3
+    hub = in_process_hub(multipart_chunk=1000)
+    res = CliRunner().invoke(main, ["push", str(src), "me/big", "--to", "adapters-1.0"])
+    assert res.exit_code == 0, res.output
+    assert [o for o, _ in hub.puts] == [oid] * n and b"".join(b for _, b in hub.puts) == data
+    assert [len(b) for _, b in hub.puts] == [1000] * (n - 1) + [len(data) - 1000 * (n - 1)]
+    (done,) = hub.completions
+    assert done["oid"] == oid and [p["partNumber"] for p in done["parts"]] == list(range(1, n + 1))
+    assert hub.verified == [oid] and hub.objects == {("me/big", oid): data}
+    (commit,) = hub.commits
+    assert commit["lfs_files"] == {"pytorch_adapter.bin": oid} and commit["files"]["pytorch_adapter.bin"] == data
+    assert _order(hub) == ["preupload", "batch", *["put"] * n, "complete", "verify", "commit"]
+
+
 def test_push_storage_refusal_commits_nothing(tmp_path):
     """The storage refuses the PUT (403, as S3 answers an expired pre-signed URL): no commit is made, the CLI says
     so in one line naming the file and the status, and exits 2 (a server's answer, not a bug here)."""
@@ -337,7 +360,7 @@ def test_a_commit_naming_weights_never_uploaded_is_refused(tmp_path, monkeypatch
 def test_fake_storage_keeps_only_what_the_batch_announced(tmp_path):
     """The test server's own checks, so the tests above cannot pass on a server that accepts anything: a PUT
     is stored only with the announced sha256 and size and without the Hub token, verify answers 404 for an oid
-    never stored."""
+    never stored, and parts are assembled only when the completion names all of them in order."""
     import requests
 
     good, bad = b"weights" * 100, b"weightz" * 100
@@ -359,3 +382,18 @@ def test_fake_storage_keeps_only_what_the_batch_announced(tmp_path):
         assert requests.put(put, data=good).status_code == 200
         assert requests.post(verify, headers=auth, json={"oid": oid, "size": len(good)}).status_code == 200
         assert hub.objects == {("me/x", oid): good} and hub.verified == [oid]
+    with FakeHub(token=TOKEN, multipart_chunk=300) as hub:  # 700 bytes: three parts
+        (obj,) = requests.post(f"{hub.url}/me/x.git/info/lfs/objects/batch", headers=auth, json={
+            "operation": "upload", "transfers": ["basic", "multipart"], "hash_algo": "sha256",
+            "objects": [{"oid": oid, "size": len(good)}]}).json()["objects"]
+        up = obj["actions"]["upload"]
+        urls = [up["header"][k] for k in sorted(up["header"]) if k.isdigit()]
+        assert up["header"]["chunk_size"] == "300" and len(urls) == 3
+        assert requests.put(urls[0].split("?")[0] + "?X-Amz-Expires=900", data=good).status_code == 403  # not whole
+        etags = [requests.put(u, data=good[i * 300:(i + 1) * 300]).headers["ETag"] for i, u in enumerate(urls)]
+        parts = [{"partNumber": i + 1, "etag": e} for i, e in enumerate(etags)]
+        assert requests.post(up["href"], json={"oid": oid, "parts": parts[::-1]}).status_code == 400
+        assert requests.post(up["href"], json={"oid": oid, "parts": parts[:2]}).status_code == 400
+        assert hub.objects == {}
+        assert requests.post(up["href"], json={"oid": oid, "parts": parts}).status_code == 200
+        assert hub.objects == {("me/x", oid): good}
