@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,8 +91,19 @@ def _first_line(e: BaseException) -> str:
     return s[0] if s else type(e).__name__
 
 
+def _error_line(e: BaseException) -> str:
+    """One line for a failed request: huggingface_hub's first line, and the server's own message when that line
+    leaves it out (a storage 403 reads "403 Forbidden: None." before it)."""
+    line = _first_line(e)
+    said = (getattr(e, "server_message", None) or "").strip().splitlines()
+    if said and said[0].lower() not in line.lower():
+        line = f"{line} {said[0]}" if line.endswith(":") else f"{line} ({said[0]})"
+    return line
+
+
 def _mask(text: str) -> str:
-    """The token, wherever huggingface_hub would find it, never leaves this module."""
+    """The token, wherever huggingface_hub would find it, never leaves this module; nor does a URL's query (an
+    upload URL is pre-signed: its query is a credential)."""
     try:
         from huggingface_hub import get_token
 
@@ -100,6 +112,7 @@ def _mask(text: str) -> str:
         tok = None
     if tok:
         text = text.replace(tok, "***")
+    text = re.sub(r"(https?://[^\s?#]+)\?[^\s#]*", r"\1?…", text)
     return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)
 
 
@@ -196,10 +209,28 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool | No
         raise LoraMigrateError("HF_HUB_OFFLINE=1: cannot upload; unset it, or use --dry-run")
     if not get_token():
         raise LoraMigrateError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded")
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    expected = (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError)  # requests' errors are OSErrors
     hf = HfApi()
+    # huggingface_hub draws a tqdm bar on stderr for each LFS file; off a terminal it is noise in a log, and the
+    # error line would be glued to it
+    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
     try:
         hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as e:
-        raise LoraMigrateError(f"upload to {repo_id} failed: {_mask(_first_line(e))}") from None
+    except expected as e:
+        raise LoraMigrateError(f"upload to {repo_id} failed: {_mask(_error_line(e))}") from None
+    except RuntimeError as e:
+        # an LFS upload's HTTP error comes wrapped: RuntimeError("Error while uploading 'f' to the Hub.") from it
+        # (huggingface_hub/_commit_api.py, _wrapped_lfs_upload); a server's answer, not a bug here
+        if not isinstance(e.__cause__, expected):
+            raise
+        raise LoraMigrateError(_mask(f"upload to {repo_id} failed: {_first_line(e).rstrip('.')}: "
+                                     f"{_error_line(e.__cause__)}")) from None
+    finally:
+        if quiet:
+            enable_progress_bars()
     return str(info.commit_url if hasattr(info, "commit_url") else info)
