@@ -47,6 +47,12 @@ class DetectionError(LoraMigrateError):
     kind = "detection"
 
 
+class HubError(LoraMigrateError):
+    """The Hub refused or failed a download or an upload (a server's answer, not a bug here). Exit code 2."""
+
+    kind = "hub"
+
+
 class VerificationFailed(Exception):
     """The numeric check found the output's ΔW differs from the source's. Exit code 1."""
 

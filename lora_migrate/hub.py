@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .errors import LoraMigrateError, VerificationFailed
+from .errors import HubError, LoraMigrateError, VerificationFailed
 
 HF_PREFIX = "hf://"
 _REPO_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -60,7 +60,7 @@ def resolve_source(src):
     except RepositoryNotFoundError:
         raise LoraMigrateError(f"{src}: repository not found (or private and no valid token)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LoraMigrateError(f"{src}: cannot download: {_mask(_first_line(e))}") from None
+        raise HubError(f"{src}: cannot download: {_mask(_first_line(e))}") from None
 
 
 # --------------------------------------------------------------------------------------------------- push
@@ -222,13 +222,13 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool | No
         hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message)
     except expected as e:
-        raise LoraMigrateError(f"upload to {repo_id} failed: {_mask(_error_line(e))}") from None
+        raise HubError(f"upload to {repo_id} failed: {_mask(_error_line(e))}") from None
     except RuntimeError as e:
         # an LFS upload's HTTP error comes wrapped: RuntimeError("Error while uploading 'f' to the Hub.") from it
         # (huggingface_hub/_commit_api.py, _wrapped_lfs_upload); a server's answer, not a bug here
         if not isinstance(e.__cause__, expected):
             raise
-        raise LoraMigrateError(_mask(f"upload to {repo_id} failed: {_first_line(e).rstrip('.')}: "
+        raise HubError(_mask(f"upload to {repo_id} failed: {_first_line(e).rstrip('.')}: "
                                      f"{_error_line(e.__cause__)}")) from None
     finally:
         if quiet:

@@ -313,14 +313,13 @@ def test_push_storage_refusal_commits_nothing(tmp_path):
     assert len(hub.puts) == 1 and hub.objects == {} and hub.commits == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 3 (the --json error document) is not in the CLI yet")
 def test_push_storage_refusal_with_json_prints_one_error_document(tmp_path):
     src = make_adapter(tmp_path / "src", version="3.1.0")
     with FakeHub(token=TOKEN, upload_status=403) as hub:
         r = cli(["push", src, "me/x", "--to", "adapters-1.0", "--json"], env=_hub_env(hub, tmp_path))
     assert r.returncode == 2 and hub.commits == [] and len(r.stderr.splitlines()) == 1
     doc = json.loads(r.stdout)  # exactly one document: json.loads refuses trailing data
-    assert "upload to me/x failed" in doc["error"]["message"] and "kind" in doc["error"]
+    assert "upload to me/x failed" in doc["error"]["message"] and doc["error"]["kind"] == "hub"
 
 
 def test_push_storage_fault_is_retried_then_commits_nothing(tmp_path, monkeypatch, in_process_hub):
