@@ -8,9 +8,10 @@ Every failure a user can cause (bad file, existing output, full disk) is a one-l
 from lora_migrate.io._common import OutOfSpace
 from lora_migrate.io.atomic import atomic_output, refuse_overlap
 from lora_migrate.io.background import BackgroundWriter
-from lora_migrate.io.bin_writer import BinWriter, save_bin
+from lora_migrate.io.bin_writer import BinWriter
 from lora_migrate.io.safetensors_writer import SafetensorsWriter, safetensors_order
-from lora_migrate.io.tensors import TensorFile, TensorMeta, open_tensors, read_safetensors_header
+from lora_migrate.io.tensor_file import TensorFile, TensorMeta
+from lora_migrate.io.tensors import open_tensors
 
 __all__ = [
     "BackgroundWriter",
@@ -21,8 +22,6 @@ __all__ = [
     "TensorMeta",
     "atomic_output",
     "open_tensors",
-    "read_safetensors_header",
     "refuse_overlap",
     "safetensors_order",
-    "save_bin",
 ]

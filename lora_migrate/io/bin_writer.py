@@ -1,8 +1,8 @@
 """Write PyTorch ``.bin`` state dicts that ``torch.load(weights_only=True)`` reads back.
 
-:func:`save_bin` ``torch.save``-s a dict the caller already holds. :class:`BinWriter` streams: like
-:class:`~lora_migrate.io.SafetensorsWriter` it takes the plan first (names, dtypes, shapes), writes the pickle
-header, then accepts tensors one by one in plan order, so peak memory is one tensor, not the whole dict.
+:class:`BinWriter` streams: like :class:`~lora_migrate.io.SafetensorsWriter` it takes the plan first (names,
+dtypes, shapes), writes the pickle header, then accepts tensors one by one in plan order, so peak memory is one
+tensor, not the whole dict. Why no public torch path serves: docs/design.md (bench/bench_bin_public.py).
 
 ``torch.save`` pickles whole storages, so a tensor that is a view (a slice of a fused matrix, a row of a
 bigger buffer) would drag its entire storage into the file. Such tensors are cloned to compact contiguous
@@ -46,32 +46,6 @@ import torch
 from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io._common import (OutOfSpace, PlannedWriter, WriteBehind, fault_point, is_out_of_space,
                                      oneline, write_errors)
-
-
-def save_bin(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    """``torch.save`` a plain ``{str: Tensor}`` dict of compact CPU tensors to ``path`` and fsync it."""
-    path = Path(path)
-    if not isinstance(tensors, dict):
-        raise ValueError("save_bin expects a dict of str to torch.Tensor")
-    plain = {}
-    for key, t in tensors.items():
-        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise ValueError(f"save_bin: entry {key!r} is not a str -> torch.Tensor pair")
-        plain[key] = _compact(t)
-    try:
-        with write_errors(path), open(path, "wb") as f:
-            torch.save(plain, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as exc:
-        if path.is_file():  # never leave a half-written checkpoint (nor unlink a device node)
-            path.unlink(missing_ok=True)
-        if not isinstance(exc, RuntimeError):
-            raise
-        # torch's zip writer reports failed writes as RuntimeError
-        if is_out_of_space(exc):
-            raise OutOfSpace(f"no space left on device while writing {path}") from exc
-        raise LoraMigrateError(f"{path}: cannot write: {oneline(exc)}") from exc
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,14 @@ import torch
 
 from lora_migrate.errors import LoraMigrateError
 from lora_migrate.io import BinWriter, TensorMeta, open_tensors
-from lora_migrate.io import tensors as tensors_module
+from lora_migrate.io import bin_reader
 from tests.io.bitwise import bitwise_equal, edge_sample
 from tests.io.memprobe import run_script
 
 
 
 def is_lazy(tf):
-    return isinstance(tf._tensors, tensors_module._LazyBinTensors)
+    return isinstance(tf._tensors, bin_reader._LazyBinTensors)
 
 
 def assert_same_as_torch_load(path, expected=None):
@@ -134,7 +134,7 @@ def test_meta_and_keys_read_no_data(tmp_path, monkeypatch):
     def no_reads(self, *a):
         raise AssertionError("data read")
 
-    monkeypatch.setattr(tensors_module._LazyBinTensors, "_storage", no_reads)
+    monkeypatch.setattr(bin_reader._LazyBinTensors, "_storage", no_reads)
     with open_tensors(path) as tf:
         assert is_lazy(tf) and tf.keys() == list(d) and len(tf) == len(d) and "empty" in tf
         for k, t in d.items():
@@ -212,7 +212,7 @@ def test_compressed_records_left_to_torch_load(tmp_path):
     with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
         for info in a.infolist():
             b.writestr(info.filename, a.read(info), compress_type=zipfile.ZIP_DEFLATED)
-    assert tensors_module._open_bin_lazy(dst) is None
+    assert bin_reader._open_bin_lazy(dst) is None
     with pytest.raises(LoraMigrateError, match="not a readable PyTorch checkpoint"):  # as before: mmap fails
         open_tensors(dst)
 
@@ -231,7 +231,7 @@ def test_malicious_pickle_refused_and_nothing_runs(tmp_path):
     target = tmp_path / "pwned"
     path = tmp_path / "adapter_model.bin"
     torch.save({"w": torch.ones(2), "x": _Payload(target)}, path)
-    assert tensors_module._open_bin_lazy(path) is None  # the weights-only unpickler refuses the global
+    assert bin_reader._open_bin_lazy(path) is None  # the weights-only unpickler refuses the global
     assert not target.exists()
     with pytest.raises(LoraMigrateError, match=r"refused: the pickle holds something other than tensors \(io\.open\)"):
         open_tensors(path)
@@ -250,7 +250,7 @@ def test_malicious_pickle_refused_and_nothing_runs(tmp_path):
 def test_not_flat_dict_keeps_its_messages(tmp_path, obj, match):
     path = tmp_path / "x.bin"
     torch.save(obj, path)
-    assert tensors_module._open_bin_lazy(path) is None
+    assert bin_reader._open_bin_lazy(path) is None
     with pytest.raises(LoraMigrateError, match=match):
         open_tensors(path)
 
@@ -262,7 +262,7 @@ def test_sparse_and_quantized_tensors_left_to_torch_load(tmp_path):
     for name, value in (("sparse", s), ("quant", q)):
         path = tmp_path / f"{name}.bin"
         torch.save({"t": value, "d": torch.ones(2)}, path)
-        assert tensors_module._open_bin_lazy(path) is None
+        assert bin_reader._open_bin_lazy(path) is None
         with open_tensors(path) as tf:  # torch.load's result, as before
             assert tf.get("t").layout == value.layout and torch.equal(tf.get("d"), torch.ones(2))
     assert not torch._utils._sparse_tensors_to_validate  # no meta tensors left behind for torch.load
@@ -302,7 +302,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from lora_migrate.io import BinWriter, open_tensors
-    from lora_migrate.io import tensors as tensors_module
+    from lora_migrate.io import bin_reader
     from tests.io.memprobe import reset_peak, status
 
     N, NUMEL = 38, 4 << 20  # 38 float32 tensors of 16 MiB: 608 MiB
@@ -317,7 +317,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     def read_all():
         with open_tensors(sys.argv[1]) as tf:
-            lazy = isinstance(tf._tensors, tensors_module._LazyBinTensors)
+            lazy = isinstance(tf._tensors, bin_reader._LazyBinTensors)
             before = reset_peak()
             for i, key in enumerate(tf.keys()):
                 t = tf.get(key)
@@ -327,7 +327,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     lazy, grown = read_all()
     print(int(lazy), grown)
-    tensors_module._open_bin_lazy = lambda path: None  # the torch.load(mmap=True) path, for comparison
+    bin_reader._open_bin_lazy = lambda path: None  # the torch.load(mmap=True) path, for comparison
     lazy, grown = read_all()
     print(int(lazy), grown)
     """

@@ -373,3 +373,9 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path):
         loaded = torch.load(ours, weights_only=True, mmap=True)
         assert list(loaded) == [f"layer.{i}.weight" for i in range(40)]
         assert all(loaded[f"layer.{i}.weight"][::999_999].eq(i).all() for i in (0, 17, 39))
+
+
+def test_owned_tensors_are_not_copied_views_are():
+    t = torch.randn(10)
+    assert bin_module._compact(t).data_ptr() == t.data_ptr()
+    assert bin_module._compact(t[2:]).data_ptr() != t.data_ptr()

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_migrate.io import open_tensors
-from lora_migrate.io import tensors as tensors_module
+from lora_migrate.io import bin_reader
 from lora_migrate.verify import stream_digest, tensor_digest
 from tests.io.bitwise import SAVE_DTYPES, bits, random_tensor
 
@@ -50,7 +50,7 @@ def test_bin_stream_equals_get_views_included(tmp_path, chunk):
     path = tmp_path / "a.bin"
     torch.save(d, path)
     with open_tensors(path) as tf:
-        assert isinstance(tf._tensors, tensors_module._LazyBinTensors)
+        assert isinstance(tf._tensors, bin_reader._LazyBinTensors)
         assert tf._tensors.span("whole") is not None and tf._tensors.span("view.a") is None
     check_stream(path, chunk, whole=("view.a", "view.T", "view.col"))
 
