@@ -188,7 +188,7 @@ CASES: list[Case] = [
          _st_case(raw=lambda b: struct.pack("<Q", len(b) * 2) + b[8:]), "runs past the end of the file"),
     Case("st_lying_offsets", "safetensors data_offsets that lie (wrong size)",
          _st_case(_set("data_offsets", [0, 4])), "invalid shape, data type, or offset"),
-    Case("st_overlap", "safetensors tensors with overlapping byte ranges", _st_case(_overlap), "invalid offset for tensor"),
+    Case("st_overlap", "safetensors tensors with overlapping byte ranges", _st_case(_overlap), "overlaps the tensor before it"),
     Case("st_huge_shape", "safetensors huge shape", _st_case(_set("shape", [2**62, 2**62])), "overflow"),
     Case("st_negative_shape", "safetensors negative shape", _st_case(_set("shape", [-4, 16])), "invalid value: integer `-4`"),
     Case("st_unknown_dtype", "safetensors unknown dtype", _st_case(_set("dtype", "F33")), "unknown variant `F33`"),

@@ -72,6 +72,8 @@ def _explain(path: Path, exc: Exception) -> str:
     """safetensors' reason, without its fixed prefix, and for a file that is too short or too long the sizes."""
     reason = oneline(str(exc).removeprefix("Error while deserializing header: "))
     reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    if reason.startswith("invalid offset for tensor"):  # which tensor it names depends on a hash map's order
+        return _first_bad_range(path) or reason
     if "not fully covered" not in reason and "invalid header length" not in reason:
         return reason
     try:
@@ -90,3 +92,24 @@ def _explain(path: Path, exc: Exception) -> str:
     if need < held:
         return f"{held - need} unexpected trailing bytes after the last tensor"
     return reason
+
+
+def _first_bad_range(path: Path) -> str | None:
+    """The first tensor, in data order, whose byte range does not start where the previous one ended."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        ranges = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items()
+                        if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
+    pos = 0
+    for begin, end, key in ranges:
+        if end < begin:
+            return f"tensor {short_repr(key)} data_offsets [{begin}, {end}] end before they begin"
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else f"leaves a {begin - pos}-byte hole before it"
+            return f"tensor {short_repr(key)} data_offsets [{begin}, {end}] {what}"
+        pos = end
+    return None
