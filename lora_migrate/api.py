@@ -384,8 +384,8 @@ class InspectResult(BaseModel):
 def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
     """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
-    from .formats.peft import module_r_alpha
-    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
+    from .formats.peft import PEFT_ONLY, module_r_alpha
+    from .schemas.peft import FIELDS_SINCE, LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
 
     cfg = a.peft
     out = []
@@ -410,6 +410,10 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 continue
         drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
+        for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
+            since = FIELDS_SINCE.get(f, "0")
+            if c.name in ("lorax", "vllm") or c.releases_with(since) == "none":
+                refused.append(f"ignores {f} (PEFT ≥ {since}: {PEFT_ONLY[f]}), so those tensors are unused")
         problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []

@@ -617,8 +617,9 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
             out[f] = v
             notes.append(f"{f}={v!r} written: it needs PEFT ≥ {since}")
             continue
+        why = f": {pf.PEFT_ONLY[f]}" if f in pf.PEFT_ONLY else ""
         raise UnsupportedFeature(f"{src.info.name}: config field {f}={v!r} cannot be expressed in {target.name}"
-                                 + (f" (PEFT ≥ {since})" if since else ""))
+                                 + (f" (PEFT ≥ {since}{why})" if since else why))
     if "peft_version" in fields:
         out["peft_version"] = target.version_to_write
     return out

@@ -61,10 +61,12 @@ class ModuleEntry:
     provenance: ScaleProvenance
     fused: FusedQKV | None = None
     alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
+    stacked: int = 1  # rank-r blocks stacked along r: PEFT's ParamWrapper on a 3-D (experts, …) parameter
 
     @property
     def rank(self) -> int:
-        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None)
+        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None) \
+            // self.stacked
 
 
 @dataclass

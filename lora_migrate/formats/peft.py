@@ -148,9 +148,22 @@ PEFT_ONLY = {
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "arrow_config": "Arrow routing mixes several LoRA experts per token",
     "use_bdlora": "BD-LoRA shares block-diagonal factors",
-    "target_parameters": "LoRA on raw parameters (MoE experts) stacks one factor per expert",
+    "target_parameters": "LoRA on raw parameters (MoE experts, #2638) stacks one factor per expert",
     "layer_replication": "replicated layers share base weights but not adapters",
 }
+
+
+def on_parameter(module: str, target_parameters) -> bool:
+    """Whether PEFT put a ``ParamWrapper`` (LoRA on a raw parameter, ``target_parameters``, 0.17 #2638) at
+    ``module``: matched as ``BaseTuner._inject_parameters`` matches (peft 0.21.2), ``<module>.<param>`` equal to
+    an entry or ending in ``.<entry>``, with the ``.base_layer`` of nested wrappers (several parameters of one
+    module) removed from the path."""
+    path = module.replace(".base_layer", "")
+    for t in target_parameters or ():
+        owner = t.rpartition(".")[0]
+        if not owner or path == owner or path.endswith("." + owner):
+            return True
+    return False
 
 
 def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | None:
@@ -297,6 +310,9 @@ def _plan_module(conv, store, module, params, cfg, matching, where, notes, featu
                                       cfg.alpha_pattern)
     else:  # serving profiles: one global r and alpha (peft.md §7.3, §8.1)
         r_cfg, alpha = cfg.r, float(cfg.lora_alpha)
+    stacked = 1
+    if on_parameter(module, cfg.target_parameters) and r % r_cfg == 0:  # a 3-D (experts, …) parameter: one
+        stacked, r = r // r_cfg, r_cfg                                   # rank-r block per expert
     if r_cfg != r and "patterns" in conv.features:
         raise LoraMigrateError(f"{where}: module {module!r} has rank {r} but the config gives r={r_cfg} "
                                f"(read as {conv.name}: {conv.pattern_matching} pattern matching)")
@@ -304,7 +320,7 @@ def _plan_module(conv, store, module, params, cfg, matching, where, notes, featu
     rule = Scaling.ALPHA_OVER_SQRT_R if cfg.use_rslora and "rslora" in conv.features else Scaling.ALPHA_OVER_R
     prov = ScaleProvenance(alpha=alpha, r=r_cfg, rule=f"{rule.value} ({kind})", convention=conv.name)
     return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_cfg),
-                       provenance=prov, alpha=alpha)
+                       provenance=prov, alpha=alpha, stacked=stacked)
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -1,0 +1,131 @@
+"""Issue 12's four fidelity fixes, each proved with the real libraries (peft 0.21.2 in the test venv): adapters made
+by peft on tiny models of the architectures involved, converted, and loaded back with ``PeftModel.from_pretrained``.
+
+1. embedding LoRA on a scaled embedding (Gemma3, BART scale_embedding) between PEFT eras (#2825, 0.18.0);
+2. rsLoRA into the serving profiles as an exact alpha rewrite (B untouched) instead of a fold;
+3. ``modules_to_save`` entries matched by suffix, as PEFT matches them (``"norm"`` matches ``input_layernorm``);
+4. LoRA on raw parameters (``target_parameters``, MoE experts) taken as it is by ``peft``, refused by name elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_migrate import api
+from lora_migrate.errors import UnsupportedFeature
+
+from .models import INPUT_IDS
+from .peft_models import randomize
+
+pytest.importorskip("peft")
+
+# tiny configs of the architectures these fixes are about (transformers 4.57.6)
+DEC = dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=64)
+CONFIGS = {
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(DEC, hidden_size=64, intermediate_size=64, head_dim=16, sliding_window=16)),
+    "gemma3_32": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                  dict(DEC, hidden_size=32, intermediate_size=64, head_dim=8, sliding_window=16)),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  scale_embedding=True, dropout=0.0)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DEC, hidden_size=32, intermediate_size=64, head_dim=8)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
+                   dict(DEC, hidden_size=32, intermediate_size=64, residual_dropout=0.0, embedding_dropout=0.0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(DEC, hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
+    # the transformers-4 model whose experts are 3-D nn.Parameters (mlp.experts.gate_up_proj / down_proj), the
+    # layout transformers 5 gives Mixtral too
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(DEC, hidden_size=32, intermediate_size=32, head_dim=8, num_local_experts=4,
+                     num_experts_per_tok=2, layer_types=["full_attention"])),
+    "t5": ("T5Config", "T5ForConditionalGeneration",
+           dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=4, num_decoder_layers=4,
+                feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                eos_token_id=1)),
+}
+
+
+def build(arch: str, seed: int = 0):
+    import transformers as tf
+
+    cfg_cls, model_cls, kw = CONFIGS[arch]
+    torch.manual_seed(seed)
+    return getattr(tf, model_cls)(getattr(tf, cfg_cls)(**kw)).eval()
+
+
+def base_folder(arch: str, path):
+    """The base model's config.json in a folder, as a base model's name or path points at it."""
+    build(arch).config.save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    ids = torch.tensor(INPUT_IDS)
+    kw = {"decoder_input_ids": ids[:, :4]} if model.config.is_encoder_decoder else {}
+    return model(input_ids=ids, **kw).logits.float()
+
+
+def make(out, arch: str, seed: int = 1, **lora_kw) -> torch.Tensor:
+    """A randomized adapter saved by peft 0.21.2; returns its logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build(arch), LoraConfig(**lora_kw))
+    randomize(model, seed)
+    model.eval()
+    model.save_pretrained(out)
+    return logits(model)
+
+
+def load(folder, arch: str) -> torch.Tensor:
+    from peft import PeftModel
+
+    return logits(PeftModel.from_pretrained(build(arch), folder).eval())
+
+
+def maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------- 4. target_parameters
+
+
+def test_target_parameters_go_to_peft_as_they_are_and_are_refused_by_name_elsewhere(tmp_path):
+    """gpt_oss experts as 3-D parameters: peft writes one ParamWrapper per parameter, nested (``experts.lora_A``,
+    ``experts.base_layer.lora_A``), with rank r·experts. The reader took that rank for a config mismatch and every
+    target refused with "has rank 32 but the config gives r=8"."""
+    src = tmp_path / "src"
+    ref = make(src, "gpt_oss", target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert any(".experts.base_layer.lora_A" in k for k in load_file(src / "adapter_model.safetensors"))
+    r = api.convert(src, tmp_path / "peft", to="peft")
+    assert r.ok
+    a, b = load_file(src / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] and not cfg["rank_pattern"] and cfg["r"] == 8
+    assert maxdiff(load(tmp_path / "peft", "gpt_oss"), ref) == 0.0
+    for target in ("peft-0.15", "peft-0.14", "peft-0.13", "vllm", "lorax", "adapters-1.1"):
+        with pytest.raises(UnsupportedFeature, match="target_parameters"):
+            api.convert(src, tmp_path / target, to=target)
+    by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
+    assert not by["peft-0.15"].same and "target_parameters" in by["peft-0.15"].detail
+
+
+def test_target_parameters_on_mixtral_expert_weights(tmp_path):
+    """Mixtral in transformers 4 keeps experts as nn.Linear: target_parameters on their 2-D weights gives plain
+    rank-r factors, which PEFT before 0.17 still does not load (it drops the field, so nothing wraps them)."""
+    src = tmp_path / "src"
+    ref = make(src, "mixtral", target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
+               target_parameters=["w1.weight", "w2.weight"])
+    assert api.convert(src, tmp_path / "peft", to="peft").ok
+    assert maxdiff(load(tmp_path / "peft", "mixtral"), ref) == 0.0
+    with pytest.raises(UnsupportedFeature, match="target_parameters"):
+        api.convert(src, tmp_path / "p15", to="peft-0.15")
