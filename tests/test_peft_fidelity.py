@@ -129,3 +129,26 @@ def test_target_parameters_on_mixtral_expert_weights(tmp_path):
     assert maxdiff(load(tmp_path / "peft", "mixtral"), ref) == 0.0
     with pytest.raises(UnsupportedFeature, match="target_parameters"):
         api.convert(src, tmp_path / "p15", to="peft-0.15")
+
+
+# ---------------------------------------------------------------------------------- 3. modules_to_save suffixes
+
+
+@pytest.mark.parametrize("arch", ["gemma", "starcoder2"])
+def test_modules_to_save_suffix_names_match_as_peft_matches_them(arch, tmp_path):
+    """PEFT wraps every module whose name ends with a modules_to_save entry, a plain string suffix in every era
+    (``key.endswith(name)``): "norm" takes model.norm and each layer's input_layernorm / post_attention_layernorm.
+    The reader matched at a dot boundary only and refused the layer norms as keys no schema claims."""
+    src = tmp_path / "src"
+    ref = make(src, arch, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, modules_to_save=["norm"])
+    saved = load_file(src / "adapter_model.safetensors")
+    assert any("input_layernorm" in k for k in saved)  # peft saved the suffix matches
+    for target in ("peft", "peft-0.15", "peft-0.13"):
+        r = api.convert(src, tmp_path / target, to=target)
+        assert r.ok
+        out = load_file(tmp_path / target / "adapter_model.safetensors")
+        assert out.keys() == saved.keys() and all(torch.equal(out[k], saved[k]) for k in saved)
+        assert maxdiff(load(tmp_path / target, arch), ref) == 0.0
+    for target in ("vllm", "lorax", "adapters-1.1"):
+        with pytest.raises(UnsupportedFeature, match="modules_to_save"):
+            api.convert(src, tmp_path / target, to=target)

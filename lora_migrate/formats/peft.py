@@ -21,7 +21,7 @@ from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
 from ..schemas import Convention
 from ..schemas.base import Scaling
 from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST, PEFT_PREFIX,
-                            PeftLoraConfig)
+                            PeftLoraConfig, saved_by_modules_to_save)
 from ..source import ModuleEntry, SourceAdapter, TensorStore, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -171,9 +171,8 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     if body is None:
         return None
     path = body.rsplit(".", 1)[0]
-    for m in module_set:
-        if path == m or path.endswith("." + m) or f".{m}." in f".{path}.":
-            return "modules_to_save"
+    if saved_by_modules_to_save(path, module_set):
+        return "modules_to_save"
     for rx, what in _EXTRA_RX:
         if rx.search(body):
             return what

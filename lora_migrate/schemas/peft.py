@@ -124,6 +124,16 @@ def not_rebuildable_reason(init: str) -> str:
     return next((w for p, w in NOT_REBUILDABLE.items() if re.fullmatch(p, init)), "it is not a function of W alone")
 
 
+def saved_by_modules_to_save(path: str, names) -> bool:
+    """Whether the tensor of module ``path`` (``model.layers.0.input_layernorm``, or a submodule of a saved module:
+    ``classifier.dense``) belongs to a module that a ``modules_to_save`` entry wraps. Every era matches the same
+    way, a plain string suffix with no dot boundary, so "norm" also takes ``input_layernorm``: ``_set_trainable``
+    (utils/other.py) tests ``key.endswith(target_key)`` over ``model.named_modules()`` in 0.6–0.14, and over
+    ``named_modules(remove_duplicate=False)`` from 0.15 (tied modules counted under each name) through 0.21.2."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts) + 1) for n in names)
+
+
 def fields_of(version: str) -> tuple[str, ...]:
     """The LoraConfig fields a PEFT release knows."""
     from packaging.version import Version
