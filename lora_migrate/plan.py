@@ -8,6 +8,7 @@ before anything is written.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, json_number
+from .verify import tolerance_for
 
 
 class Step(BaseModel):
@@ -361,18 +363,32 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
 
 def _rescale_steps(steps, src, kind_of, out):
     by_kind: dict[str, list[float]] = {}
+    dtypes: dict[str, set] = {}
     for e in src.modules:
-        by_kind.setdefault(kind_of[e.module], []).append(e.scale / out[e.module].scale)
+        c = e.scale / out[e.module].scale
+        by_kind.setdefault(kind_of[e.module], []).append(c)
+        if abs(c - 1) > SAME:
+            dtypes.setdefault(kind_of[e.module], set()).add(e.metas["b"].dtype)
     for k, cs in sorted(by_kind.items()):
         changed = [c for c in cs if abs(c - 1) > SAME]
         if not changed:
             steps.append(Step(rule="rescale", what=f"{k}: scale kept; factors copied bit for bit"))
-        elif len(set(changed)) == 1:
-            steps.append(Step(rule="rescale", what=f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} "
-                              f"modules; " + describe("rescale")))
+            continue
+        if len(set(changed)) == 1:
+            what = f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} modules"
         else:
-            steps.append(Step(rule="rescale", what=f"{k}: B rescaled per module in {len(changed)} of {len(cs)} "
-                              f"modules (factors {min(changed):.6g}…{max(changed):.6g}); " + describe("rescale")))
+            what = (f"{k}: B rescaled per module in {len(changed)} of {len(cs)} modules (factors "
+                    f"{min(changed):.6g}…{max(changed):.6g})")
+        steps.append(Step(rule="rescale", what=f"{what}; {_rounding(changed, dtypes[k])}; " + describe("rescale")))
+
+
+def _rounding(factors, dtypes) -> str:
+    """What multiplying B by ``factors`` costs: nothing for powers of two, else one rounding per element."""
+    if all(math.frexp(c)[0] == 0.5 for c in factors):
+        return "exact (powers of two)"
+    u = max(tolerance_for(dt) / 4 for dt in dtypes)
+    return (f"each element rounded once to {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} "
+            f"(relative error ≤ {u:.3g} per element; the check below bounds ΔW)")
 
 
 def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: float) -> tuple[dict, list[str]]:
@@ -412,14 +428,24 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
             steps.append(Step(rule="pad_rank", what=f"ranks {sorted(set(ranks.values()))} → {R} (one rank: "
                               f"{target.name} stacks one rank per layer type{'; LoRAX kernel padding' if target.name == 'lorax' else ''}): "
                               + describe("pad_rank")))
-        prov = ScaleProvenance(alpha=float(R), r=R, rule="alpha/r (folded: 1)", convention=target.name)
+        # one global alpha/R: lora_alpha expresses the scale most modules have (their B untouched; from rsLoRA's
+        # α itself, α·√r, at the source's own rank); only modules with another scale get it folded into B
+        s_glob = _mode([e.scale for e in src.modules])
+        e0 = next(e for e in src.modules if e.scale == s_glob)
+        same_rank = ranks[e0.module] == R and e0.fused is None and not doubled
+        a = module_alpha(s_glob, R, Scaling.ALPHA_OVER_R, e0.provenance.alpha if same_rank else None,
+                         src_rule if src.convention.family == "peft" and same_rank else None)
+        prov = ScaleProvenance(alpha=a, r=R, rule="alpha/r (one global alpha)", convention=target.name)
         for e in [*src.modules, *fills]:
-            out[e.module] = ModuleOut(scale=1.0, provenance=prov, pad_to=R if ranks[e.module] != R else None,
-                                      alpha=float(R), r=R)
-        steps.append(Step(rule="fold_scale", what="B' = s·B, lora_alpha = r, use_rslora = false, no patterns: "
-                          f"{target.name} applies one global alpha/r"
-                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")))
-        r_glob, alpha_glob, rank_pattern, alpha_pattern = R, float(R), {}, {}
+            out[e.module] = ModuleOut(scale=a / R, provenance=prov, pad_to=R if ranks[e.module] != R else None,
+                                      alpha=a, r=R)
+        folded = sum(abs(e.scale / (a / R) - 1) > SAME for e in src.modules)
+        steps.append(Step(rule="global_alpha", what=f"lora_alpha = {a:.10g}, r = {R}, use_rslora = false, no "
+                          f"patterns: {target.name} applies one global alpha/r"
+                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")
+                          + f"; it expresses the scale of {len(src.modules) - folded} of {len(src.modules)} modules "
+                          "with B untouched" + (f", the other {folded} get theirs folded into B" if folded else "")))
+        r_glob, alpha_glob, rank_pattern, alpha_pattern = R, a, {}, {}
     else:
         for e in src.modules:
             rm = ranks[e.module]

@@ -152,3 +152,57 @@ def test_modules_to_save_suffix_names_match_as_peft_matches_them(arch, tmp_path)
     for target in ("vllm", "lorax", "adapters-1.1"):
         with pytest.raises(UnsupportedFeature, match="modules_to_save"):
             api.convert(src, tmp_path / target, to=target)
+
+
+# ---------------------------------------------------------------------------------- 2. rsLoRA into the servers
+
+T5_ALL = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+
+
+def _b_tensors(folder):
+    return {k: t for k, t in load_file(folder / "adapter_model.safetensors").items() if "lora_B" in k}
+
+
+@pytest.mark.parametrize("target", ["vllm", "lorax"])
+def test_rslora_into_servers_rewrites_alpha_and_keeps_b(target, tmp_path):
+    """One r and one alpha for every module: the servers' alpha/r gives α/√r exactly with lora_alpha = α·√r and
+    B untouched. Folding s = α/√r into B instead rounded every element of B (3.8e-5 on the logits of a 72-module
+    T5)."""
+    src = tmp_path / "src"
+    ref = make(src, "t5", target_modules=T5_ALL, r=8, lora_alpha=16, use_rslora=True)
+    r = api.convert(src, tmp_path / target, to=target)
+    assert r.ok and r.adapters[0].plan.rescaled == 0 and r.adapters[0].plan.modules == 72
+    cfg = json.loads((tmp_path / target / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 * 8 ** 0.5 and not cfg.get("use_rslora")
+    b_src, b_out = _b_tensors(src), _b_tensors(tmp_path / target)
+    assert b_src.keys() == b_out.keys() and all(torch.equal(b_src[k], b_out[k]) for k in b_src)
+    assert maxdiff(load(tmp_path / target, "t5"), ref) == 0.0  # PEFT reads the file as the servers do (alpha/r)
+
+
+def test_rslora_into_lorax_emulated_server_reproduces_peft(tmp_path):
+    from .lorax_emulation import lorax_logits
+    from .peft_models import make_peft
+
+    src = tmp_path / "src"
+    ref, _ = make_peft(src, "llama", target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"], r=8, lora_alpha=16, use_rslora=True)
+    assert api.convert(src, tmp_path / "o", to="lorax").adapters[0].plan.rescaled == 0
+    got, dropped = lorax_logits(tmp_path / "o")
+    # the emulation adds ΔW into W: one float32 rounding per weight, carried through two layers
+    assert not dropped and maxdiff(got, ref) <= 64 * 2.0**-24 * ref.abs().max().item()
+
+
+def test_servers_fold_only_the_modules_one_alpha_cannot_express(tmp_path):
+    """alpha_pattern gives v a scale of its own: the global alpha serves the most common scale (B untouched there)
+    and only v's B is rescaled, the step saying by how much and within which rounding."""
+    src = tmp_path / "src"
+    ref = make(src, "t5", target_modules=["q", "v"], r=8, lora_alpha=16, use_rslora=True,
+               alpha_pattern={"v": 4})
+    r = api.convert(src, tmp_path / "o", to="vllm")
+    plan = r.adapters[0].plan
+    assert r.ok and plan.rescaled == 12 and plan.modules == 24
+    assert any(s.rule == "rescale" and "rounded" in s.what for s in plan.steps)
+    b_src, b_out = _b_tensors(src), _b_tensors(tmp_path / "o")
+    assert all(torch.equal(b_src[k], b_out[k]) for k in b_src if ".q." in k)
+    got = load(tmp_path / "o", "t5")
+    assert maxdiff(got, ref) <= 16 * 2.0**-24 * ref.abs().max().item()
