@@ -28,7 +28,7 @@ from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .schemas.base import plain_folder_name
 from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
-from .source import Source, SourceAdapter
+from .source import Source, SourceAdapter, base_model_config
 from .rules.values import refuse_nonfinite
 from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
 
@@ -65,6 +65,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
     (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
     from .initial import open_base, rebuilt_initial, saved_initial
+    from .schemas.peft import mutating_init
 
     if initial_adapter is not None and base_model is not None:
         raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
@@ -80,7 +81,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
                 refuse_overlap(x.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base is not None:
+            if base is not None and (mutating_init(a.init) or "embedding" not in a.features):
                 return rebuilt_initial(a, base)
             if initial is None:
                 return None
@@ -116,7 +117,7 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
     return out
 
 
-def _read_back(folder: Path, target, name: str) -> SourceAdapter:
+def _read_back(folder: Path, target, name: str, model_config: dict | None = None) -> SourceAdapter:
     if target.family == "peft":
         raw = pf.read_json(folder / "adapter_config.json")
         if target.name not in ("lorax", "vllm"):
@@ -124,7 +125,7 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
             if target not in cands:
                 raise VerificationFailed(f"{folder}: the written config would be read as "
                                          f"{', '.join(c.name for c in cands)}, not {target.name}")
-        return pf.read_peft_dir(folder, target, raw, name)
+        return pf.read_peft_dir(folder, target, raw, name, model_config)
     cands, _, wrapper = ah.detect_adapter_dir(folder)
     if target not in cands:
         raise VerificationFailed(f"{folder}: the written config would be read as "
@@ -247,6 +248,11 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     refuse_overlap(src, out)
     source = open_source(src, from_)
     try:
+        if base_model is not None:  # its config.json: the factor of scaled embeddings (PEFT sources)
+            config = base_model_config(resolve_source(base_model))
+            for a in source.adapters:
+                if "embedding" in a.features and a.convention.family == "peft":
+                    pf.set_embed_scales(a, config)
         with _initials(initial_adapter, base_model, out) as initial_for:
             execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type,
                            num_layers)
@@ -273,7 +279,7 @@ def _write_checked(ex: Execution, tmp: Path, out: Path, target, verify: bool, al
     notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
     report = None
     if verify:
-        back = _read_back(folder, target, ex.source.info.name)
+        back = _read_back(folder, target, ex.source.info.name, ex.source.base_config)
         try:
             report = check.confirm(back, _extras_checks(ex.source, back, ex.extras))
         finally:
@@ -424,6 +430,12 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
             else:
                 r, alpha = cfg.r, float(cfg.lora_alpha)
             s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            if e.kind == "embedding" and c.lora_embedding_scaled is not None:  # × embed_scale from PEFT 0.18
+                if e.embed_scale is None and c.lora_embedding_scaled != a.convention.lora_embedding_scaled:
+                    problems.append(f"{e.module}: PEFT ≥ 0.18 multiplies embedding LoRA by the base layer's "
+                                    "embed_scale (#2825), which is unknown without the base model's config.json")
+                elif c.lora_embedding_scaled and e.embed_scale:
+                    s *= e.embed_scale
             if r != e.rank:
                 wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
             elif abs(s / e.scale - 1) > 1e-12:

@@ -32,7 +32,7 @@ from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
-from .source import ModuleEntry, SourceAdapter, json_number
+from .source import ModuleEntry, SourceAdapter, base_model_config, json_number
 from .verify import tolerance_for
 
 
@@ -180,25 +180,8 @@ def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, s
 
 
 def base_model_type(name: str | None) -> str | None:
-    """``model_type`` from the base model's config.json: a local folder, or the Hugging Face cache (never a
-    download). None when neither has it."""
-    if not name:
-        return None
-    path = Path(name) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(name, "config.json")
-        except Exception:  # not a repo id: nothing cached under that name
-            hit = None
-        if not isinstance(hit, str):
-            return None
-        path = Path(hit)
-    try:
-        mt = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """``model_type`` from the base model's config.json (:func:`source.base_model_config`), or None."""
+    mt = (base_model_config(name) or {}).get("model_type")
     return mt if isinstance(mt, str) else None
 
 
@@ -478,6 +461,7 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
         if rank_pattern or alpha_pattern:
             steps.append(Step(rule="patterns", what=f"r={r_glob}, lora_alpha={alpha_glob:g}; "
                               f"{len(rank_pattern)} rank_pattern and {len(alpha_pattern)} alpha_pattern entries"))
+    _embedding_factors(src, target, out, steps)
     config = peft_config(src, target, r_glob, alpha_glob, rslora_out and not serving, rank_pattern, alpha_pattern,
                          notes, serving)
     extras = _vllm_extras(src, steps) if target.name == "vllm" else list(src.extras)
@@ -497,6 +481,49 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
                        scales_out=scales_out, rescaled=rescaled, steps=steps, notes=notes)
     return Execution(plan=plan, source=src, target=target, out=out, config=config, fills=fills,
                      extras=extras)
+
+
+def _embedding_factors(src: SourceAdapter, target: Convention, out: dict[str, ModuleOut], steps: list[Step]):
+    """Embedding LoRA on a scaled embedding (the base layer multiplies its output by embed_scale f, √d for Gemma3
+    and BART with scale_embedding): PEFT ≥ 0.18 multiplies the LoRA output by f too, older eras do not (#2825).
+    The target's effective scale includes f where the target applies it, so ``rescale`` writes B' = f·B into an
+    older era and B/f into a newer one. Refused when the eras differ and f is unknown (no base config.json)."""
+    if src.convention.family != "peft":
+        return
+    s_on, t_on = src.convention.lora_embedding_scaled, target.lora_embedding_scaled
+    for e in src.modules:
+        if e.kind != "embedding":
+            continue
+        f = e.embed_scale
+        if t_on is None and f not in (None, 1.0):
+            raise UnsupportedFeature(f"{src.info.name}: embedding LoRA on {e.module}, a scaled embedding (embed_scale "
+                                     f"{f:g}): whether {target.name} multiplies its output by that factor is not "
+                                     "established; refused rather than served wrong")
+        if t_on is None or s_on == t_on:
+            if t_on and f:
+                out[e.module].scale *= f
+            continue
+        if f is None:
+            name = src.info.wrapper.get("model_name")
+            raise UnsupportedFeature(
+                f"{src.info.name}: embedding LoRA on {e.module}: PEFT ≥ 0.18 multiplies it by the base layer's "
+                f"embed_scale (Gemma3, BART with scale_embedding: √d; #2825), {src.convention.name if s_on else target.name}"
+                f" does, {target.name if s_on else src.convention.name} does not, and the factor needs the base "
+                "model's config.json: " + (f"base model {name!r} is neither a local folder nor in the Hugging Face "
+                                           "cache" if name else "the adapter's config names no base model")
+                + "; pass --base-model DIR")
+        if f == 1.0:
+            continue
+        if "dora" in src.features:
+            raise UnsupportedFeature(f"{src.info.name}: DoRA on the scaled embedding {e.module}: {target.name} and "
+                                     f"{src.convention.name} differ by embed_scale {f:g} after DoRA's weight norm "
+                                     "(#2839), which no rescale of B expresses")
+        if t_on:
+            out[e.module].scale *= f
+        steps.append(Step(rule="embed_scale", what=f"{e.module}: {src.convention.name if s_on else target.name} "
+                          f"multiplies embedding LoRA by the base layer's embed_scale {f:.10g} (PEFT 0.18.0, #2825),"
+                          f" {target.name if s_on else src.convention.name} does not: B' = "
+                          f"{'' if s_on else '1/'}{f:.10g}·B"))
 
 
 def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:

@@ -206,3 +206,71 @@ def test_servers_fold_only_the_modules_one_alpha_cannot_express(tmp_path):
     assert all(torch.equal(b_src[k], b_out[k]) for k in b_src if ".q." in k)
     got = load(tmp_path / "o", "t5")
     assert maxdiff(got, ref) <= 16 * 2.0**-24 * ref.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------- 1. scaled embeddings
+
+
+def _embedding_source(tmp_path, arch):
+    src = tmp_path / "src"
+    ref = make(src, arch, target_modules=["embed_tokens", "q_proj", "v_proj"], r=4, lora_alpha=8)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_folder(arch, tmp_path / "base"))
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    return src, ref
+
+
+def _emb_b(folder):
+    return {k: t for k, t in load_file(folder / "adapter_model.safetensors").items() if "lora_embedding_B" in k}
+
+
+@pytest.mark.parametrize("arch,factor", [("gemma3", 8.0), ("bart", 32 ** 0.5)])
+def test_scaled_embedding_lora_is_rescaled_between_peft_eras(arch, factor, tmp_path, monkeypatch):
+    src, ref = _embedding_source(tmp_path, arch)
+    r = api.convert(src, tmp_path / "p15", to="peft-0.15")
+    assert r.ok and any(s.rule == "embed_scale" for s in r.adapters[0].plan.steps)
+    b_src, b_out = _emb_b(src), _emb_b(tmp_path / "p15")
+    for k in b_src:
+        want = (b_src[k].double() * factor).float()
+        assert torch.equal(b_out[k], want)  # one rounding of f·B (none for a power of two)
+    by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
+    assert not by["peft-0.15"].same and "embed_tokens" in by["peft-0.15"].detail and by["peft-0.16"].same is False
+    # back into peft: B/f, the source's bytes where f is a power of two
+    assert api.convert(tmp_path / "p15", tmp_path / "back", to="peft").ok
+    if factor == 8.0:
+        assert all(torch.equal(_emb_b(tmp_path / "back")[k], b_src[k]) for k in b_src)
+    # peft 0.21.2 as PEFT < 0.18 computes: the one difference in the forward pass is that the LoRA embedding output
+    # is not multiplied by embed_scale (#2825 added _get_embed_scale); the real peft 0.15.2 is run by
+    # golden/make_golden_peft.py (pf152 cases gemma3_embedding, bart_scaled_embedding), its results committed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    monkeypatch.setattr(BaseTunerLayer, "_get_embed_scale", lambda self: None)
+    got = load(tmp_path / "p15", arch)
+    bound = 0.0 if factor == 8.0 else 16 * 2.0**-24 * ref.abs().max().item()
+    assert maxdiff(got, ref) <= bound
+    api.convert(src, tmp_path / "copy", to="peft")  # the file as it is: what 0.15 computes without the fix
+    assert maxdiff(load(tmp_path / "copy", arch), ref) > 1e-2
+
+
+def test_scaled_embedding_factor_unknown_is_refused_unless_base_model_given(tmp_path):
+    src, ref = _embedding_source(tmp_path, "gemma3")
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedFeature, match="embed_scale.*--base-model"):
+        api.convert(src, tmp_path / "p15", to="peft-0.15")
+    assert api.convert(src, tmp_path / "same", to="peft").ok  # same era: nothing to know
+    build("gemma3").save_pretrained(tmp_path / "full")
+    r = api.convert(src, tmp_path / "p15", to="peft-0.15", base_model=tmp_path / "full")
+    assert r.ok and any(s.rule == "embed_scale" for s in r.adapters[0].plan.steps)
+    by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
+    assert not by["peft-0.15"].same and "unknown" in by["peft-0.15"].detail
+
+
+def test_plain_embeddings_and_gemma_hidden_state_scaling_copy_unchanged(tmp_path):
+    """Gemma (v1) multiplies the hidden states by √d after the embedding module, so every era scales the LoRA
+    output alike: nothing to rescale."""
+    src, ref = _embedding_source(tmp_path, "gemma")
+    r = api.convert(src, tmp_path / "p15", to="peft-0.15")
+    assert r.ok and not any(s.rule == "embed_scale" for s in r.adapters[0].plan.steps)
+    assert all(torch.equal(_emb_b(tmp_path / "p15")[k], t) for k, t in _emb_b(src).items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
@@ -21,8 +22,8 @@ from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
 from ..schemas import Convention
 from ..schemas.base import Scaling
 from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST, PEFT_PREFIX,
-                            PeftLoraConfig, saved_by_modules_to_save)
-from ..source import ModuleEntry, SourceAdapter, TensorStore, read_json, validation_message
+                            PeftLoraConfig, embed_scale, saved_by_modules_to_save)
+from ..source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # First version of each era, in order (the era spans up to the next one's first version).
@@ -181,8 +182,33 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     return None
 
 
-def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default") -> SourceAdapter:
-    """One PEFT adapter folder as ``save_pretrained`` writes it."""
+def set_embed_scales(a: SourceAdapter, model_config: dict | None) -> None:
+    """Each embedding module's base-layer factor (``embed_scale``, from the base model's config.json), and for an
+    era that multiplies embedding LoRA by it (``lora_embedding_scaled``) the effective scale s·factor."""
+    a.base_config = model_config
+    on = bool(a.convention.lora_embedding_scaled)
+    unknown = []
+    for e in a.modules:
+        if e.kind != "embedding":
+            continue
+        old = e.embed_scale if on and e.embed_scale else 1.0
+        f = embed_scale(model_config, e.module, e.metas["b"].shape[0])
+        e.embed_scale = f
+        e.scale = e.scale / old * (f if on and f else 1.0)
+        if on and f is None:
+            unknown.append(e.module)
+        elif on and f != 1.0:
+            e.provenance = replace(e.provenance, rule=f"{e.provenance.rule.split(' ×')[0]} × embed_scale {f:g}")
+    if unknown:
+        a.notes.append(f"embedding LoRA on {unknown[0]}: {a.convention.name} multiplies it by the base layer's "
+                       "embed_scale (Gemma3, BART with scale_embedding: √d; #2825), and without the base model's "
+                       "config.json that factor is unknown (--base-model DIR gives it)")
+
+
+def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default",
+                  model_config: dict | None = None) -> SourceAdapter:
+    """One PEFT adapter folder as ``save_pretrained`` writes it. ``model_config``: the base model's config.json;
+    by default the one ``base_model_name_or_path`` names (a local folder or the Hugging Face cache)."""
     cfg_path = path / "adapter_config.json"
     try:
         cfg = PeftLoraConfig.model_validate(raw)
@@ -261,8 +287,11 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
     except BaseException:
         store.close()
         raise
-    return SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
-                         notes=notes, extras=extras, features=features, init=init, peft=cfg)
+    a = SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
+                      notes=notes, extras=extras, features=features, init=init, peft=cfg)
+    if "embedding" in features:
+        set_embed_scales(a, model_config or base_model_config(raw.get("base_model_name_or_path")))
+    return a
 
 
 def _plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:
