@@ -191,7 +191,7 @@ CASES = {
                                                             lora_bias=True))],
                                  description="attention_bias + mlp_bias base; lora_bias=True on q,v,down; r=8, "
                                              "alpha=32: s = 4, forward adds s*(BAx + l). peft 0.21 merges b + s*l."),
-    "pf21/llama_embed": dict(arch="llama", adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj"],
+    "pf21/llama_embed": dict(arch="llama", base_model=True, adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj"],
                                                                       r=8, lora_alpha=16))],
                              description="LoRA on embed_tokens (lora_embedding_A (r, vocab) / lora_embedding_B "
                                          "(dim, r)) and q_proj; s = 2. save_embedding_layers='auto' also saves the "

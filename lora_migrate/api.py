@@ -248,11 +248,13 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     refuse_overlap(src, out)
     source = open_source(src, from_)
     try:
-        if base_model is not None:  # its config.json: the factor of scaled embeddings (PEFT sources)
-            config = base_model_config(resolve_source(base_model))
-            for a in source.adapters:
-                if "embedding" in a.features and a.convention.family == "peft":
-                    pf.set_embed_scales(a, config)
+        for a in source.adapters:  # the factor of scaled embeddings (PEFT sources): the base config.json, or
+            if "embedding" not in a.features or a.convention.family != "peft":  # the model type alone
+                continue
+            if base_model is not None:
+                pf.set_embed_scales(a, base_model_config(resolve_source(base_model)))
+            elif model_type and a.base_config is None:
+                pf.set_embed_scales(a, {"model_type": model_type}, type_only=True)
         with _initials(initial_adapter, base_model, out) as initial_for:
             execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type,
                            num_layers)
@@ -423,6 +425,7 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
         problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []
+        unsure = None
         for e in a.modules:
             if "patterns" in c.features:
                 r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
@@ -430,16 +433,26 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
             else:
                 r, alpha = cfg.r, float(cfg.lora_alpha)
             s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
-            if e.kind == "embedding" and c.lora_embedding_scaled is not None:  # × embed_scale from PEFT 0.18
-                if e.embed_scale is None and c.lora_embedding_scaled != a.convention.lora_embedding_scaled:
-                    problems.append(f"{e.module}: PEFT ≥ 0.18 multiplies embedding LoRA by the base layer's "
-                                    "embed_scale (#2825), which is unknown without the base model's config.json")
+            why = ""
+            if e.kind == "embedding" and e.embed_scale != 1.0:  # × embed_scale from PEFT 0.18 (#2825)
+                if c.lora_embedding_scaled is None and e.embed_scale is not None:
+                    refused.append(f"{e.module} is a scaled embedding (embed_scale {e.embed_scale:g}), and whether "
+                                   f"{c.name} multiplies its LoRA output by that is not established")
+                    problems.append(refused[-1])
+                    continue
+                if e.embed_scale is None and c.lora_embedding_scaled is not None \
+                        and c.lora_embedding_scaled != a.convention.lora_embedding_scaled:
+                    unsure = (f"{e.module} differs if the base model scales its embeddings (Gemma3, BART with "
+                              "scale_embedding): PEFT ≥ 0.18 multiplies embedding LoRA by that embed_scale (#2825), "
+                              "unknown without the base model's config.json (converting needs --base-model DIR)")
                 elif c.lora_embedding_scaled and e.embed_scale:
                     s *= e.embed_scale
+                elif e.embed_scale:
+                    why = f" (embed_scale {e.embed_scale:g} not applied before PEFT 0.18, #2825)"
             if r != e.rank:
                 wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
             elif abs(s / e.scale - 1) > 1e-12:
-                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
+                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}{why}")
         if wrong:
             problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
         drops = lorax_drops(a) if c.name == "lorax" else None
@@ -456,6 +469,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
         detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
         if drops is not None and not drops[0]:
             detail += f"; but {drops[1]}: convert with --to lorax --num-layers N"
+        if unsure:
+            detail += f"; but {unsure}"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

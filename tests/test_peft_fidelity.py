@@ -263,8 +263,13 @@ def test_scaled_embedding_factor_unknown_is_refused_unless_base_model_given(tmp_
     build("gemma3").save_pretrained(tmp_path / "full")
     r = api.convert(src, tmp_path / "p15", to="peft-0.15", base_model=tmp_path / "full")
     assert r.ok and any(s.rule == "embed_scale" for s in r.adapters[0].plan.steps)
+    # the model type alone gives it where no config flag decides (Gemma3: √ of the embedding width)
+    r = api.convert(src, tmp_path / "p15t", to="peft-0.15", model_type="gemma3_text")
+    assert all(torch.equal(_emb_b(tmp_path / "p15t")[k], t) for k, t in _emb_b(tmp_path / "p15").items())
+    with pytest.raises(UnsupportedFeature, match="embed_scale"):  # BART's depends on scale_embedding
+        api.convert(src, tmp_path / "p15b", to="peft-0.15", model_type="bart")
     by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
-    assert not by["peft-0.15"].same and "unknown" in by["peft-0.15"].detail
+    assert "unknown without the base model's config.json" in by["peft-0.15"].detail
 
 
 def test_plain_embeddings_and_gemma_hidden_state_scaling_copy_unchanged(tmp_path):

@@ -182,9 +182,10 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     return None
 
 
-def set_embed_scales(a: SourceAdapter, model_config: dict | None) -> None:
-    """Each embedding module's base-layer factor (``embed_scale``, from the base model's config.json), and for an
-    era that multiplies embedding LoRA by it (``lora_embedding_scaled``) the effective scale s·factor."""
+def set_embed_scales(a: SourceAdapter, model_config: dict | None, type_only: bool = False) -> None:
+    """Each embedding module's base-layer factor (``embed_scale``, from the base model's config.json, or with
+    ``type_only`` from its model type alone), and for an era that multiplies embedding LoRA by it
+    (``lora_embedding_scaled``) the effective scale s·factor."""
     a.base_config = model_config
     on = bool(a.convention.lora_embedding_scaled)
     unknown = []
@@ -192,7 +193,7 @@ def set_embed_scales(a: SourceAdapter, model_config: dict | None) -> None:
         if e.kind != "embedding":
             continue
         old = e.embed_scale if on and e.embed_scale else 1.0
-        f = embed_scale(model_config, e.module, e.metas["b"].shape[0])
+        f = embed_scale(model_config, e.module, e.metas["b"].shape[0], type_only)
         e.embed_scale = f
         e.scale = e.scale / old * (f if on and f else 1.0)
         if on and f is None:
@@ -202,7 +203,8 @@ def set_embed_scales(a: SourceAdapter, model_config: dict | None) -> None:
     if unknown:
         a.notes.append(f"embedding LoRA on {unknown[0]}: {a.convention.name} multiplies it by the base layer's "
                        "embed_scale (Gemma3, BART with scale_embedding: √d; #2825), and without the base model's "
-                       "config.json that factor is unknown (--base-model DIR gives it)")
+                       "config.json that factor is unknown (--base-model DIR gives it; --model-type for a type that "
+                       "never scales, e.g. llama)")
 
 
 def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default",

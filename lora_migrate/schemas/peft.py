@@ -170,15 +170,19 @@ SCALED_EMBEDDINGS: dict[str, tuple[EmbedScale, ...]] = {
 }
 
 
-def embed_scale(model_config: dict | None, module: str, width: int) -> float | None:
+def embed_scale(model_config: dict | None, module: str, width: int, type_only: bool = False) -> float | None:
     """The factor the base layer at ``module`` multiplies its output by (1.0 for a plain embedding), from the base
-    model's config.json; None when there is no config to tell. ``width``: the embedding's output size."""
+    model's config.json; None when there is no config to tell. ``width``: the embedding's output size.
+    ``type_only``: ``model_config`` holds only the model type (--model-type), so a factor that depends on a config
+    flag is unknown."""
     if not model_config:
         return None
     mt = model_config.get("model_type")
     rules = SCALED_EMBEDDINGS.get(mt, ()) if mt != "gemma3n" else SCALED_EMBEDDINGS["gemma3n_text"]
     cfg = model_config.get("text_config") or model_config if mt in ("gemma3", "gemma3n") else model_config
     rule = next((x for x in rules if re.search(x.module, module)), None)
+    if rule is not None and type_only and (rule.flag or rule.dim):
+        return None
     if rule is None or not (rule.flag is None or cfg.get(rule.flag, rule.flag_default)):
         return 1.0
     return math.sqrt(cfg.get(rule.dim, rule.dim_default) if rule.dim else width)
