@@ -279,3 +279,13 @@ def test_plain_embeddings_and_gemma_hidden_state_scaling_copy_unchanged(tmp_path
     r = api.convert(src, tmp_path / "p15", to="peft-0.15")
     assert r.ok and not any(s.rule == "embed_scale" for s in r.adapters[0].plan.steps)
     assert all(torch.equal(_emb_b(tmp_path / "p15")[k], t) for k, t in _emb_b(src).items())
+
+
+def test_embedding_paths_no_scaled_embedding_has_need_no_base_config(tmp_path):
+    """No config at hand: GPT-2's ``wte`` is no scaled embedding of any model type, so eras agree and the factors
+    are copied; ``model.embed_tokens`` could be Gemma3's, so that is refused (tested above)."""
+    from .peft_models import make_peft
+
+    make_peft(tmp_path / "src", "gpt2", target_modules=["wte", "c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True)
+    assert api.convert(tmp_path / "src", tmp_path / "p13", to="peft-0.13").ok
+    assert all(torch.equal(_emb_b(tmp_path / "p13")[k], t) for k, t in _emb_b(tmp_path / "src").items())

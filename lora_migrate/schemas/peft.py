@@ -175,8 +175,9 @@ def embed_scale(model_config: dict | None, module: str, width: int, type_only: b
     model's config.json; None when there is no config to tell. ``width``: the embedding's output size.
     ``type_only``: ``model_config`` holds only the model type (--model-type), so a factor that depends on a config
     flag is unknown."""
-    if not model_config:
-        return None
+    if not model_config:  # no model type: only a path that some scaled embedding has leaves it open
+        scaled_path = any(re.search(x.module, module) for rules in SCALED_EMBEDDINGS.values() for x in rules)
+        return None if scaled_path else 1.0
     mt = model_config.get("model_type")
     rules = SCALED_EMBEDDINGS.get(mt, ()) if mt != "gemma3n" else SCALED_EMBEDDINGS["gemma3n_text"]
     cfg = model_config.get("text_config") or model_config if mt in ("gemma3", "gemma3n") else model_config
