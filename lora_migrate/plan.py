@@ -7,12 +7,10 @@ before anything is written.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel
