@@ -418,10 +418,14 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 continue
         drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
+        caveats = []
         for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
             since = FIELDS_SINCE.get(f, "0")
-            if c.name in ("lorax", "vllm") or c.releases_with(since) == "none":
+            have = "none" if c.name in ("lorax", "vllm") else c.releases_with(since)
+            if have == "none":
                 refused.append(f"ignores {f} (PEFT ≥ {since}: {PEFT_ONLY[f]}), so those tensors are unused")
+            elif have == "some":
+                caveats.append(f"{f} needs PEFT ≥ {since}; earlier releases ignore it")
         problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []
@@ -469,8 +473,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
         detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
         if drops is not None and not drops[0]:
             detail += f"; but {drops[1]}: convert with --to lorax --num-layers N"
-        if unsure:
-            detail += f"; but {unsure}"
+        for caveat in [*caveats, *([unsure] if unsure else [])]:
+            detail += f"; but {caveat}"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

@@ -117,6 +117,7 @@ def test_target_parameters_go_to_peft_as_they_are_and_are_refused_by_name_elsewh
             api.convert(src, tmp_path / target, to=target)
     by = {c.convention: c for c in api.inspect(src).adapters[0].as_loaded}
     assert not by["peft-0.15"].same and "target_parameters" in by["peft-0.15"].detail
+    assert by["peft-0.16"].same and "needs PEFT ≥ 0.17" in by["peft-0.16"].detail  # 0.16.0 has no such field
 
 
 def test_target_parameters_on_mixtral_expert_weights(tmp_path):
