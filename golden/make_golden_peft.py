@@ -106,6 +106,16 @@ ARCHS = {
     "gpt2": {"model_class": "GPT2LMHeadModel",
              "config": dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0)},
+    # scaled embeddings (issue 12): Gemma3's embed_scale √64 = 8, BART's with scale_embedding √32
+    "gemma3_text": {"model_class": "Gemma3ForCausalLM",
+                    "config": dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                   max_position_embeddings=64)},
+    "bart_scaled": {"model_class": "BartForConditionalGeneration",
+                    "config": dict(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, max_position_embeddings=64, scale_embedding=True,
+                                   dropout=0.0)},
 }
 INPUTS = {"input_ids": [[5, 17, 33, 2, 90, 1], [7, 7, 64, 120, 3, 1]]}
 
@@ -181,7 +191,7 @@ CASES = {
                                                             lora_bias=True))],
                                  description="attention_bias + mlp_bias base; lora_bias=True on q,v,down; r=8, "
                                              "alpha=32: s = 4, forward adds s*(BAx + l). peft 0.21 merges b + s*l."),
-    "pf21/llama_embed": dict(arch="llama", adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj"],
+    "pf21/llama_embed": dict(arch="llama", base_model=True, adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj"],
                                                                       r=8, lora_alpha=16))],
                              description="LoRA on embed_tokens (lora_embedding_A (r, vocab) / lora_embedding_B "
                                          "(dim, r)) and q_proj; s = 2. save_embedding_layers='auto' also saves the "
@@ -229,6 +239,22 @@ CASES = {
                              description="the conv model, DoRA + rsLoRA on the two nn.Conv2d and the head (what "
                                          "PEFT 0.13 can load: Conv2d DoRA since 0.10); s = 8/sqrt(4) = 4; "
                                          "lora_magnitude_vector (1, out, 1, 1) on the convs."),
+    "pf21/gemma3_embed": dict(arch="gemma3_text", base_model=True,
+                              adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj", "v_proj"],
+                                                         r=4, lora_alpha=8))],
+                              description="Gemma3 (hidden 64): LoRA on the scaled embed_tokens (embed_scale 8) and "
+                                          "q,v; r=4, alpha=8. peft 0.21.2 multiplies the LoRA embedding output by "
+                                          "8 (#2825, 0.18.0), 0.15.2 does not."),
+    "pf21/bart_scaled_embed": dict(arch="bart_scaled", base_model=True,
+                                   inputs=dict(INPUTS, decoder_input_ids=[[5, 17, 33, 2], [7, 7, 64, 120]]),
+                                   adapters=[("default", dict(target_modules=["embed_tokens", "q_proj", "v_proj"],
+                                                              r=4, lora_alpha=8))],
+                                   description="BART scale_embedding=True (d_model 32: embed_scale √32) with LoRA on "
+                                               "encoder/decoder embed_tokens and q,v; r=4, alpha=8."),
+    "pf152/gemma3_embed": dict(arch="gemma3_text", base_model=True,
+                               adapters=[("default", dict(CLM, target_modules=["embed_tokens", "q_proj", "v_proj"],
+                                                          r=4, lora_alpha=8))],
+                               description="pf21/gemma3_embed written by peft 0.15.2 (no embed_scale on LoRA)."),
     "pf152/llama_plain": dict(arch="llama", adapters=[("default", dict(CLM, target_modules=QV, r=8, lora_alpha=16))],
                               description="peft 0.15.2: q_proj, v_proj; r=8, alpha=16: s = 2."),
     "pf152/llama_lora_bias_merged": dict(arch="llama_bias", merge=True, save_merged=True,
@@ -327,6 +353,9 @@ ACCEPTANCE = [
     ("pf21/conv", "adapters-1.1", "refused"),
     ("pf21/conv2d_dora", "peft-0.13", "ok"),
     ("pf21/conv2d_dora", "peft-0.15", "ok"),
+    ("pf21/gemma3_embed", "peft-0.15", "ok"),
+    ("pf21/bart_scaled_embed", "peft-0.15", "ok"),
+    ("pf152/gemma3_embed", "peft", "ok"),
     ("pf152/llama_plain", "peft", "ok"),
     ("pf152/llama_plain", "peft-0.13", "ok"),
     ("pf152/llama_lora_bias_merged", "peft", "ok"),
@@ -369,7 +398,7 @@ def ref_key(case: str, name: str) -> str:
 
 def case_inputs(case: str) -> dict:
     """input.json of a case: token ids, or pixel values for the conv model."""
-    return conv_inputs() if CASES[case]["arch"] == "conv" else INPUTS
+    return conv_inputs() if CASES[case]["arch"] == "conv" else CASES[case].get("inputs", INPUTS)
 
 
 # ==================================================================================================
@@ -626,6 +655,9 @@ def cmd_accept(args) -> None:
             target, expect, env = tgt, extra, TARGET_ENV[tgt]
             argv = ["convert", str(cdir / "adapter"), str(out), "--to", target, "--json"]
             shown = f"convert {rel}/adapter <tmp>/out --to {target} --json"
+            if CASES.get(case, {}).get("base_model"):  # the base config.json (scaled embeddings' factor)
+                argv += ["--base-model", str((cdir / _case_meta(case)["base"]).resolve())]
+                shown += f" --base-model {rel}/{_case_meta(case)['base']}"
             if (cdir / "pissa_init").exists():
                 argv += ["--initial-adapter", str(cdir / "pissa_init")]
                 shown += f" --initial-adapter {rel}/pissa_init"

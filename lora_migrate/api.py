@@ -28,7 +28,7 @@ from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .schemas.base import plain_folder_name
 from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
-from .source import Source, SourceAdapter
+from .source import Source, SourceAdapter, base_model_config
 from .rules.values import refuse_nonfinite
 from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
 
@@ -66,6 +66,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
     (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
     from .initial import open_base, rebuilt_initial, saved_initial
+    from .schemas.peft import mutating_init
 
     if initial_adapter is not None and base_model is not None:
         raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
@@ -81,7 +82,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
                 refuse_overlap(x.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base is not None:
+            if base is not None and (mutating_init(a.init) or "embedding" not in a.features):
                 return rebuilt_initial(a, base)
             if initial is None:
                 return None
@@ -117,7 +118,7 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
     return out
 
 
-def _read_back(folder: Path, target, name: str) -> SourceAdapter:
+def _read_back(folder: Path, target, name: str, model_config: dict | None = None) -> SourceAdapter:
     if target.family == "peft":
         raw = pf.read_json(folder / "adapter_config.json")
         if target.name not in ("lorax", "vllm"):
@@ -125,7 +126,7 @@ def _read_back(folder: Path, target, name: str) -> SourceAdapter:
             if target not in cands:
                 raise VerificationFailed(f"{folder}: the written config would be read as "
                                          f"{', '.join(c.name for c in cands)}, not {target.name}")
-        return pf.read_peft_dir(folder, target, raw, name)
+        return pf.read_peft_dir(folder, target, raw, name, model_config)
     cands, _, wrapper = ah.detect_adapter_dir(folder)
     if target not in cands:
         raise VerificationFailed(f"{folder}: the written config would be read as "
@@ -248,6 +249,13 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     refuse_overlap(src, out)
     source = open_source(src, from_)
     try:
+        for a in source.adapters:  # the factor of scaled embeddings (PEFT sources): the base config.json, or
+            if "embedding" not in a.features or a.convention.family != "peft":  # the model type alone
+                continue
+            if base_model is not None:
+                pf.set_embed_scales(a, base_model_config(resolve_source(base_model)))
+            elif model_type and a.base_config is None:
+                pf.set_embed_scales(a, {"model_type": model_type}, type_only=True)
         with _initials(initial_adapter, base_model, out) as initial_for:
             execs = _plans(source, target, adapter, safetensors, keep_head, initial_for, model_type,
                            num_layers)
@@ -274,7 +282,7 @@ def _write_checked(ex: Execution, tmp: Path, out: Path, target, verify: bool, al
     notes += _write(ex, folder, _checked_deltas(ex, check, allow_nonfinite, notes))
     report = None
     if verify:
-        back = _read_back(folder, target, ex.source.info.name)
+        back = _read_back(folder, target, ex.source.info.name, ex.source.base_config)
         try:
             report = check.confirm(back, _extras_checks(ex.source, back, ex.extras))
         finally:
@@ -386,8 +394,8 @@ class InspectResult(BaseModel):
 def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
     """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
-    from .formats.peft import module_r_alpha
-    from .schemas.peft import LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
+    from .formats.peft import PEFT_ONLY, module_r_alpha
+    from .schemas.peft import FIELDS_SINCE, LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
 
     cfg = a.peft
     out = []
@@ -412,9 +420,18 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 continue
         drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
+        caveats = []
+        for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
+            since = FIELDS_SINCE.get(f, "0")
+            have = "none" if c.name in ("lorax", "vllm") else c.releases_with(since)
+            if have == "none":
+                refused.append(f"ignores {f} (PEFT ≥ {since}: {PEFT_ONLY[f]}), so those tensors are unused")
+            elif have == "some":
+                caveats.append(f"{f} needs PEFT ≥ {since}; earlier releases ignore it")
         problems += refused
         rs = cfg.use_rslora and "rslora" in c.features
         wrong = []
+        unsure = None
         for e in a.modules:
             if "patterns" in c.features:
                 r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
@@ -422,10 +439,26 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
             else:
                 r, alpha = cfg.r, float(cfg.lora_alpha)
             s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            why = ""
+            if e.kind == "embedding" and e.embed_scale != 1.0:  # × embed_scale from PEFT 0.18 (#2825)
+                if c.lora_embedding_scaled is None and e.embed_scale is not None:
+                    refused.append(f"{e.module} is a scaled embedding (embed_scale {e.embed_scale:g}), and whether "
+                                   f"{c.name} multiplies its LoRA output by that is not established")
+                    problems.append(refused[-1])
+                    continue
+                if e.embed_scale is None and c.lora_embedding_scaled is not None \
+                        and c.lora_embedding_scaled != a.convention.lora_embedding_scaled:
+                    unsure = (f"{e.module} differs if the base model scales its embeddings (Gemma3, BART with "
+                              "scale_embedding): PEFT ≥ 0.18 multiplies embedding LoRA by that embed_scale (#2825), "
+                              "unknown without the base model's config.json (converting needs --base-model DIR)")
+                elif c.lora_embedding_scaled and e.embed_scale:
+                    s *= e.embed_scale
+                elif e.embed_scale:
+                    why = f" (embed_scale {e.embed_scale:g} not applied before PEFT 0.18, #2825)"
             if r != e.rank:
                 wrong.append(f"{e.module} built at r={r} for a rank-{e.rank} tensor")
             elif abs(s / e.scale - 1) > 1e-12:
-                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}")
+                wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}{why}")
         if wrong:
             problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
         drops = lorax_drops(a) if c.name == "lorax" else None
@@ -442,6 +475,8 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
         detail = "same ΔW" if not problems else "WRONG: " + "; ".join(problems) + f"; {fix}"
         if drops is not None and not drops[0]:
             detail += f"; but {drops[1]}: convert with --to lorax --num-layers N"
+        for caveat in [*caveats, *([unsure] if unsure else [])]:
+            detail += f"; but {caveat}"
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
                              detail=detail))
     return out

@@ -132,7 +132,8 @@ def _conversion_inputs(f):
         click.option("--base-model", type=click.Path(path_type=str),
                      help="PiSSA (full SVD) / OLoRA: the original, un-mutated base model (folder with "
                           "model.safetensors, shards or pytorch_model.bin; or hf://org/name); the initial adapter "
-                          "is rebuilt from its weights."),
+                          "is rebuilt from its weights. Also gives the base config.json for embedding LoRA on a "
+                          "scaled embedding (Gemma3, BART scale_embedding) between PEFT eras."),
         click.option("--model-type", help="Base model type (llama, qwen2, gpt2, t5, …) when a PEFT source goes to "
                                           "AdapterHub; read from the base model's config.json or inferred from "
                                           "module paths when left out."),

@@ -7,11 +7,10 @@ before anything is written.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -31,7 +30,8 @@ from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
-from .source import ModuleEntry, SourceAdapter, json_number
+from .source import ModuleEntry, SourceAdapter, base_model_config, json_number
+from .verify import tolerance_for
 
 
 class Step(BaseModel):
@@ -178,25 +178,8 @@ def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, s
 
 
 def base_model_type(name: str | None) -> str | None:
-    """``model_type`` from the base model's config.json: a local folder, or the Hugging Face cache (never a
-    download). None when neither has it."""
-    if not name:
-        return None
-    path = Path(name) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(name, "config.json")
-        except Exception:  # not a repo id: nothing cached under that name
-            hit = None
-        if not isinstance(hit, str):
-            return None
-        path = Path(hit)
-    try:
-        mt = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """``model_type`` from the base model's config.json (:func:`source.base_model_config`), or None."""
+    mt = (base_model_config(name) or {}).get("model_type")
     return mt if isinstance(mt, str) else None
 
 
@@ -361,18 +344,32 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
 
 def _rescale_steps(steps, src, kind_of, out):
     by_kind: dict[str, list[float]] = {}
+    dtypes: dict[str, set] = {}
     for e in src.modules:
-        by_kind.setdefault(kind_of[e.module], []).append(e.scale / out[e.module].scale)
+        c = e.scale / out[e.module].scale
+        by_kind.setdefault(kind_of[e.module], []).append(c)
+        if abs(c - 1) > SAME:
+            dtypes.setdefault(kind_of[e.module], set()).add(e.metas["b"].dtype)
     for k, cs in sorted(by_kind.items()):
         changed = [c for c in cs if abs(c - 1) > SAME]
         if not changed:
             steps.append(Step(rule="rescale", what=f"{k}: scale kept; factors copied bit for bit"))
-        elif len(set(changed)) == 1:
-            steps.append(Step(rule="rescale", what=f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} "
-                              f"modules; " + describe("rescale")))
+            continue
+        if len(set(changed)) == 1:
+            what = f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} modules"
         else:
-            steps.append(Step(rule="rescale", what=f"{k}: B rescaled per module in {len(changed)} of {len(cs)} "
-                              f"modules (factors {min(changed):.6g}…{max(changed):.6g}); " + describe("rescale")))
+            what = (f"{k}: B rescaled per module in {len(changed)} of {len(cs)} modules (factors "
+                    f"{min(changed):.6g}…{max(changed):.6g})")
+        steps.append(Step(rule="rescale", what=f"{what}; {_rounding(changed, dtypes[k])}; " + describe("rescale")))
+
+
+def _rounding(factors, dtypes) -> str:
+    """What multiplying B by ``factors`` costs: nothing for powers of two, else one rounding per element."""
+    if all(math.frexp(c)[0] == 0.5 for c in factors):
+        return "exact (powers of two)"
+    u = max(tolerance_for(dt) / 4 for dt in dtypes)
+    return (f"each element rounded once to {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} "
+            f"(relative error ≤ {u:.3g} per element; the check below bounds ΔW)")
 
 
 def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: float) -> tuple[dict, list[str]]:
@@ -412,14 +409,24 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
             steps.append(Step(rule="pad_rank", what=f"ranks {sorted(set(ranks.values()))} → {R} (one rank: "
                               f"{target.name} stacks one rank per layer type{'; LoRAX kernel padding' if target.name == 'lorax' else ''}): "
                               + describe("pad_rank")))
-        prov = ScaleProvenance(alpha=float(R), r=R, rule="alpha/r (folded: 1)", convention=target.name)
+        # one global alpha/R: lora_alpha expresses the scale most modules have (their B untouched; from rsLoRA's
+        # α itself, α·√r, at the source's own rank); only modules with another scale get it folded into B
+        s_glob = _mode([e.scale for e in src.modules])
+        e0 = next(e for e in src.modules if e.scale == s_glob)
+        same_rank = ranks[e0.module] == R and e0.fused is None and not doubled
+        a = module_alpha(s_glob, R, Scaling.ALPHA_OVER_R, e0.provenance.alpha if same_rank else None,
+                         src_rule if src.convention.family == "peft" and same_rank else None)
+        prov = ScaleProvenance(alpha=a, r=R, rule="alpha/r (one global alpha)", convention=target.name)
         for e in [*src.modules, *fills]:
-            out[e.module] = ModuleOut(scale=1.0, provenance=prov, pad_to=R if ranks[e.module] != R else None,
-                                      alpha=float(R), r=R)
-        steps.append(Step(rule="fold_scale", what="B' = s·B, lora_alpha = r, use_rslora = false, no patterns: "
-                          f"{target.name} applies one global alpha/r"
-                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")))
-        r_glob, alpha_glob, rank_pattern, alpha_pattern = R, float(R), {}, {}
+            out[e.module] = ModuleOut(scale=a / R, provenance=prov, pad_to=R if ranks[e.module] != R else None,
+                                      alpha=a, r=R)
+        folded = sum(abs(e.scale / (a / R) - 1) > SAME for e in src.modules)
+        steps.append(Step(rule="global_alpha", what=f"lora_alpha = {a:.10g}, r = {R}, use_rslora = false, no "
+                          f"patterns: {target.name} applies one global alpha/r"
+                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")
+                          + f"; it expresses the scale of {len(src.modules) - folded} of {len(src.modules)} modules "
+                          "with B untouched" + (f", the other {folded} get theirs folded into B" if folded else "")))
+        r_glob, alpha_glob, rank_pattern, alpha_pattern = R, a, {}, {}
     else:
         for e in src.modules:
             rm = ranks[e.module]
@@ -452,6 +459,7 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
         if rank_pattern or alpha_pattern:
             steps.append(Step(rule="patterns", what=f"r={r_glob}, lora_alpha={alpha_glob:g}; "
                               f"{len(rank_pattern)} rank_pattern and {len(alpha_pattern)} alpha_pattern entries"))
+    _embedding_factors(src, target, out, steps)
     config = peft_config(src, target, r_glob, alpha_glob, rslora_out and not serving, rank_pattern, alpha_pattern,
                          notes, serving)
     extras = _vllm_extras(src, steps) if target.name == "vllm" else list(src.extras)
@@ -471,6 +479,49 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
                        scales_out=scales_out, rescaled=rescaled, steps=steps, notes=notes)
     return Execution(plan=plan, source=src, target=target, out=out, config=config, fills=fills,
                      extras=extras)
+
+
+def _embedding_factors(src: SourceAdapter, target: Convention, out: dict[str, ModuleOut], steps: list[Step]):
+    """Embedding LoRA on a scaled embedding (the base layer multiplies its output by embed_scale f, √d for Gemma3
+    and BART with scale_embedding): PEFT ≥ 0.18 multiplies the LoRA output by f too, older eras do not (#2825).
+    The target's effective scale includes f where the target applies it, so ``rescale`` writes B' = f·B into an
+    older era and B/f into a newer one. Refused when the eras differ and f is unknown (no base config.json)."""
+    if src.convention.family != "peft":
+        return
+    s_on, t_on = src.convention.lora_embedding_scaled, target.lora_embedding_scaled
+    for e in src.modules:
+        if e.kind != "embedding":
+            continue
+        f = e.embed_scale
+        if t_on is None and f not in (None, 1.0):
+            raise UnsupportedFeature(f"{src.info.name}: embedding LoRA on {e.module}, a scaled embedding (embed_scale "
+                                     f"{f:g}): whether {target.name} multiplies its output by that factor is not "
+                                     "established; refused rather than served wrong")
+        if t_on is None or s_on == t_on:
+            if t_on and f:
+                out[e.module].scale *= f
+            continue
+        if f is None:
+            name = src.info.wrapper.get("model_name")
+            raise UnsupportedFeature(
+                f"{src.info.name}: embedding LoRA on {e.module}: PEFT ≥ 0.18 multiplies it by the base layer's "
+                f"embed_scale (Gemma3, BART with scale_embedding: √d; #2825), {src.convention.name if s_on else target.name}"
+                f" does, {target.name if s_on else src.convention.name} does not, and the factor needs the base "
+                "model's config.json: " + (f"base model {name!r} is neither a local folder nor in the Hugging Face "
+                                           "cache" if name else "the adapter's config names no base model")
+                + "; pass --base-model DIR")
+        if f == 1.0:
+            continue
+        if "dora" in src.features:
+            raise UnsupportedFeature(f"{src.info.name}: DoRA on the scaled embedding {e.module}: {target.name} and "
+                                     f"{src.convention.name} differ by embed_scale {f:g} after DoRA's weight norm "
+                                     "(#2839), which no rescale of B expresses")
+        if t_on:
+            out[e.module].scale *= f
+        steps.append(Step(rule="embed_scale", what=f"{e.module}: {src.convention.name if s_on else target.name} "
+                          f"multiplies embedding LoRA by the base layer's embed_scale {f:.10g} (PEFT 0.18.0, #2825),"
+                          f" {target.name if s_on else src.convention.name} does not: B' = "
+                          f"{'' if s_on else '1/'}{f:.10g}·B"))
 
 
 def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
@@ -617,8 +668,9 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
             out[f] = v
             notes.append(f"{f}={v!r} written: it needs PEFT ≥ {since}")
             continue
+        why = f": {pf.PEFT_ONLY[f]}" if f in pf.PEFT_ONLY else ""
         raise UnsupportedFeature(f"{src.info.name}: config field {f}={v!r} cannot be expressed in {target.name}"
-                                 + (f" (PEFT ≥ {since})" if since else ""))
+                                 + (f" (PEFT ≥ {since}{why})" if since else why))
     if "peft_version" in fields:
         out["peft_version"] = target.version_to_write
     return out

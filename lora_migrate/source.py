@@ -61,10 +61,13 @@ class ModuleEntry:
     provenance: ScaleProvenance
     fused: FusedQKV | None = None
     alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
+    stacked: int = 1  # rank-r blocks stacked along r: PEFT's ParamWrapper on a 3-D (experts, …) parameter
+    embed_scale: float | None = 1.0  # embedding LoRA: the base layer's output factor (None: no config to tell)
 
     @property
     def rank(self) -> int:
-        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None)
+        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None) \
+            // self.stacked
 
 
 @dataclass
@@ -91,6 +94,7 @@ class SourceAdapter:
     features: set[str] = field(default_factory=set)  # e.g. "rslora", "dora", "lora_bias", "modules_to_save"
     init: str | None = None  # PEFT init_lora_weights when it is a string ("pissa", "olora", …)
     peft: object | None = None  # the validated PEFT config (PeftLoraConfig) for PEFT sources
+    base_config: dict | None = None  # the base model's config.json, where it was found (PEFT sources)
 
     def load(self, e: ModuleEntry) -> ModuleDelta:
         def get(p):
@@ -132,6 +136,29 @@ class Source:
 def json_number(x: float) -> int | float:
     """An integral float as an int (alpha 16.0 is written 16, as the libraries write it), else the float."""
     return int(x) if float(x).is_integer() else float(x)
+
+
+def base_model_config(name: str | Path | None) -> dict | None:
+    """The base model's config.json: a local folder, or the Hugging Face cache (never a download). None when
+    neither has it."""
+    if not name:
+        return None
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(str(name), "config.json")
+        except Exception:  # not a repo id: nothing cached under that name
+            hit = None
+        if not isinstance(hit, str):
+            return None
+        path = Path(hit)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def read_json(path: Path) -> dict:

@@ -27,7 +27,8 @@ EXPECTED = [
     "pf21/llama_plain", "pf21/llama_rslora", "pf21/llama_patterns", "pf21/llama_rslora_patterns",
     "pf21/llama_lora_bias", "pf21/llama_embed", "pf21/llama_dora", "pf21/llama_modules_to_save", "pf21/llama_multi",
     "pf21/gpt2_c_attn", "pf21/llama_pissa", "pf21/llama_olora", "pf21/conv", "pf21/conv2d_dora",
-    "pf152/llama_plain", "pf152/llama_lora_bias_merged",
+    "pf21/gemma3_embed", "pf21/bart_scaled_embed",
+    "pf152/llama_plain", "pf152/llama_lora_bias_merged", "pf152/gemma3_embed",
     "pf013/llama_plain", "pf013/llama_patterns",
 ]
 INIT_CASES = ["pf21/llama_pissa", "pf21/llama_olora"]

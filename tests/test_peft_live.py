@@ -122,7 +122,8 @@ def test_lorax_output_is_folded_and_padded(tmp_path, tmp_path_factory):
     src, _ = _source("patterns", tmp_path_factory)
     api.convert(src, tmp_path / "o", to="lorax")
     cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
-    assert cfg["r"] == cfg["lora_alpha"] == 8 and not cfg.get("rank_pattern") and not cfg.get("use_rslora")
+    # one global alpha for the most common scale (k, up, down: 8/4 = 2 → 2·8 = 16); q and v are folded into B
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("rank_pattern") and not cfg.get("use_rslora")
     sd = load_file(tmp_path / "o" / "adapter_model.safetensors")
     assert {t.shape[0] for k, t in sd.items() if "lora_A" in k} == {8}
 

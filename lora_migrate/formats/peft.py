@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
@@ -21,8 +22,8 @@ from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
 from ..schemas import Convention
 from ..schemas.base import Scaling
 from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST, PEFT_PREFIX,
-                            PeftLoraConfig)
-from ..source import ModuleEntry, SourceAdapter, TensorStore, read_json, validation_message
+                            PeftLoraConfig, embed_scale, saved_by_modules_to_save)
+from ..source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # First version of each era, in order (the era spans up to the next one's first version).
@@ -148,9 +149,22 @@ PEFT_ONLY = {
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "arrow_config": "Arrow routing mixes several LoRA experts per token",
     "use_bdlora": "BD-LoRA shares block-diagonal factors",
-    "target_parameters": "LoRA on raw parameters (MoE experts) stacks one factor per expert",
+    "target_parameters": "LoRA on raw parameters (MoE experts, #2638) stacks one factor per expert",
     "layer_replication": "replicated layers share base weights but not adapters",
 }
+
+
+def on_parameter(module: str, target_parameters) -> bool:
+    """Whether PEFT put a ``ParamWrapper`` (LoRA on a raw parameter, ``target_parameters``, 0.17 #2638) at
+    ``module``: matched as ``BaseTuner._inject_parameters`` matches (peft 0.21.2), ``<module>.<param>`` equal to
+    an entry or ending in ``.<entry>``, with the ``.base_layer`` of nested wrappers (several parameters of one
+    module) removed from the path."""
+    path = module.replace(".base_layer", "")
+    for t in target_parameters or ():
+        owner = t.rpartition(".")[0]
+        if not owner or path == owner or path.endswith("." + owner):
+            return True
+    return False
 
 
 def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | None:
@@ -158,9 +172,8 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     if body is None:
         return None
     path = body.rsplit(".", 1)[0]
-    for m in module_set:
-        if path == m or path.endswith("." + m) or f".{m}." in f".{path}.":
-            return "modules_to_save"
+    if saved_by_modules_to_save(path, module_set):
+        return "modules_to_save"
     for rx, what in _EXTRA_RX:
         if rx.search(body):
             return what
@@ -169,8 +182,35 @@ def _classify_extra(key: str, module_set: list[str], bias_mode: str) -> str | No
     return None
 
 
-def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default") -> SourceAdapter:
-    """One PEFT adapter folder as ``save_pretrained`` writes it."""
+def set_embed_scales(a: SourceAdapter, model_config: dict | None, type_only: bool = False) -> None:
+    """Each embedding module's base-layer factor (``embed_scale``, from the base model's config.json, or with
+    ``type_only`` from its model type alone), and for an era that multiplies embedding LoRA by it
+    (``lora_embedding_scaled``) the effective scale s·factor."""
+    a.base_config = model_config
+    on = bool(a.convention.lora_embedding_scaled)
+    unknown = []
+    for e in a.modules:
+        if e.kind != "embedding":
+            continue
+        old = e.embed_scale if on and e.embed_scale else 1.0
+        f = embed_scale(model_config, e.module, e.metas["b"].shape[0], type_only)
+        e.embed_scale = f
+        e.scale = e.scale / old * (f if on and f else 1.0)
+        if on and f is None:
+            unknown.append(e.module)
+        elif on and f != 1.0:
+            e.provenance = replace(e.provenance, rule=f"{e.provenance.rule.split(' ×')[0]} × embed_scale {f:g}")
+    if unknown:
+        a.notes.append(f"embedding LoRA on {unknown[0]}: {a.convention.name} multiplies it by the base layer's "
+                       "embed_scale (Gemma3, BART with scale_embedding: √d; #2825), and without the base model's "
+                       "config.json that factor is unknown (--base-model DIR gives it; --model-type for a type that "
+                       "never scales, e.g. llama)")
+
+
+def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default",
+                  model_config: dict | None = None) -> SourceAdapter:
+    """One PEFT adapter folder as ``save_pretrained`` writes it. ``model_config``: the base model's config.json;
+    by default the one ``base_model_name_or_path`` names (a local folder or the Hugging Face cache)."""
     cfg_path = path / "adapter_config.json"
     try:
         cfg = PeftLoraConfig.model_validate(raw)
@@ -249,8 +289,11 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
     except BaseException:
         store.close()
         raise
-    return SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
-                         notes=notes, extras=extras, features=features, init=init, peft=cfg)
+    a = SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
+                      notes=notes, extras=extras, features=features, init=init, peft=cfg)
+    if "embedding" in features:
+        set_embed_scales(a, model_config or base_model_config(raw.get("base_model_name_or_path")))
+    return a
 
 
 def _plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:
@@ -297,6 +340,9 @@ def _plan_module(conv, store, module, params, cfg, matching, where, notes, featu
                                       cfg.alpha_pattern)
     else:  # serving profiles: one global r and alpha (peft.md §7.3, §8.1)
         r_cfg, alpha = cfg.r, float(cfg.lora_alpha)
+    stacked = 1
+    if on_parameter(module, cfg.target_parameters) and r % r_cfg == 0:  # a 3-D (experts, …) parameter: one
+        stacked, r = r // r_cfg, r_cfg                                   # rank-r block per expert
     if r_cfg != r and "patterns" in conv.features:
         raise LoraMigrateError(f"{where}: module {module!r} has rank {r} but the config gives r={r_cfg} "
                                f"(read as {conv.name}: {conv.pattern_matching} pattern matching)")
@@ -304,7 +350,7 @@ def _plan_module(conv, store, module, params, cfg, matching, where, notes, featu
     rule = Scaling.ALPHA_OVER_SQRT_R if cfg.use_rslora and "rslora" in conv.features else Scaling.ALPHA_OVER_R
     prov = ScaleProvenance(alpha=alpha, r=r_cfg, rule=f"{rule.value} ({kind})", convention=conv.name)
     return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_cfg),
-                       provenance=prov, alpha=alpha)
+                       provenance=prov, alpha=alpha, stacked=stacked)
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -166,6 +166,9 @@ class Convention(Frozen):
     pattern_matching: Literal["combined", "split", "regex"] | None = None
     # PEFT family: True when this era's config loader raises TypeError on fields it does not know (peft.md §4.5)
     strict_config_fields: bool = False
+    # PEFT family: whether embedding LoRA's output is multiplied by the base layer's ``embed_scale`` (Gemma3, BART
+    # with scale_embedding: √d) as the base output is; None where no one has established it
+    lora_embedding_scaled: bool | None = None
 
     @field_validator("keys")
     @classmethod

@@ -7,7 +7,10 @@ installed from PyPI. What changes between eras, and so makes a convention of its
   separate suffix lookups (0.14, #2195), regexes anchored at a dot boundary (≥ 0.15, #2419);
 - which config fields exist (§4.4) and whether unknown ones raise ``TypeError`` (0.6–0.13) or are dropped with a
   warning (≥ 0.14, #2038); ``peft_version`` is written from 0.18 (#2782);
-- ``merge_and_unload`` added ``lora_B.bias`` unscaled in 0.14.0–0.15.2 (#2486, fixed by #2489 in 0.16.0; §2).
+- ``merge_and_unload`` added ``lora_B.bias`` unscaled in 0.14.0–0.15.2 (#2486, fixed by #2489 in 0.16.0; §2);
+- embedding LoRA on a scaled embedding (a base layer with an ``embed_scale``: Gemma3's
+  ``Gemma3TextScaledWordEmbedding``, BART's with ``scale_embedding``) is multiplied by that factor from 0.18.0
+  (#2825, issue #2809; DoRA's with it, #2839), not before (``lora_embedding_scaled``; table ``SCALED_EMBEDDINGS``).
 
 The forward pass is the same in every era: y = W x + b + s·(B A x + l), s = alpha/r, or alpha/√r with
 ``use_rslora`` (from 0.8, #1244), per module with alpha and r from the patterns. Embedding LoRA stores bare
@@ -124,6 +127,68 @@ def not_rebuildable_reason(init: str) -> str:
     return next((w for p, w in NOT_REBUILDABLE.items() if re.fullmatch(p, init)), "it is not a function of W alone")
 
 
+def saved_by_modules_to_save(path: str, names) -> bool:
+    """Whether the tensor of module ``path`` (``model.layers.0.input_layernorm``, or a submodule of a saved module:
+    ``classifier.dense``) belongs to a module that a ``modules_to_save`` entry wraps. Every era matches the same
+    way, a plain string suffix with no dot boundary, so "norm" also takes ``input_layernorm``: ``_set_trainable``
+    (utils/other.py) tests ``key.endswith(target_key)`` over ``model.named_modules()`` in 0.6–0.14, and over
+    ``named_modules(remove_duplicate=False)`` from 0.15 (tied modules counted under each name) through 0.21.2."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts) + 1) for n in names)
+
+
+class EmbedScale(BaseModel):
+    """An embedding module whose forward multiplies its output by ``embed_scale = √dim`` (transformers 4.57.6
+    ``*ScaledWordEmbedding``). ``dim``: the config field (with its default) giving dim, or None for the
+    embedding's own width (lora_embedding_B's rows); ``flag``: the bool config field that turns it on (with its
+    class default, as config.json leaves defaults out), or None when always on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    module: str  # regex searched in the module path
+    dim: str | None = None
+    dim_default: int | None = None
+    flag: str | None = None
+    flag_default: bool = False
+
+
+_TOKENS = r"(^|\.)(embed_tokens|shared)$"
+_SCALE_EMBEDDING = {t: (EmbedScale(module=_TOKENS, flag="scale_embedding", flag_default=d),)
+                    for t, d in (("bart", False), ("mbart", False), ("blenderbot", False), ("trocr", False),
+                                 ("plbart", True), ("m2m_100", True), ("nllb-moe", True), ("bigbird_pegasus", True),
+                                 ("pegasus_x", True), ("xglm", True), ("biogpt", True), ("seamless_m4t", True),
+                                 ("seamless_m4t_v2", True))}
+# model_type → its scaled embedding modules. A model type not listed has none: its embeddings are nn.Embedding,
+# and Gemma / Gemma2 multiply the hidden states by √d after the embedding module (so every era scales the LoRA
+# output alike).
+SCALED_EMBEDDINGS: dict[str, tuple[EmbedScale, ...]] = {
+    "gemma3_text": (EmbedScale(module=r"(^|\.)embed_tokens$"),),
+    "gemma3": (EmbedScale(module=r"(^|\.)embed_tokens$"),),
+    "gemma3n_text": (EmbedScale(module=r"(^|\.)embed_tokens_per_layer$", dim="hidden_size_per_layer_input",
+                                dim_default=256), EmbedScale(module=r"(^|\.)embed_tokens$")),
+    **_SCALE_EMBEDDING,
+}
+
+
+def embed_scale(model_config: dict | None, module: str, width: int, type_only: bool = False) -> float | None:
+    """The factor the base layer at ``module`` multiplies its output by (1.0 for a plain embedding), from the base
+    model's config.json; None when there is no config to tell. ``width``: the embedding's output size.
+    ``type_only``: ``model_config`` holds only the model type (--model-type), so a factor that depends on a config
+    flag is unknown."""
+    if not model_config:  # no model type: only a path that some scaled embedding has leaves it open
+        scaled_path = any(re.search(x.module, module) for rules in SCALED_EMBEDDINGS.values() for x in rules)
+        return None if scaled_path else 1.0
+    mt = model_config.get("model_type")
+    rules = SCALED_EMBEDDINGS.get(mt, ()) if mt != "gemma3n" else SCALED_EMBEDDINGS["gemma3n_text"]
+    cfg = model_config.get("text_config") or model_config if mt in ("gemma3", "gemma3n") else model_config
+    rule = next((x for x in rules if re.search(x.module, module)), None)
+    if rule is not None and type_only and (rule.flag or rule.dim):
+        return None
+    if rule is None or not (rule.flag is None or cfg.get(rule.flag, rule.flag_default)):
+        return 1.0
+    return math.sqrt(cfg.get(rule.dim, rule.dim_default) if rule.dim else width)
+
+
 def fields_of(version: str) -> tuple[str, ...]:
     """The LoraConfig fields a PEFT release knows."""
     from packaging.version import Version
@@ -202,32 +267,32 @@ PEFT_0_13 = _peft(
     summary="PEFT 0.6–0.13: unknown adapter_config.json fields raise TypeError; rank/alpha patterns in one list",
     scaling_notes="alpha/r, alpha/√r with use_rslora (≥0.8, #1244); rank_pattern and alpha_pattern keys are "
                   "chained into one list, first suffix match wins for both (#873, bug fixed in 0.14 #2195)",
-    version_to_write="0.13.2", strict_config_fields=True,
+    version_to_write="0.13.2", strict_config_fields=True, lora_embedding_scaled=False,
 )
 PEFT_0_14 = _peft(
     "peft-0.14", ">=0.14,<0.15", "0.14", "split",
     summary="PEFT 0.14: lora_bias (#2237); separate rank/alpha suffix lookups; merges lora_B.bias unscaled",
     scaling_notes="alpha/r or alpha/√r; lora_B.bias scaled in the forward pass but merged unscaled (#2486)",
-    version_to_write="0.14.0", extra_features={"lora_bias"},
+    version_to_write="0.14.0", extra_features={"lora_bias"}, lora_embedding_scaled=False,
 )
 PEFT_0_15 = _peft(
     "peft-0.15", ">=0.15,<0.16", "0.15", "regex",
     summary="PEFT 0.15.x: regex rank/alpha patterns (#2419); still merges lora_B.bias unscaled",
     scaling_notes="alpha/r or alpha/√r; lora_B.bias merged as b+l instead of b+s·l up to 0.15.2 (#2486, #2489)",
-    version_to_write="0.15.2", extra_features={"lora_bias"},
+    version_to_write="0.15.2", extra_features={"lora_bias"}, lora_embedding_scaled=False,
 )
 PEFT_0_16 = _peft(
     "peft-0.16", ">=0.16,<0.18", "0.16", "regex", aliases=("peft-0.17",),
     summary="PEFT 0.16–0.17: lora_B.bias merge fixed (#2489)",
     scaling_notes="alpha/r or alpha/√r, per module from the regex patterns",
-    version_to_write="0.17.1", extra_features={"lora_bias"},
+    version_to_write="0.17.1", extra_features={"lora_bias"}, lora_embedding_scaled=False,
 )
 PEFT_LATEST = _peft(
     "peft", ">=0.18", "0.18", "regex",
     aliases=("peft-0.18", "peft-0.19", "peft-0.20", "peft-0.21"),
     summary="PEFT ≥ 0.18 (checked with 0.21.2): writes peft_version",
     scaling_notes="alpha/r or alpha/√r, per module from the regex patterns",
-    version_to_write="0.21.2", extra_features={"lora_bias"},
+    version_to_write="0.21.2", extra_features={"lora_bias"}, lora_embedding_scaled=True,
 )
 # Serving targets: PEFT files, read by servers with one global scale (peft.md §7, §8).
 LORAX = Convention(
