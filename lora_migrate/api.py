@@ -21,7 +21,7 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .formats import peft as pf
-from .hub import resolve_source
+from .resolve import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter

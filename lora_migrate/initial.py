@@ -18,7 +18,7 @@ import torch
 from .adapter import AdapterInfo, ModuleDelta
 from .errors import LoraMigrateError, UnsupportedFeature
 from .fixmerged import weight_sets
-from .hub import resolve_source
+from .resolve import resolve_source
 from .rules import RULES
 from .rules.inits import olora_stored_init
 from .schemas.peft import mutating_init, not_rebuildable_reason, rebuild_rule

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..adapter import ModuleDelta
 from ..errors import LoraMigrateError
-from . import rule
+from .registry import rule
 
 
 @rule("reprefix")

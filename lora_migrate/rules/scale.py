@@ -8,7 +8,7 @@ import torch
 from ..adapter import ModuleDelta, ScaleProvenance
 from ..errors import UnsupportedFeature
 from ..schemas import Convention
-from . import rule
+from .registry import rule
 
 # Two scales closer than this are the same scale: rescaling by 1 ± 1e-12 changes no fp32/bf16/fp16 value.
 SAME = 1e-12

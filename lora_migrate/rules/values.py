@@ -7,7 +7,7 @@ import torch
 from ..adapter import ModuleDelta
 from ..errors import LoraMigrateError
 from ..verify import all_finite
-from . import rule
+from .registry import rule
 
 
 class NonFiniteValues(LoraMigrateError):
