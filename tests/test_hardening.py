@@ -188,7 +188,7 @@ def test_fault_hook_is_inert_without_the_variable(tmp_path, monkeypatch):
 
 
 def test_digest_sees_any_change_and_is_stable_as_the_cache_grows():
-    from lora_migrate.verify import tensor_digest
+    from lora_migrate.check.written import tensor_digest
 
     a = torch.randn(1000, 7).bfloat16()
     d = tensor_digest(a)

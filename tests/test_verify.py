@@ -7,16 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_migrate.adapter import FusedQKV, ModuleDelta, ScaleProvenance
-from lora_migrate.verify import (
-    ModuleCheck,
-    VerifyReport,
-    build_report,
-    compare,
-    extra,
-    missing,
-    tolerance_for,
-    verify,
-)
+from lora_migrate.check.compare import compare, verify
+from lora_migrate.check.report import ModuleCheck, VerifyReport, build_report, extra, missing, tolerance_for
 
 F32_TOL = 4 * 2.0**-24
 BF16_TOL = 4 * 2.0**-8
