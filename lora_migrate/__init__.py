@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 import sys
 import types
 
-_API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult"}
+_API = {"convert", "inspect", "verify", "ConvertResult", "InspectResult", "VerifyResult"}
 _MORE = {"check": "gate", "CheckResult": "gate", "batch": "batching", "BatchResult": "batching",
          "push": "hub", "PushResult": "hub", "fix_merged": "fixmerged", "FixMergedResult": "fixmerged",
-         "merge_adapter": "merge", "MergeResult": "merge"}
+         "merge_adapter": "merge", "MergeResult": "merge", "conventions": "schemas.info"}
 
 
 def __getattr__(name):

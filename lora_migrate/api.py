@@ -27,7 +27,6 @@ from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .schemas.base import plain_folder_name
-from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
 from .source import Source, SourceAdapter
 from .rules.values import refuse_nonfinite
 from .check.compare import compare
@@ -522,11 +521,4 @@ def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:
         s.close()
 
 
-# ------------------------------------------------------------------------------------------------ conventions
-
-
-from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)
-from .merge import MergeResult, merge_adapter  # noqa: E402  (lora-migrate merge)
-
-__all__ = ["ConvertResult", "FixMergedResult", "InspectResult", "VerifyResult", "convert", "conventions",
-           "fix_merged", "inspect", "merge_adapter", "MergeResult", "verify"]
+__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "inspect", "verify"]

@@ -3,7 +3,7 @@ of that identity. The planner strings them together; ``convert --dry-run`` print
 
 from __future__ import annotations
 
-from . import coverage, inits, keys, refuse, scale, select, shape, values  # noqa: F401  (registration)
+from . import coverage, inits, refuse, scale, select, shape, values  # noqa: F401  (registration)
 from .registry import RULES, describe
 
 __all__ = ["RULES", "describe"]

@@ -50,11 +50,6 @@ def rescale(d: ModuleDelta, scale: float, provenance: ScaleProvenance) -> Module
     return d.replace(B=_mul(d.B, c), bias=_mul(d.bias, c), scale=scale, provenance=provenance)
 
 
-def fold_scale(d: ModuleDelta, provenance: ScaleProvenance) -> ModuleDelta:
-    """B' = s·B, s' = 1, bias' = s·bias. ΔW and Δb are unchanged (``rescale`` with s' = 1)."""
-    return rescale(d, 1.0, provenance)
-
-
 @rule("choose_alpha")
 def choose_alpha(modules: list[tuple[str, float, int]], target: Convention, source_alpha: float | None,
                  r: int) -> tuple[float, dict[str, float]]:
