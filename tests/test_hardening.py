@@ -20,8 +20,7 @@ from lora_migrate.cli import main
 from lora_migrate.errors import VerificationFailed
 from lora_migrate.rules.scale import _mul
 
-from .test_bad_inputs import snapshot
-from .test_ingest import make_adapter
+from .builders import make_adapter, snapshot
 
 MODULES = [f"encoder.block.{i}.layer.0.SelfAttention.{m}" for i in range(12) for m in "qv"]
 
