@@ -133,3 +133,16 @@ def test_the_graph_finds_cycles(tmp_path, files, expected):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     assert cycles(import_graph(root)) == expected
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test helpers live in helper modules (builders.py, models.py, …), never in a test_*.py module."""
+    tests = Path(__file__).resolve().parent
+    found = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] + [a.name for a in node.names] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n.rpartition(".")[2].startswith("test_") for n in names):
+                found.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert not found, found
