@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from lora_migrate.cli import main
 
-from .test_ingest import make_adapter, tensors
+from .builders import make_adapter, snapshot, tensors
 
 TO = ["--to", "adapters-1.0"]
 ST = dict(version="adapters.1.3.0", file="adapter.safetensors")
@@ -254,10 +254,6 @@ CASES: list[Case] = [
 
 
 # ------------------------------------------------------------------------------------------------ running
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def run_case(case: Case, d: Path) -> tuple[int, str, str, dict, dict]:
