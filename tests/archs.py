@@ -108,8 +108,16 @@ def _pristine(arch: str):
 
     a = ARCHS[arch]
     torch.manual_seed(0)
-    cfg = getattr(tf, a.cfg)(**a.kw)
-    return getattr(tf, a.cls)(cfg).eval()
+    return getattr(tf, a.cls)(config(arch)).eval()
+
+
+def config(arch: str):
+    """The tiny config; eager attention, the one implementation every architecture and transformers release has
+    (the golden environments' older transformers pick other defaults, e.g. Gemma2's soft-capping)."""
+    import transformers as tf
+
+    a = ARCHS[arch]
+    return getattr(tf, a.cfg)(**a.kw, attn_implementation="eager")
 
 
 def build(arch: str):
