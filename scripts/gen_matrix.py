@@ -58,7 +58,8 @@ def golden_section(golden: dict) -> list:
              + " and loads each output with `PeftModel.from_pretrained` in the golden environments ("
              + "; ".join(f"`{t}`: {where[t]}" for t in targets) + f"); results in golden/matrix_golden.json: "
              f"{n['reproduces']} reproduce, {n['refused']} refused, {n['fail']} fail, {n['n/a']} n/a (the old "
-             "transformers has no such model class, or computes another base model on the same weights). Refusals "
+             "transformers has no such model class, or computes another model from the same weights without any peft: "
+             "the base, or the base with the adapter merged in). Refusals "
              "are judged by the CI matrix above. Per architecture, over its variants:", "",
              "| architecture | " + " | ".join(f"`{t}` ({where[t].split(',')[0]})" for t in targets) + " |",
              "|---|" + "---|" * len(targets)]

@@ -14,9 +14,11 @@ peft-0.15. Worker side (`<golden venv>/bin/python scripts/matrix_golden.py _work
 the same config class with the saved weights, `PeftModel.from_pretrained` each output, save the logits.
 
 A cell reproduces when max |Δlogit| against the source's logits (computed with peft 0.21.2 / transformers
-4.57.6) is within the matrix's tolerance (256·ε·max|logit|) plus how far the old transformers' BASE model already
-is from the new one on the same weights (its own forward's rounding); when that drift exceeds 16× the tolerance
-the old transformers computes another model and the cell is n/a. Refused cells are judged by the CI matrix.
+4.57.6) is within the matrix's tolerance (256·ε·max|logit|) plus how far the old transformers already is from
+the new one on the same weights without any peft: the base model, and the base with the source adapter merged
+into its weights by peft 0.21.2 (`merge_and_unload`; an AdapterHub source through its `peft` conversion, which
+the CI matrix proves equal). When that drift exceeds 16× the tolerance the
+old transformers computes another model and the cell is n/a. Refused cells are judged by the CI matrix.
 """
 
 from __future__ import annotations
@@ -62,12 +64,20 @@ def host(args) -> int:
             if "error" in r:
                 continue
             torch.save(r["ref"], work / "src" / f"{arch}.{v}.ref.pt")
+            if v not in A.ADAPTERHUB_VARIANTS:
+                save_merged(A, work, arch, v, src)
             sources[(arch, v)] = r
             rows += [{"source": str(src), "to": t, "name": f"{arch}.{v}.{t}"} for t in ENVS]
+            if v in A.ADAPTERHUB_VARIANTS:  # for the control below (peft 0.21.2 reproduces it: the CI matrix)
+                rows.append({"source": str(src), "to": "peft", "name": f"{arch}.{v}.peft"})
     (work / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     subprocess.run([sys.executable, "-m", "lora_migrate.cli", "batch", str(work / "manifest.jsonl"), "--out",
                     str(work / "out"), "-j", "2"], capture_output=True, text=True)
     report = {r["name"]: r for r in map(json.loads, (work / "out" / "report.jsonl").read_text().splitlines())}
+    for name in [n for n in report if n.endswith(".peft")]:
+        arch, v, _ = name.split(".", 2)
+        if report.pop(name)["status"] == "ok":
+            save_merged(A, work, arch, v, work / "out" / name)
     t1 = time.perf_counter()
     cells = []
     for target, env in ENVS.items():
@@ -102,10 +112,14 @@ def host(args) -> int:
             new_base = torch.load(work / "base" / arch / "logits.pt")
             old = torch.load(g["logits"])
             base_drift = (torch.load(g["base_logits"]) - new_base).abs().max().item()
+            if g.get("merged_logits"):  # the same weights with the adapter merged: the drift where it matters
+                new_merged = torch.load(work / "src" / f"{arch}.{v}.merged.pt")
+                base_drift = max(base_drift, (torch.load(g["merged_logits"]) - new_merged).abs().max().item())
             tol = 256 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
             if base_drift > 16 * tol:  # more than the rounding of another implementation of the same forward
                 cells.append(dict(cell, outcome="n/a", base_drift=base_drift,
-                                  message="the old transformers computes another base model on the same weights"))
+                                  message="the old transformers computes another model on the same weights (base, or "
+                                          "with the adapter merged in)"))
                 continue
             tol += base_drift
             diff = (old - ref).abs().max().item()
@@ -126,6 +140,22 @@ def host(args) -> int:
                   f"{c.get('message', '')[:200]} {c.get('max_abs_diff', '')}")
     print(f"wrote {OUT_JSON} ({t2 - t0:.0f} s)")
     return 0
+
+
+def save_merged(A, work: Path, arch: str, v: str, adapter: Path) -> None:
+    """The control: ``adapter`` merged into the base weights by peft 0.21.2 (``merge_and_unload``), its weights
+    and logits; the old environment computes the same weights without any peft."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    try:
+        merged = PeftModel.from_pretrained(A.build(arch), adapter).merge_and_unload().eval()
+    except RuntimeError:  # e.g. lora_bias on a layer without bias: no merged control
+        return
+    save_file({k: t.clone().contiguous() for k, t in merged.state_dict().items()},
+              str(work / "src" / f"{arch}.{v}.merged.safetensors"))
+    torch.save(A.logits(merged, arch), work / "src" / f"{arch}.{v}.merged.pt")
 
 
 def worker(work: Path, env: str) -> None:
@@ -163,6 +193,13 @@ def worker(work: Path, env: str) -> None:
             path = work / "out" / f"{name}.logits-{env}.pt"
             torch.save(A.logits(m, arch), path)
             out[name] = {"logits": str(path), "base_logits": str(work / "base" / arch / f"logits-{env}.pt")}
+            src = ".".join(name.split(".")[:2])
+            merged = work / "src" / f"{src}.merged.safetensors"
+            if merged.exists():  # the control, without peft
+                mm = copy.deepcopy(bases[arch])
+                mm.load_state_dict(load_file(str(merged)), strict=True)
+                torch.save(A.logits(mm, arch), work / "src" / f"{src}.merged-{env}.pt")
+                out[name]["merged_logits"] = str(work / "src" / f"{src}.merged-{env}.pt")
         except Exception as e:  # noqa: BLE001 — the old library (or transformers) cannot: the cell says so
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     (work / f"result-{env}.json").write_text(json.dumps(out))
