@@ -103,7 +103,7 @@ def render(data: dict, golden: dict | None = None) -> str:
         "All conversions run in one `lora-migrate batch` call; each output is then loaded through the target "
         "library's public API (`PeftModel.from_pretrained`, `load_adapter`) on a fresh base model.",
         "",
-        "- ✓: reproduces the source's logits within 256·ε(fp32)·max|logit|.",
+        "- ✓: reproduces the source's logits within the project's tolerance model (tests/tolerance.py: 192·u(fp32)·max|logit|, u = 2⁻²⁴).",
         "- refused(code): exit 2 with one line naming what the target cannot express (the expectation per "
         "variant and target is data in tests/archs.py, `EXPRESSES`, from the README's Conventions table).",
         "- ✗(numbers): converted, but the target computes something else; ✗(refused): refused though the target "

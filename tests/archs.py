@@ -145,6 +145,12 @@ def pattern_key(arch: str, suffix: str) -> str:
 
 
 # ---- adapter variants ---------------------------------------------------------------------------------------
+# Architectures whose embedding module multiplies its output by embed_scale = √d (transformers 4.57.6:
+# Gemma3TextScaledWordEmbedding; BART's with scale_embedding=True). PEFT ≥ 0.18 (#2825) multiplies the LoRA
+# embedding output by it too, earlier eras do not (the PEFT eras express both, through B' = f·B); whether vLLM does
+# is not established from its source here, so vllm refusing it is the expected answer.
+SCALED_EMBEDDINGS = {"gemma3_text", "bart_scaled"}
+
 # Each PEFT variant: the features it uses (keys of EXPRESSES) and its LoraConfig for an architecture.
 
 def peft_variants(arch: str) -> dict:
@@ -159,7 +165,8 @@ def peft_variants(arch: str) -> dict:
                                                 alpha_pattern={a.mlp: 32})),
         "lora_bias": ({"lora", "lora_bias"}, dict(target_modules=attn, r=8, lora_alpha=32, lora_bias=True)),
         "dora": ({"lora", "dora"}, dict(target_modules=attn, r=4, lora_alpha=8, use_dora=True)),
-        "embedding": ({"lora", "embedding"}, dict(target_modules=[a.emb, attn[0]], r=4, lora_alpha=8)),
+        "embedding": ({"lora", "embedding"} | ({"scaled_embedding"} if arch in SCALED_EMBEDDINGS else set()),
+                      dict(target_modules=[a.emb, attn[0]], r=4, lora_alpha=8)),
         "modules_to_save": ({"lora", "modules_to_save"}, dict(target_modules=attn, r=4, lora_alpha=8,
                                                               modules_to_save=[a.norm])),
     }
@@ -189,7 +196,7 @@ PEFT_ERAS = {"peft-0.13", "peft-0.14", "peft-0.15", "peft-0.16", "peft"}
 # - modules_to_save: PEFT only (vLLM rejects it, LoRAX drops it);
 # - MoE target_parameters: PEFT ≥ 0.18 only.
 _BASE = {"lora", "rslora", "patterns"}
-_PEFT = _BASE | {"dora", "embedding", "modules_to_save"}
+_PEFT = _BASE | {"dora", "embedding", "scaled_embedding", "modules_to_save"}
 EXPRESSES = {
     "adapter-transformers-3.1": _BASE, "adapters-1.0": _BASE, "adapters-1.1": _BASE,
     "peft-0.13": _PEFT, "peft-0.14": _PEFT | {"lora_bias"}, "peft-0.15": _PEFT | {"lora_bias"},
@@ -202,6 +209,7 @@ FEATURE_WORDS = {
     "lora_bias": r"lora_B\.bias|bias",
     "dora": r"DoRA|magnitude",
     "embedding": r"embedding",
+    "scaled_embedding": r"embed_scale|scaled embedding",
     "modules_to_save": r"modules_to_save",
     "target_parameters": r"target_parameters",
     "adapterhub_slot": r"AdapterHub LoRA cannot (attach|wrap)|cannot attach|cannot wrap",

@@ -21,35 +21,20 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from . import archs as A
+from .tolerance import logits_tol
 
 pytest.importorskip("peft")
 pytest.importorskip("adapters")
 
-# max |Δlogit| allowed: what fp32 rounding of a rewritten factor (B folded with a scale, alpha·√r) can move the
-# logits, relative to their magnitude; a wrong scale moves them by orders of magnitude more (checked per cell:
-# the adapter must change the logits by > EFFECT_OVER_TOL × tol).
-EPS = torch.finfo(torch.float32).eps
-REL_TOL = 256 * EPS  # 3.1e-5 relative to max |logit|
+# max |Δlogit| allowed: the one tolerance model (tests/tolerance.py; the reference is computed in this process, so
+# no noise floor); a wrong scale moves the logits by orders of magnitude more (checked per cell: the adapter must
+# change the logits by > EFFECT_OVER_TOL × tol).
 EFFECT_OVER_TOL = 100
 
-# Cells that fail today because of a known bug: strict, so a fix turns them into failures to delete here.
-_ITEM1 = ("issue 12 item 1: embedding LoRA on a scaled embedding (embed_scale) is copied bit for bit into a PEFT "
-          "era before 0.18, which does not multiply it by embed_scale")
-_ITEM2 = ("issue 12 item 2: the serving profiles fold alpha/r = 3 into B (rounding, amplified ~1e-4 relative in the "
-          "4-layer T5) where lora_alpha = alpha with B untouched is exact")
-_ITEM3 = ("issue 12 item 3: modules_to_save=['norm'] also matches input_layernorm etc. (PEFT's endswith); the "
-          "reader refuses those keys ('keys no PEFT LoRA schema claims')")
-_NORM_SUFFIX = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "stablelm",
-                "starcoder2", "olmo2", "mixtral"]
-KNOWN: dict[tuple, str] = {
-    **{(a, "embedding", t): _ITEM1 for a in ("gemma3_text", "bart_scaled")
-       for t in ("peft-0.13", "peft-0.14", "peft-0.15", "peft-0.16")},
-    **{("t5", "all_linear", t): _ITEM2 for t in ("lorax", "vllm")},
-    **{(a, "modules_to_save", t): _ITEM3 for a in _NORM_SUFFIX for t in A.TARGETS},
-}
+KNOWN: dict[tuple, str] = {}  # cell → the issue it is known to break by; issue 12's items 1-3 are fixed
+
 
 # ---- the cells, known at collection time without building anything ------------------------------------------
 
@@ -176,7 +161,7 @@ def judge(matrix, arch, variant, target) -> dict:
     if err:
         return dict(cell, outcome="fail", why="the target library cannot load it", message=err)
     ref = src["ref"]
-    tol = REL_TOL * max(1.0, ref.abs().max().item())
+    tol = logits_tol(ref)
     diff = (got - ref).abs().max().item()
     cell.update(max_abs_diff=diff, tol=tol, effect=src["effect"], max_rel_fro=rec.get("max_rel_fro"))
     if not src["effect"] > EFFECT_OVER_TOL * tol:
