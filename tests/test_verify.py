@@ -10,7 +10,7 @@ from lora_migrate.adapter import FusedQKV, ModuleDelta, ScaleProvenance
 from lora_migrate.check.compare import compare, verify
 from lora_migrate.check.report import ModuleCheck, VerifyReport, build_report, extra, missing, tolerance_for
 
-from .builders import dense
+from .builders import dense, make_adapter
 
 F32_TOL = 4 * 2.0**-24
 BF16_TOL = 4 * 2.0**-8
@@ -412,3 +412,15 @@ def test_dora_magnitude_must_be_carried_over_bit_for_bit():
     for out in (mk(A, B, magnitude=bumped), mk(A, B)):
         c = compare(mk(A, B, magnitude=m), out)
         assert not c.ok and "magnitude" in c.detail
+
+
+@pytest.mark.parametrize("alpha", [2.0231436903402713e26, 1e-30])
+def test_a_huge_or_tiny_scale_is_checked_without_overflow(alpha, tmp_path):
+    """Found by test_bad_inputs' config fuzzing: alpha = 2e26 folds s = alpha/r ≈ 5e25 into B; the check's float32
+    quadratic form squared that to inf and reported a mismatch (exit 1) for an exact conversion. It now scales by
+    a power of two first."""
+    from lora_migrate import api
+
+    src = make_adapter(tmp_path / "src", config={"alpha": alpha})
+    r = api.convert(src, tmp_path / "out", to="adapters-1.0")
+    assert r.ok and all(a.verify.max_rel_fro <= a.verify.tolerance for a in r.adapters)
