@@ -82,3 +82,14 @@ def test_serving_profiles_are_declared_on_their_conventions():
     assert set(served) == {"lorax", "vllm"}
     assert served["lorax"].drops_partial_layer_types and served["lorax"].pads_rank and served["lorax"].drops
     assert served["vllm"].skips_frozen_base_copies and served["vllm"].refuses and not served["vllm"].drops
+
+
+def test_peft_eras_tile_the_releases_without_gap_or_overlap():
+    """Era boundaries are declared once, in each era's ``versions``; detection derives its table from them."""
+    from lora_migrate.formats.peft import _ERA_STARTS
+    from lora_migrate.schemas.peft import PEFT_ERAS
+
+    bounds = [c.version_bounds() for c in PEFT_ERAS]
+    assert all(hi == bounds[i + 1][0] for i, (_, hi) in enumerate(bounds[:-1])), bounds
+    assert bounds[-1][1] is None  # the newest era is open-ended
+    assert [str(lo) for lo, _ in bounds[1:]] == [s for s, _ in _ERA_STARTS[1:]]

@@ -21,14 +21,14 @@ from ..errors import LoraMigrateError, UnsupportedFeature
 from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
 from ..schemas import Convention
 from ..schemas.base import Scaling
-from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST, PEFT_PREFIX,
+from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_ERAS, PEFT_PREFIX,
                             PeftLoraConfig, embed_scale, saved_by_modules_to_save)
 from ..source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# First version of each era, in order (the era spans up to the next one's first version).
-_ERA_STARTS = (("0", PEFT_0_13), ("0.14", PEFT_0_14), ("0.15", PEFT_0_15), ("0.16", PEFT_0_16),
-               ("0.18", PEFT_LATEST))
+# First version of each era, in order, from the schemas' ``versions`` (the era spans up to the next one's first
+# version); releases before the oldest era we describe read as that era.
+_ERA_STARTS = tuple(("0" if i == 0 else str(c.version_bounds()[0]), c) for i, c in enumerate(PEFT_ERAS))
 
 
 # ----------------------------------------------------------------------------------------------- detection

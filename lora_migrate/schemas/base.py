@@ -201,6 +201,13 @@ class Convention(Frozen):
     def all_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
+    def version_bounds(self) -> tuple[Version | None, Version | None]:
+        """(first release, first release after the range) of ``versions``; None where it is open."""
+        specs = list(SpecifierSet(self.versions))
+        lows = [Version(s.version) for s in specs if s.operator in (">=", "==", "~=")]
+        highs = [Version(s.version) for s in specs if s.operator == "<"]
+        return (max(lows) if lows else None), (min(highs) if highs else None)
+
     def releases_with(self, since: str) -> Literal["all", "some", "none"]:
         """How many releases of this convention's range have a thing first released in ``since``: all (the range
         starts at or after it), some (it comes before the range's upper bound), or none."""
