@@ -1,9 +1,9 @@
 """Acceptance on golden/: checkpoints written by the real adapter-transformers 3.1.0, adapters 1.0.1 and 1.3.0
-(golden/make_golden.py), converted, loaded by the real adapters 1.3.0 through load_adapter + set_active_adapters,
-and compared with the logits the producing library gave (≤ 1e-5, fp32).
+(golden/harness.py, family adapterhub), converted, loaded by the real adapters 1.3.0 through load_adapter +
+set_active_adapters, and compared with the logits the producing library gave (≤ 1e-5, fp32).
 
-The adapters 1.0.1 and adapter-transformers 3.1.0 sides cannot share this environment; make_golden.py's
-``accept`` stage runs them in their own and commits golden/acceptance.json, which is checked here.
+The adapters 1.0.1 and adapter-transformers 3.1.0 sides cannot share this environment; the harness's ``accept``
+runs them in their own and commits the result in golden/results/adapterhub.json, which is checked here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def case_id(p: Path) -> str:
 
 
 def test_golden_is_there():
-    assert len(CASES) >= 10, f"golden/ holds {len(CASES)} cases; run golden/make_golden.py"
+    assert len(CASES) >= 10, f"golden/ holds {len(CASES)} cases; run golden/harness.py generate --family adapterhub"
 
 
 def _source(case: Path) -> Path:
@@ -81,8 +81,8 @@ def test_golden_gated_is_refused(tmp_path):
 
 def test_seed_story_the_problem_is_real():
     """What the tool exists for: adapters 1.0.1 loading the 3.1 seed adapter as is gives other logits
-    (measured by make_golden.py in its own environment)."""
-    cross = json.loads((GOLDEN / "checks.json").read_text())["crossload"]
+    (measured by the harness in its own environment)."""
+    cross = json.loads((GOLDEN / "results" / "adapterhub.json").read_text())["checks"]["crossload"]
     assert cross["ad101"]["at31/t5_qv"]["max_abs_diff"] > 1.0  # alpha/r = 2 applied as 1.0
     assert cross["ad13"]["at31/t5_qv"]["max_abs_diff"] <= TOL  # ≥ 1.1 applies alpha/r again
     assert cross["ad13"]["ad101/gpt2_mixed"]["max_abs_diff"] > 0.1  # the ≥ 1.1 shim over-corrects c_attn
@@ -90,12 +90,11 @@ def test_seed_story_the_problem_is_real():
 
 def test_acceptance_in_old_libraries_is_committed_and_green():
     """adapters 1.0.1 and adapter-transformers 3.1.0 loaded our outputs in their own environments."""
-    acc = json.loads((GOLDEN / "acceptance.json").read_text())
-    records = acc["records"] if isinstance(acc, dict) else acc
+    records = json.loads((GOLDEN / "results" / "adapterhub.json").read_text())["acceptance"]["records"]
     seen = {(r["case"], r["target"], r["env"]) for r in records}
     assert ("at31/t5_qv", "adapters-1.0", "ad101") in seen
     assert ("at31/t5_multi", "adapters-1.0", "ad101") in seen
-    bad = [r for r in records if not r["ok"]]
+    bad = [r for r in records if r["status"] != "ok"]
     assert not bad, bad
 
 
@@ -103,9 +102,9 @@ ENV_CONVENTION = {"at31": "adapter-transformers-3.1", "ad101": "adapters-1.0", "
 
 
 def test_inspect_predicts_what_each_library_measured():
-    """`inspect` says which library versions would read a file wrong; make_golden.py loaded every golden
+    """`inspect` says which library versions would read a file wrong; the harness loaded every golden
     adapter in every environment. Prediction and measurement must agree on every pair."""
-    cross = json.loads((GOLDEN / "checks.json").read_text())["crossload"]
+    cross = json.loads((GOLDEN / "results" / "adapterhub.json").read_text())["checks"]["crossload"]
     compared = 0
     for env, results in cross.items():
         for case_name, res in results.items():
