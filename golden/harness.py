@@ -442,6 +442,8 @@ def main(argv: list | None = None) -> None:
     subs["accept"].add_argument("--out", help="write the acceptance JSON here instead of into results/<family>.json")
     args = ap.parse_args(argv)
     chosen = [fams[f] for f in (args.family or fams)]
+    if getattr(args, "out", None) and len(chosen) != 1:
+        ap.error("--out needs exactly one --family")
     if args.cmd == "envs":
         cmd_envs(fams, chosen, args.env)
     elif args.cmd == "generate":
