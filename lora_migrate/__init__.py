@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 import sys
 import types
 
-_API = {"convert", "inspect", "verify", "conventions", "ConvertResult", "InspectResult", "VerifyResult"}
-_MORE = {"check": "checks", "CheckResult": "checks", "batch": "batching", "BatchResult": "batching",
+_API = {"convert", "inspect", "verify", "ConvertResult", "InspectResult", "VerifyResult"}
+_MORE = {"check": "gate", "CheckResult": "gate", "batch": "batching", "BatchResult": "batching",
          "push": "hub", "PushResult": "hub", "fix_merged": "fixmerged", "FixMergedResult": "fixmerged",
-         "merge_adapter": "merge", "MergeResult": "merge"}
+         "merge_adapter": "merge", "MergeResult": "merge", "conventions": "schemas.info"}
 
 
 def __getattr__(name):
@@ -38,8 +38,8 @@ __all__ = sorted(_API | set(_MORE) | {"LoraMigrateError", "VerificationFailed"})
 
 
 class _Package(types.ModuleType):
-    """Importing the submodule ``lora_migrate.verify`` would otherwise bind the package attribute ``verify`` to the
-    module, hiding the API function of that name: API names always resolve to the functions."""
+    """Importing the subpackage ``lora_migrate.check`` (the numeric check) would otherwise bind the package attribute
+    ``check`` to it, hiding the API function of that name: API names always resolve to the functions."""
 
     def __getattribute__(self, name):
         if name in _API or name in _MORE:

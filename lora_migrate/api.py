@@ -21,16 +21,17 @@ from .detect import open_source
 from .errors import LoraMigrateError, VerificationFailed
 from .formats import adapterhub as ah
 from .formats import peft as pf
-from .hub import resolve_source
+from .resolve import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
 from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .schemas.base import plain_folder_name
-from .schemas.info import ConventionInfo, conventions  # noqa: F401  (re-exported; torch-free for `conventions --json`)
 from .source import Source, SourceAdapter, base_model_config
 from .rules.values import refuse_nonfinite
-from .verify import VerifyReport, WriteCheck, build_report, compare, extra, missing
+from .check.compare import compare
+from .check.report import VerifyReport, build_report, extra, missing
+from .check.written import WriteCheck
 
 
 class AdapterResult(BaseModel):
@@ -168,7 +169,7 @@ def verify_adapters(src: SourceAdapter, out: SourceAdapter, *, probes: int = 4, 
 
 def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bool, notes: list[str]):
     """The output deltas in write order. Each source module is refused if it holds NaN/Inf (unless allowed) and,
-    with ``check``, compared with its output while both are in memory (see :class:`verify.WriteCheck`)."""
+    with ``check``, compared with its output while both are in memory (see :class:`check.written.WriteCheck`)."""
     for e in ex.entries():
         d = ex.load(e)
         bad = refuse_nonfinite(d, allow=allow_nonfinite)
@@ -230,7 +231,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
-    then read back as the target convention and must hold exactly what was checked (:class:`verify.WriteCheck`).
+    then read back as the target convention and must hold exactly what was checked (:class:`check.written.WriteCheck`).
     For PiSSA-style sources the reference is the source expressed against the original weights, s·(BA − B₀A₀),
     with the initial adapter saved before training (``initial_adapter``) or rebuilt from the original base model
     (``base_model``; full-SVD PiSSA and OLoRA): each module's initial factors are read or computed once.
@@ -555,11 +556,4 @@ def inspect(path: str | Path, *, from_: str | None = None) -> InspectResult:
         s.close()
 
 
-# ------------------------------------------------------------------------------------------------ conventions
-
-
-from .fixmerged import FixMergedResult, fix_merged  # noqa: E402  (lora-migrate fix-merged)
-from .merge import MergeResult, merge_adapter  # noqa: E402  (lora-migrate merge)
-
-__all__ = ["ConvertResult", "FixMergedResult", "InspectResult", "VerifyResult", "convert", "conventions",
-           "fix_merged", "inspect", "merge_adapter", "MergeResult", "verify"]
+__all__ = ["ConvertResult", "InspectResult", "VerifyResult", "convert", "inspect", "verify"]

@@ -243,7 +243,7 @@ def run_item(item: dict, out_dir: str, prev_key: str | None) -> dict:
     rec = {"name": it.name, "source": it.source, "to": it.to, "status": "failed", "key": None, "output": str(out)}
     try:
         from .errors import VerificationFailed
-        from .hub import resolve_source
+        from .resolve import resolve_source
 
         try:
             local = Path(resolve_source(it.source))

@@ -383,10 +383,10 @@ def check(paths, expect, convert_to, as_json):
 
     PATHS are adapter folders, files inside them (as pre-commit passes them), or hf:// ids.
     """
-    checks = _lib("checks")
+    gate = _lib("gate")
 
-    folders = checks.gate_targets(paths)
-    results = [checks.check(p, expect=expect, convert_to=convert_to) for p in folders]
+    folders = gate.gate_targets(paths)
+    results = [gate.check(p, expect=expect, convert_to=convert_to) for p in folders]
     if as_json:
         _echo_json(results)
     else:

@@ -31,7 +31,7 @@ from .io import BinWriter, SafetensorsWriter, atomic_output, open_tensors, refus
 from .io._common import release_memory
 from .schemas import get_convention
 from .source import ModuleEntry, SourceAdapter, read_json
-from .verify import tolerance_for
+from .check.report import tolerance_for
 
 #: conventions whose merge added lora_B.bias unscaled (peft.md §2)
 UNSCALED_BIAS_MERGE = {"peft-0.14", "peft-0.15"}

@@ -1,14 +1,12 @@
-"""The Hugging Face Hub: ``hf://org/name[@revision]`` sources, and ``push`` (convert, verify, then upload).
+"""``push``: convert, verify, then upload to the Hugging Face Hub (``hf://`` sources are resolved in resolve.py).
 
-Sources are resolved with :func:`huggingface_hub.snapshot_download`, so ``HF_HUB_OFFLINE=1`` reads the local cache
-and nothing else. Uploads go through :class:`huggingface_hub.HfApi` (``create_repo`` + ``create_commit``) to
+Uploads go through :class:`huggingface_hub.HfApi` (``create_repo`` + ``create_commit``) to
 ``HF_ENDPOINT``; the token comes from huggingface_hub's usual places (``HF_TOKEN``, the saved login) and is
-never printed: every message that leaves this module has it masked.
+never printed: every message that leaves this module has it masked (:func:`resolve.mask_token`).
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
@@ -17,53 +15,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .errors import HubError, LoraMigrateError, VerificationFailed
+from .resolve import REPO_RX, first_line, mask_token, resolve_source
 
-HF_PREFIX = "hf://"
-_REPO_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CARD_BEGIN = "<!-- lora-migrate:begin -->"
 CARD_END = "<!-- lora-migrate:end -->"
-
-
-def is_hub_ref(src) -> bool:
-    return isinstance(src, str) and src.startswith(HF_PREFIX)
-
-
-def parse_hub_ref(src: str) -> tuple[str, str | None]:
-    """``hf://org/name@rev`` → ``("org/name", "rev")``; a one-line error for anything else."""
-    body = src[len(HF_PREFIX):]
-    repo_id, _, rev = body.partition("@")
-    if not _REPO_RX.match(repo_id) or ".." in repo_id or (body.count("@") and not rev):
-        raise LoraMigrateError(f"{src}: expected hf://org/name or hf://org/name@revision")
-    return repo_id, rev or None
-
-
-def resolve_source(src):
-    """A local path as is; an ``hf://`` id → the snapshot folder in the Hugging Face cache (downloaded if needed
-    and allowed)."""
-    if not is_hub_ref(src):
-        return src
-    repo_id, rev = parse_hub_ref(src)
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    try:
-        return Path(snapshot_download(repo_id, revision=rev))
-    except LocalEntryNotFoundError:
-        how = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise LoraMigrateError(f"{src}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {how}; "
-                               "download it first or unset HF_HUB_OFFLINE") from None
-    except RevisionNotFoundError:
-        raise LoraMigrateError(f"{src}: revision {rev!r} not found") from None
-    except GatedRepoError:
-        raise LoraMigrateError(f"{src}: gated repository; accept its terms and log in") from None
-    except RepositoryNotFoundError:
-        raise LoraMigrateError(f"{src}: repository not found (or private and no valid token)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise HubError(f"{src}: cannot download: {_mask(_first_line(e))}") from None
-
-
-# --------------------------------------------------------------------------------------------------- push
 
 
 class PushedFile(BaseModel):
@@ -86,34 +41,14 @@ class PushResult(BaseModel):
     convert: dict  # the ConvertResult as JSON (api.ConvertResult.model_validate() gives it back typed)
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
-
-
 def _error_line(e: BaseException) -> str:
     """One line for a failed request: huggingface_hub's first line, and the server's own message when that line
     leaves it out (a storage 403 reads "403 Forbidden: None." before it)."""
-    line = _first_line(e)
+    line = first_line(e)
     said = (getattr(e, "server_message", None) or "").strip().splitlines()
     if said and said[0].lower() not in line.lower():
         line = f"{line} {said[0]}" if line.endswith(":") else f"{line} ({said[0]})"
     return line
-
-
-def _mask(text: str) -> str:
-    """The token, wherever huggingface_hub would find it, never leaves this module; nor does a URL's query (an
-    upload URL is pre-signed: its query is a credential)."""
-    try:
-        from huggingface_hub import get_token
-
-        tok = get_token()
-    except Exception:  # noqa: BLE001 - masking must never fail
-        tok = None
-    if tok:
-        text = text.replace(tok, "***")
-    text = re.sub(r"(https?://[^\s?#]+)\?[^\s#]*", r"\1?…", text)
-    return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)
 
 
 def card_section(result, target) -> str:
@@ -168,7 +103,7 @@ def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str |
     from . import api
     from .schemas import get_convention
 
-    if not _REPO_RX.match(repo_id):
+    if not REPO_RX.match(repo_id):
         raise LoraMigrateError(f"{repo_id}: expected a repo id org/name")
     target = get_convention(to)
     tmp = Path(tempfile.mkdtemp(prefix="lora-migrate-push-"))
@@ -222,13 +157,13 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool | No
         hf.create_repo(repo_id, private=private, exist_ok=True)
         info = hf.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message)
     except expected as e:
-        raise HubError(f"upload to {repo_id} failed: {_mask(_error_line(e))}") from None
+        raise HubError(f"upload to {repo_id} failed: {mask_token(_error_line(e))}") from None
     except RuntimeError as e:
         # an LFS upload's HTTP error comes wrapped: RuntimeError("Error while uploading 'f' to the Hub.") from it
         # (huggingface_hub/_commit_api.py, _wrapped_lfs_upload); a server's answer, not a bug here
         if not isinstance(e.__cause__, expected):
             raise
-        raise HubError(_mask(f"upload to {repo_id} failed: {_first_line(e).rstrip('.')}: "
+        raise HubError(mask_token(f"upload to {repo_id} failed: {first_line(e).rstrip('.')}: "
                                      f"{_error_line(e.__cause__)}")) from None
     finally:
         if quiet:

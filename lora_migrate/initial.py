@@ -18,12 +18,12 @@ import torch
 from .adapter import AdapterInfo, ModuleDelta
 from .errors import LoraMigrateError, UnsupportedFeature
 from .fixmerged import weight_sets
-from .hub import resolve_source
+from .resolve import resolve_source
 from .rules import RULES
 from .rules.inits import olora_stored_init
 from .schemas.peft import mutating_init, not_rebuildable_reason, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, TensorStore
-from .verify import all_finite
+from .check.exact import all_finite
 
 # dtypes PEFT's pissa_init / olora_init accept for the base weight (else TypeError)
 INIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

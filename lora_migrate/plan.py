@@ -31,7 +31,7 @@ from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, base_model_config, json_number
-from .verify import tolerance_for
+from .check.report import tolerance_for
 
 
 class Step(BaseModel):

@@ -1,7 +1,7 @@
 """Every bad input the CLI handles, end to end: one line on stderr, the exit code, nothing written, input intact.
 
 ``CASES`` is the single list of them; ``scripts/gen_bad_input_table.py`` runs the same list through the CLI and
-writes the README's table, and :func:`test_readme_table_is_current` fails when the README is out of date.
+writes docs/bad-inputs.md, and :func:`test_bad_inputs_doc_is_current` fails when that file is out of date.
 A case builds its input under a fresh folder and returns the CLI arguments; ``{src}`` and ``{out}`` in messages
 stand for the paths.
 """
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from lora_migrate.cli import main
 
-from .test_ingest import make_adapter, tensors
+from .builders import make_adapter, snapshot, tensors
 
 TO = ["--to", "adapters-1.0"]
 ST = dict(version="adapters.1.3.0", file="adapter.safetensors")
@@ -33,7 +33,7 @@ ST = dict(version="adapters.1.3.0", file="adapter.safetensors")
 @dataclass(frozen=True)
 class Case:
     id: str
-    what: str  # the bad input, as the README table names it
+    what: str  # the bad input, as the table in docs/bad-inputs.md names it
     build: Callable[[Path], list]  # folder → CLI arguments (after "convert" when they start with a path)
     expect: str  # a fragment of the one-line message
     code: int = 2
@@ -256,10 +256,6 @@ CASES: list[Case] = [
 # ------------------------------------------------------------------------------------------------ running
 
 
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def run_case(case: Case, d: Path) -> tuple[int, str, str, dict, dict]:
     """(exit code, stdout, stderr, folder before, folder after) for one case run through the CLI in-process."""
     d.mkdir(parents=True, exist_ok=True)
@@ -273,7 +269,7 @@ def run_case(case: Case, d: Path) -> tuple[int, str, str, dict, dict]:
 
 
 def shown(stderr: str, d: Path) -> str:
-    """The message as the README shows it: paths relative to the case folder."""
+    """The message as docs/bad-inputs.md shows it: paths relative to the case folder."""
     return stderr.strip().replace(str(d.resolve()) + "/", "").replace(str(d) + "/", "")
 
 
@@ -290,11 +286,11 @@ def test_bad_input(tmp_path, case):
     assert not (d / "pwned").exists()
 
 
-def test_readme_table_is_current():
-    from scripts.gen_bad_input_table import README, render, section
+def test_bad_inputs_doc_is_current():
+    from scripts.gen_bad_input_table import DOC, render
 
-    assert section(README.read_text(encoding="utf-8")) == render(), \
-        "README's bad-input table is out of date: run .venv/bin/python scripts/gen_bad_input_table.py"
+    assert DOC.is_file() and DOC.read_text(encoding="utf-8") == render(), \
+        "docs/bad-inputs.md is out of date: run .venv/bin/python scripts/gen_bad_input_table.py"
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import lora_migrate
 from lora_migrate.cli import main
 
-from .test_ingest import make_adapter
+from .builders import make_adapter
 
 
 def sources(tmp_path, n, version="3.1.0"):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import lora_migrate
 from lora_migrate.cli import main
 
-from .test_ingest import MODULES, make_adapter, tensors
+from .builders import MODULES, make_adapter, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 

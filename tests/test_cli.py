@@ -10,16 +10,12 @@ from click.testing import CliRunner
 
 from lora_migrate.cli import main
 
-from .test_ingest import make_adapter
+from .builders import make_adapter, snapshot
 
 
 def run(*args):
     r = CliRunner().invoke(main, [str(a) for a in args])
     return r.exit_code, r.output
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_convert_and_inspect(tmp_path):

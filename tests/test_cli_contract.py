@@ -162,7 +162,7 @@ def test_exit_1_verify_check_batch_print_their_result(work, tmp_path):
 
 INTERNAL = {  # the library function each command calls, made to fail as a bug would
     "convert": ("lora_migrate.api", "convert"), "inspect": ("lora_migrate.api", "inspect"),
-    "verify": ("lora_migrate.api", "verify"), "check": ("lora_migrate.checks", "check"),
+    "verify": ("lora_migrate.api", "verify"), "check": ("lora_migrate.gate", "check"),
     "push": ("lora_migrate.hub", "push"), "batch": ("lora_migrate.batching", "batch"),
     "fix-merged": ("lora_migrate.fixmerged", "fix_merged"), "merge": ("lora_migrate.merge", "merge_adapter"),
 }

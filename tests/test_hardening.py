@@ -20,8 +20,7 @@ from lora_migrate.cli import main
 from lora_migrate.errors import VerificationFailed
 from lora_migrate.rules.scale import _mul
 
-from .test_bad_inputs import snapshot
-from .test_ingest import make_adapter
+from .builders import make_adapter, snapshot
 
 MODULES = [f"encoder.block.{i}.layer.0.SelfAttention.{m}" for i in range(12) for m in "qv"]
 
@@ -188,7 +187,7 @@ def test_fault_hook_is_inert_without_the_variable(tmp_path, monkeypatch):
 
 
 def test_digest_sees_any_change_and_is_stable_as_the_cache_grows():
-    from lora_migrate.verify import tensor_digest
+    from lora_migrate.check.written import tensor_digest
 
     a = torch.randn(1000, 7).bfloat16()
     d = tensor_digest(a)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from lora_migrate.cli import main
 
 from .hubfake import FakeHub, fill_cache
-from .test_ingest import make_adapter
+from .builders import make_adapter
 
 TOKEN = "hf_" + "Zq7" * 12  # what HF_TOKEN holds in these tests; it must never be printed
 CLI = [sys.executable, "-m", "lora_migrate.cli"]

@@ -10,35 +10,7 @@ import torch
 from lora_migrate import api
 from lora_migrate.errors import DetectionError, LoraMigrateError
 
-MODULES = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.v"]
-BASE_CONFIG = {"architecture": "lora", "selfattn_lora": True, "intermediate_lora": False, "output_lora": False,
-               "r": 4, "alpha": 8, "dropout": 0.0, "attn_matrices": ["q", "v"], "composition_mode": "add",
-               "init_weights": "lora", "use_gating": False}
-
-
-def tensors(name="m1", r=4, modules=MODULES, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for m in modules:
-        sd[f"{m}.loras.{name}.lora_A"] = torch.randn(r, 16, generator=g).to(dtype)
-        sd[f"{m}.loras.{name}.lora_B"] = torch.randn(12, r, generator=g).to(dtype)
-    return sd
-
-
-def make_adapter(folder, version="3.1.0", name="m1", config=None, sd=None, model_type="t5", file="pytorch_adapter.bin"):
-    """An AdapterHub adapter folder as save_adapter lays it out, written without the library."""
-    folder.mkdir(parents=True)
-    cfg = dict(BASE_CONFIG, **(config or {}))
-    wrapper = {"config": cfg, "hidden_size": 16, "model_class": "T5ForConditionalGeneration",
-               "model_name": None, "model_type": model_type, "name": name, "version": version}
-    (folder / "adapter_config.json").write_text(json.dumps(wrapper))
-    sd = tensors(name, r=cfg["r"]) if sd is None else sd
-    if file.endswith(".bin"):
-        torch.save(sd, folder / file)
-    else:
-        from safetensors.torch import save_file
-        save_file(sd, str(folder / file))
-    return folder
+from .builders import BASE_CONFIG, MODULES, make_adapter, tensors
 
 
 @pytest.mark.parametrize("version,expected", [("3.1.0", "adapter-transformers-3.1"), ("0.2.2", "adapters-1.0"),

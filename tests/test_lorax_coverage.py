@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_migrate import api
 from lora_migrate.adapter import ModuleDelta, ScaleProvenance
-from lora_migrate.checks import check
+from lora_migrate.gate import check
 from lora_migrate.cli import main
 from lora_migrate.errors import LoraMigrateError, UnsupportedFeature
 from lora_migrate.rules.coverage import layer_type, missing_layers, zero_adapter

@@ -264,7 +264,7 @@ def test_inspect_predicts_what_each_peft_era_and_server_computes(tmp_path_factor
 
 
 def test_check_expect_lorax_flags_rslora_and_passes_after_conversion(tmp_path, tmp_path_factory):
-    from lora_migrate.checks import check
+    from lora_migrate.gate import check
 
     src, _ = _source("rslora", tmp_path_factory)
     r = check(src, expect="lorax")

@@ -7,12 +7,12 @@ import torch
 
 from lora_migrate.adapter import FusedQKV, ModuleDelta, ScaleProvenance
 from lora_migrate.errors import LoraMigrateError, UnsupportedFeature
-from lora_migrate.rules import RULES, describe
-from lora_migrate.rules.keys import reprefix
 from lora_migrate.rules.refuse import refuse_gated, refuse_kinds
-from lora_migrate.rules.scale import choose_alpha, fold_scale, rescale
+from lora_migrate.rules.scale import choose_alpha, rescale
 from lora_migrate.rules.select import select_adapters
 from lora_migrate.schemas import get_convention
+
+from .builders import dense
 
 P = ScaleProvenance(alpha=16, r=8, rule="alpha/r", convention="test")
 
@@ -25,16 +25,6 @@ def delta(dtype=torch.float32, kind="lora", bias=False, seed=0, scale=2.0):
                        scale=scale, provenance=P, bias=torch.randn(6, generator=g).to(dtype) if bias else None)
 
 
-def dense(d):
-    A, B = d.factors()
-    return d.scale * (B.double() @ A.double())
-
-
-def test_every_rule_documents_its_math():
-    for name in RULES:
-        assert len(describe(name)) > 20, name
-
-
 @pytest.mark.parametrize("target", [1.0, 0.5, 3.0, 1 / math.sqrt(8)])
 def test_rescale_keeps_delta_w_and_bias(target):
     d = delta(bias=True)
@@ -45,9 +35,9 @@ def test_rescale_keeps_delta_w_and_bias(target):
     torch.testing.assert_close(e.scale * e.bias.double(), d.scale * d.bias.double(), rtol=1e-6, atol=1e-7)
 
 
-def test_fold_is_rescale_to_one_and_exact_for_powers_of_two():
+def test_rescale_to_one_folds_the_scale_exactly_for_powers_of_two():
     d = delta(scale=2.0)
-    e = fold_scale(d, P)
+    e = rescale(d, 1.0, P)
     assert e.scale == 1.0 and torch.equal(e.B, d.B * 2)  # ×2 is exact in binary floating point
 
 
@@ -109,13 +99,6 @@ def test_select_adapters():
     assert select_adapters(["m1", "m2"], "m2") == ["m2"]
     with pytest.raises(LoraMigrateError, match="holds m1, m2"):
         select_adapters(["m1", "m2"], "m3")
-
-
-def test_reprefix():
-    d = delta().replace(module="transformer.encoder.block.0.q")
-    assert reprefix(d, "transformer.", "").module == "encoder.block.0.q"
-    with pytest.raises(LoraMigrateError):
-        reprefix(d, "model.", "")
 
 
 def test_refusals_say_why():

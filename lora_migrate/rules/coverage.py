@@ -12,7 +12,7 @@ import re
 import torch
 
 from ..adapter import ModuleDelta
-from . import rule
+from .registry import rule
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 

@@ -13,7 +13,7 @@ import torch
 
 from ..adapter import ModuleDelta
 from ..errors import LoraMigrateError
-from . import rule
+from .registry import rule
 
 
 def _fp32_linear(W: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedFeature
 from ..schemas import Convention
-from . import rule
+from .registry import rule
 
 
 @rule("refuse_gated")

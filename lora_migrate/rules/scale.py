@@ -8,7 +8,7 @@ import torch
 from ..adapter import ModuleDelta, ScaleProvenance
 from ..errors import UnsupportedFeature
 from ..schemas import Convention
-from . import rule
+from .registry import rule
 
 # Two scales closer than this are the same scale: rescaling by 1 ± 1e-12 changes no fp32/bf16/fp16 value.
 SAME = 1e-12
@@ -48,11 +48,6 @@ def rescale(d: ModuleDelta, scale: float, provenance: ScaleProvenance) -> Module
     if abs(c - 1.0) <= SAME:
         return d.replace(scale=scale, provenance=provenance)
     return d.replace(B=_mul(d.B, c), bias=_mul(d.bias, c), scale=scale, provenance=provenance)
-
-
-def fold_scale(d: ModuleDelta, provenance: ScaleProvenance) -> ModuleDelta:
-    """B' = s·B, s' = 1, bias' = s·bias. ΔW and Δb are unchanged (``rescale`` with s' = 1)."""
-    return rescale(d, 1.0, provenance)
 
 
 @rule("choose_alpha")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import LoraMigrateError
-from . import rule
+from .registry import rule
 
 
 @rule("select_adapters")

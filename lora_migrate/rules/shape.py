@@ -6,7 +6,7 @@ import torch
 
 from ..adapter import FusedQKV, ModuleDelta
 from ..errors import LoraMigrateError
-from . import rule
+from .registry import rule
 
 
 def _zeros(t: torch.Tensor, shape) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch
 
 from ..adapter import ModuleDelta
 from ..errors import LoraMigrateError
-from ..verify import all_finite
-from . import rule
+from ..check.exact import all_finite
+from .registry import rule
 
 
 class NonFiniteValues(LoraMigrateError):
@@ -15,7 +15,7 @@ class NonFiniteValues(LoraMigrateError):
 
 
 def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, ±Inf count); the common all-finite case costs one sum (:func:`verify.all_finite`); 0, 0 for
+    """(NaN count, ±Inf count); the common all-finite case costs one sum (:func:`check.exact.all_finite`); 0, 0 for
     integer tensors."""
     if all_finite(t):
         return 0, 0

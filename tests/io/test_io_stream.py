@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from lora_migrate.io import open_tensors
 from lora_migrate.io import bin_reader
-from lora_migrate.verify import stream_digest, tensor_digest
+from lora_migrate.check.written import stream_digest, tensor_digest
 from tests.io.bitwise import SAVE_DTYPES, bits, random_tensor
 
 

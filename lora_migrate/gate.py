@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, computed_field
 
 from .errors import DetectionError, LoraMigrateError, VerificationFailed
-from .hub import resolve_source
+from .resolve import resolve_source
 
 
 class Finding(BaseModel):
