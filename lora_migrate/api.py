@@ -122,7 +122,7 @@ def _plans(source: Source, target, adapter: str | None, safetensors: bool, keep_
 def _read_back(folder: Path, target, name: str, model_config: dict | None = None) -> SourceAdapter:
     if target.family == "peft":
         raw = pf.read_json(folder / "adapter_config.json")
-        if target.name not in ("lorax", "vllm"):
+        if target.serving is None:  # a server reads any era's file its own way
             cands, _ = pf.eras_for(raw)
             if target not in cands:
                 raise VerificationFailed(f"{folder}: the written config would be read as "
@@ -187,9 +187,12 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
 
 def _extras_checks(src: SourceAdapter, out: SourceAdapter, keys: list[str] | None = None) -> list:
     """Non-LoRA tensors (PEFT ``modules_to_save`` and the like) must be carried over bit for bit: ``keys``, by
-    default all of the source's, except the frozen base copies a vLLM output leaves out (``plan._vllm_extras``)."""
+    default all of the source's, except the frozen base copies a server's output leaves out
+    (``plan._without_base_copies``)."""
+    serving = out.convention.serving
     if keys is None:
-        keys = [k for k in src.extras if not (out.convention.name == "vllm" and pf.is_frozen_base_copy(k))]
+        keys = [k for k in src.extras if not (serving and serving.skips_frozen_base_copies
+                                               and pf.is_frozen_base_copy(k))]
     out_extras = set(out.extras)
     return [missing(k, "non-LoRA tensor not carried over bit for bit") for k in keys
             if not (k in out_extras and torch.equal(src.store.get(k), out.store.get(k)))]
@@ -244,9 +247,10 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     t0 = time.perf_counter()
     src, out = Path(resolve_source(src)), Path(out)
     target = get_convention(to)
-    if num_layers is not None and target.name != "lorax":
-        raise LoraMigrateError(f"--num-layers is for --to lorax (which drops a layer type missing from any layer); "
-                               f"{target.name} loads each module on its own")
+    if num_layers is not None and not (target.serving and target.serving.drops_partial_layer_types):
+        fill = [c.name for c in CONVENTIONS if c.serving and c.serving.drops_partial_layer_types]
+        raise LoraMigrateError(f"--num-layers is for --to {' / '.join(fill)} (which drops a layer type missing from "
+                               f"any layer); {target.name} loads each module on its own")
     refuse_overlap(src, out)
     source = open_source(src, from_)
     try:
@@ -396,7 +400,7 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
     """For each other PEFT-family convention: what it computes loading this folder as it is (peft.md §1.3, §4.5,
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
     from .formats.peft import PEFT_ONLY, module_r_alpha
-    from .schemas.peft import FIELDS_SINCE, LORAX_DROPS, VLLM_REFUSALS, conv_requirements, fields_of
+    from .schemas.peft import FIELDS_SINCE, conv_requirements, fields_of
 
     cfg = a.peft
     out = []
@@ -405,7 +409,7 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
         if c.family != "peft" or c is a.convention:
             continue
         missing = [(what, since) for what, since in needs
-                   if c.name not in ("lorax", "vllm") and c.releases_with(since) == "none"]
+                   if c.serving is None and c.releases_with(since) == "none"]
         if missing:
             out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
                                  detail=f"FAILS to load: {missing[0][0]} needs PEFT ≥ {missing[0][1]} (an older "
@@ -419,12 +423,12 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                                      detail=f"FAILS to load: TypeError: unexpected keyword argument "
                                             f"{unknown[0]!r}; convert with --to {c.name}"))
                 continue
-        drops = VLLM_REFUSALS if c.name == "vllm" else LORAX_DROPS if c.name == "lorax" else {}
+        drops = {**c.serving.refuses, **c.serving.drops} if c.serving else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
         caveats = []
         for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
             since = FIELDS_SINCE.get(f, "0")
-            have = "none" if c.name in ("lorax", "vllm") else c.releases_with(since)
+            have = "none" if c.serving else c.releases_with(since)
             if have == "none":
                 refused.append(f"ignores {f} (PEFT ≥ {since}: {PEFT_ONLY[f]}), so those tensors are unused")
             elif have == "some":
@@ -462,11 +466,11 @@ def _as_loaded_peft(a: SourceAdapter) -> list[LoadCheck]:
                 wrong.append(f"{e.module} ×{s:g} instead of ×{e.scale:g}{why}")
         if wrong:
             problems.append(f"{len(wrong)} of {len(a.modules)} modules: {wrong[0]}")
-        drops = lorax_drops(a) if c.name == "lorax" else None
+        drops = lorax_drops(a) if c.serving and c.serving.drops_partial_layer_types else None
         if drops is not None and drops[0]:
             problems.append(drops[1])
         if cfg.use_rslora and not rs:
-            who = "vLLM before PR #6909 " if c.name == "vllm" else ""
+            who = c.serving.rslora_note if c.serving else ""
             problems.append(f"{who}ignores use_rslora (alpha/r, not alpha/√r); the fix is alpha' = alpha·√r "
                             f"= {cfg.lora_alpha * math.sqrt(cfg.r):g}, not the posted alpha·r = "
                             f"{cfg.lora_alpha * cfg.r:g}, which over-scales by √r = {math.sqrt(cfg.r):.3g}")

@@ -168,7 +168,7 @@ def _served_findings(source, want) -> list[Finding]:
         if row is not None and not row.same:
             out.append(_err("misdeclared", f"{want.name} would not compute this adapter's ΔW: {row.detail}",
                             a.info.name))
-        drops = lorax_drops(a) if want.name == "lorax" else None
+        drops = lorax_drops(a) if want.serving and want.serving.drops_partial_layer_types else None
         if drops is not None and not drops[0]:  # some layers by config: dropped unless the model has only those
             out.append(Finding(level="warning", code="lorax-coverage", adapter=a.info.name,
                                message=drops[1] + "; convert with --to lorax --num-layers N to fill the other layers "
@@ -321,7 +321,7 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
         try:
             conv_name = source.convention.name
             adapters = [a.info.name for a in source.adapters]
-            served = want is not None and want.name in ("lorax", "vllm") and source.convention.family == "peft"
+            served = want is not None and want.serving is not None and source.convention.family == "peft"
             if served:  # a PEFT file meant for a server: does the server compute the same thing?
                 findings += _served_findings(source, want)
             elif want is not None and source.convention is not want and not any(f.code == "convention"

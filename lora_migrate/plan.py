@@ -199,7 +199,7 @@ def _ah_locations(src: SourceAdapter, model_type: str) -> dict[str, tuple[str, s
     return out
 
 
-def _lorax_rank(r: int) -> int:
+def _kernel_rank(r: int) -> int:
     """LoRAX pads ranks for its SGMV kernel (utils/punica.py pad_rank at world size 1: ≤ 8 → 8, else the next
     multiple of 16) and then computes later layer types' scale from the padded r (peft.md §7.3). Writing the
     padded rank makes that mutation a no-op."""
@@ -390,11 +390,11 @@ def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: floa
 
 def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None = None) -> Execution:
     name = src.info.name
-    serving = target.name in ("lorax", "vllm")
+    serving = target.serving
     notes = list(src.notes)
     if not serving:  # the serving targets have no conv LoRA at all (refused by kind)
         notes += refuse_before_release(name, conv_requirements(src.conv_dims, "dora" in src.features), target)
-    fills = _lorax_fills(src, num_layers, steps) if target.name == "lorax" else []
+    fills = _layer_fills(src, num_layers, steps) if serving and serving.drops_partial_layer_types else []
     out: dict[str, ModuleOut] = {}
     src_rule = Scaling.ALPHA_OVER_SQRT_R if "rslora" in src.features else Scaling.ALPHA_OVER_R
     rslora_out = ("rslora" in src.features and "use_rslora" in target.config_write_fields)
@@ -403,11 +403,12 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
              for e in [*src.modules, *fills]}
     if serving:
         R = max(ranks.values())
-        if target.name == "lorax":
-            R = _lorax_rank(R)
+        if serving.pads_rank:
+            R = _kernel_rank(R)
         if set(ranks.values()) != {R}:
             steps.append(Step(rule="pad_rank", what=f"ranks {sorted(set(ranks.values()))} → {R} (one rank: "
-                              f"{target.name} stacks one rank per layer type{'; LoRAX kernel padding' if target.name == 'lorax' else ''}): "
+                              f"{serving.server} stacks one rank per layer type"
+                              f"{f'; {serving.server} kernel padding' if serving.pads_rank else ''}): "
                               + describe("pad_rank")))
         # one global alpha/R: lora_alpha expresses the scale most modules have (their B untouched; from rsLoRA's
         # α itself, α·√r, at the source's own rank); only modules with another scale get it folded into B
@@ -423,7 +424,8 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
         folded = sum(abs(e.scale / (a / R) - 1) > SAME for e in src.modules)
         steps.append(Step(rule="global_alpha", what=f"lora_alpha = {a:.10g}, r = {R}, use_rslora = false, no "
                           f"patterns: {target.name} applies one global alpha/r"
-                          + (" (and ignores use_rslora)" if target.name == "lorax" else "")
+                          + (" (and ignores use_rslora)" if not serving.honours_rslora and not serving.rslora_note
+                             else "")
                           + f"; it expresses the scale of {len(src.modules) - folded} of {len(src.modules)} modules "
                           "with B untouched" + (f", the other {folded} get theirs folded into B" if folded else "")))
         r_glob, alpha_glob, rank_pattern, alpha_pattern = R, a, {}, {}
@@ -462,7 +464,8 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
     _embedding_factors(src, target, out, steps)
     config = peft_config(src, target, r_glob, alpha_glob, rslora_out and not serving, rank_pattern, alpha_pattern,
                          notes, serving)
-    extras = _vllm_extras(src, steps) if target.name == "vllm" else list(src.extras)
+    extras = _without_base_copies(src, steps, serving.server) if serving and serving.skips_frozen_base_copies \
+        else list(src.extras)
     kind_of = {e.module: e.kind for e in src.modules}
     _rescale_steps(steps, src, kind_of, out)
     rescaled = sum(abs(e.scale / out[e.module].scale - 1) > SAME for e in src.modules)
@@ -524,21 +527,22 @@ def _embedding_factors(src: SourceAdapter, target: Convention, out: dict[str, Mo
                           f"{'' if s_on else '1/'}{f:.10g}·B"))
 
 
-def _vllm_extras(src: SourceAdapter, steps: list[Step]) -> list[str]:
-    """vLLM reads only lora_A/B and lora_embedding_A/B keys. Of what PEFT saves beside them (the other kinds are
-    refused by ``refuse_features``), the frozen embedding copies ``...embed_tokens|lm_head.base_layer.weight`` are
-    the base model's own weights, which vLLM takes from the base model: the newest skips them by name
-    (``is_base_embeddding_weights``), older releases and other layer names raise "... is unsupported LoRA weight".
-    So they are left out: nothing extra is written. A saved embedding with no LoRA on it (a resized vocabulary)
-    is refused."""
+def _without_base_copies(src: SourceAdapter, steps: list[Step], server: str) -> list[str]:
+    """A server that reads only lora_A/B and lora_embedding_A/B keys (``Serving.skips_frozen_base_copies``: vLLM).
+    Of what PEFT saves beside them (the other kinds are refused by ``refuse_features``), the frozen embedding copies
+    ``...embed_tokens|lm_head.base_layer.weight`` are the base model's own weights, which the server takes from the
+    base model: vLLM's newest skips them by name (``is_base_embeddding_weights``), older releases and other layer
+    names raise "... is unsupported LoRA weight". So they are left out: nothing extra is written. A saved
+    embedding with no LoRA on it (a resized vocabulary) is refused."""
     for k in src.extras:
         if not pf.is_frozen_base_copy(k):
-            raise UnsupportedFeature(f"{src.info.name}: vLLM refuses it: \"{k} is unsupported LoRA weight\" (a full "
-                                     "embedding/lm_head weight saved without LoRA on it, as for a resized vocabulary)")
+            raise UnsupportedFeature(f"{src.info.name}: {server} refuses it: \"{k} is unsupported LoRA weight\" (a "
+                                     "full embedding/lm_head weight saved without LoRA on it, as for a resized "
+                                     "vocabulary)")
     if src.extras:
         steps.append(Step(rule="drop_base_copies", what=f"leave out {len(src.extras)} frozen base embedding copies "
-                          f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in src.extras[:2])}): vLLM takes them from the "
-                          "base model; older vLLM raises \"is unsupported LoRA weight\" on them"))
+                          f"({', '.join(k[len(pf.PEFT_PREFIX):] for k in src.extras[:2])}): {server} takes them "
+                          f"from the base model; older {server} raises \"is unsupported LoRA weight\" on them"))
     return []
 
 
@@ -594,7 +598,7 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(out)
 
 
-def _lorax_fills(src: SourceAdapter, num_layers: int | None, steps: list[Step]) -> list[ModuleEntry]:
+def _layer_fills(src: SourceAdapter, num_layers: int | None, steps: list[Step]) -> list[ModuleEntry]:
     """Zero adapters for the layers each layer type lacks (LoRAX drops a type in every layer when one layer lacks
     it, peft.md §7.3), over layers 0..num_layers-1. Without ``num_layers`` there is nothing to fill only when the
     config proves that every type covers every layer and the file has every type in every layer it has; otherwise

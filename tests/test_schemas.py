@@ -60,3 +60,25 @@ def test_configs_are_strict():
     for bad in ({"r": 0}, {"alpha": -1}, {"alpha": float("nan")}, {"r": "eight"}):
         with pytest.raises(Exception):
             LoRAConfig31.model_validate({**ok, **bad})
+
+
+def test_no_code_outside_the_schemas_asks_which_server_it_is():
+    """What a server does (one global scale, rank padding, dropped layer types, frozen base copies, refusals) is
+    Serving data on its convention: no module outside schemas/ names one."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "lora_migrate"
+    hits = [f"{p.relative_to(pkg)}:{i}" for p in pkg.rglob("*.py") if "schemas" not in p.parts
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"""["'](lorax|vllm)["']""", line)]
+    assert hits == []
+
+
+def test_serving_profiles_are_declared_on_their_conventions():
+    from lora_migrate.schemas import CONVENTIONS
+
+    served = {c.name: c.serving for c in CONVENTIONS if c.serving is not None}
+    assert set(served) == {"lorax", "vllm"}
+    assert served["lorax"].drops_partial_layer_types and served["lorax"].pads_rank and served["lorax"].drops
+    assert served["vllm"].skips_frozen_base_copies and served["vllm"].refuses and not served["vllm"].drops

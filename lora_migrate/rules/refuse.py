@@ -64,21 +64,20 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
     """A feature of the source that the target cannot express exactly (DoRA outside PEFT, LoRA bias outside
     PEFT ≥ 0.14, full module copies outside PEFT, PEFT-only forward variants) is refused with the reason, and for
     the serving targets with the message the server itself gives or the thing it silently drops."""
-    from ..schemas.peft import LORAX_DROPS, VLLM_REFUSALS
-
+    serving = target.serving
     for f in sorted(features):
         if f in ("rslora", "patterns", "embedding", "conv"):
             continue  # rewritten exactly (alpha per module, padding) or refused by kind
-        if target.family == "peft" and target.name not in ("lorax", "vllm"):
+        if target.family == "peft" and serving is None:
             if f == "lora_bias" and "lora_bias" not in target.features:
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
                                          f"{target.name} would ignore it")
             continue  # other config fields are checked field by field when the config is written
-        if target.name == "vllm" and f == "saved_embeddings":
-            continue  # frozen base copies are left out, other saved embeddings refused: plan._vllm_extras
-        if target.name == "vllm" and f in VLLM_REFUSALS:
-            raise UnsupportedFeature(f"{adapter}: vLLM refuses it: \"{VLLM_REFUSALS[f]}\"")
-        if target.name == "lorax" and f in LORAX_DROPS:
-            raise UnsupportedFeature(f"{adapter}: {LORAX_DROPS[f]}; refused rather than served wrong")
+        if serving and serving.skips_frozen_base_copies and f == "saved_embeddings":
+            continue  # frozen base copies are left out, other saved embeddings refused: plan._without_base_copies
+        if serving and f in serving.refuses:
+            raise UnsupportedFeature(f"{adapter}: {serving.server} refuses it: \"{serving.refuses[f]}\"")
+        if serving and f in serving.drops:
+            raise UnsupportedFeature(f"{adapter}: {serving.drops[f]}; refused rather than served wrong")
         why = _WHY.get(f, f"{f} changes the forward pass in a way only PEFT reproduces")
         raise UnsupportedFeature(f"{adapter}: {why.format(t=target.name)}; {target.name} cannot express it")

@@ -127,6 +127,21 @@ class LoadShim(Frozen):
             return False
 
 
+class Serving(Frozen):
+    """A server that loads PEFT files its own way (peft.md §7 LoRAX, §8 vLLM): one r and one alpha per adapter,
+    and what it does with what it cannot hold. The planner and the checks read these fields; no code asks which
+    server it is."""
+
+    server: str  # its name in messages
+    honours_rslora: bool  # False: alpha/r whatever use_rslora says
+    rslora_note: str = ""  # who ignores use_rslora, when only some releases do
+    pads_rank: bool = False  # its kernel pads the stacked rank (LoRAX: ≤ 8 → 8, else the next multiple of 16)
+    drops_partial_layer_types: bool = False  # a layer type missing from any layer is dropped in every layer
+    skips_frozen_base_copies: bool = False  # ``…embed_tokens|lm_head.base_layer.weight``: read from the base model
+    refuses: dict[str, str] = {}  # feature → the server's own error message
+    drops: dict[str, str] = {}  # feature → what the server silently does instead (so refused, not served wrong)
+
+
 class Convention(Frozen):
     """One library's checkpoint convention over a range of its versions.
 
@@ -162,6 +177,7 @@ class Convention(Frozen):
     string_config_ids: dict[str, dict[str, object]] = {}  # "lora", "ia3" → library default config
     features: frozenset[str]
 
+    serving: Serving | None = None  # PEFT files as a server reads them (one global scale, …)
     # PEFT family: how rank_pattern / alpha_pattern keys match module names (peft.md §1.3)
     pattern_matching: Literal["combined", "split", "regex"] | None = None
     # PEFT family: True when this era's config loader raises TypeError on fields it does not know (peft.md §4.5)

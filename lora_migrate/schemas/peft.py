@@ -24,7 +24,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import Convention, KeyTemplates, Scaling
+from .base import Convention, KeyTemplates, Scaling, Serving
 
 # Keys never carry the adapter name (removed on save, §4.1); the prefix is always written by PeftModel.
 PEFT_KEYS = KeyTemplates(
@@ -295,28 +295,6 @@ PEFT_LATEST = _peft(
     version_to_write="0.21.2", extra_features={"lora_bias"}, lora_embedding_scaled=True,
 )
 # Serving targets: PEFT files, read by servers with one global scale (peft.md §7, §8).
-LORAX = Convention(
-    name="lorax", versions=">=0.9", pattern_matching="regex", config_write_fields=fields_of("0.6"),
-    summary="LoRAX (predibase): PEFT files; applies alpha/r whatever use_rslora says, one r and alpha per "
-            "adapter, silently drops DoRA, lora_B.bias, embeddings and modules_to_save",
-    scaling_notes="alpha/r from the global r and lora_alpha (its peft 0.4.0 config parser has no use_rslora; "
-                  "§7.2); ranks padded per layer type; config.r mutated to the padded rank (§7.3)",
-    version_to_write="0.6.0", features=frozenset({"lora"}),
-    **{**_COMMON, "library": "lorax", "scaling": {"linear": Scaling.ALPHA_OVER_R}},
-)
-VLLM = Convention(
-    name="vllm", versions=">=0.6", pattern_matching="regex", config_write_fields=fields_of("0.6"),
-    summary="vLLM: PEFT files; one scale per adapter from the global r and lora_alpha; rejects DoRA, "
-            "modules_to_save and LoRA bias",
-    scaling_notes="alpha/r (alpha/√r with use_rslora only after PR #6909); rank_pattern/alpha_pattern ignored "
-                  "(§8.1)",
-    version_to_write="0.6.0", features=frozenset({"lora", "embedding"}),
-    **{**_COMMON, "library": "vllm",
-       "scaling": {"linear": Scaling.ALPHA_OVER_R, "embedding": Scaling.ALPHA_OVER_R}},
-)
-
-PEFT_ERAS = (PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST)
-
 # Messages the serving targets give for what they cannot hold (peft.md §8.1, §7.4).
 VLLM_REFUSALS = {
     "dora": "vLLM does not yet support DoRA.",
@@ -333,3 +311,30 @@ LORAX_DROPS = {
     "bias": "LoRAX drops trained base biases (bias != \"none\")",
     "conv": "LoRAX has no conv LoRA",
 }
+
+LORAX = Convention(
+    name="lorax", versions=">=0.9", pattern_matching="regex", config_write_fields=fields_of("0.6"),
+    summary="LoRAX (predibase): PEFT files; applies alpha/r whatever use_rslora says, one r and alpha per "
+            "adapter, silently drops DoRA, lora_B.bias, embeddings and modules_to_save",
+    scaling_notes="alpha/r from the global r and lora_alpha (its peft 0.4.0 config parser has no use_rslora; "
+                  "§7.2); ranks padded per layer type; config.r mutated to the padded rank (§7.3)",
+    version_to_write="0.6.0", features=frozenset({"lora"}),
+    serving=Serving(server="LoRAX", honours_rslora=False, pads_rank=True, drops_partial_layer_types=True,
+                    drops=LORAX_DROPS),
+    **{**_COMMON, "library": "lorax", "scaling": {"linear": Scaling.ALPHA_OVER_R}},
+)
+VLLM = Convention(
+    name="vllm", versions=">=0.6", pattern_matching="regex", config_write_fields=fields_of("0.6"),
+    summary="vLLM: PEFT files; one scale per adapter from the global r and lora_alpha; rejects DoRA, "
+            "modules_to_save and LoRA bias",
+    scaling_notes="alpha/r (alpha/√r with use_rslora only after PR #6909); rank_pattern/alpha_pattern ignored "
+                  "(§8.1)",
+    version_to_write="0.6.0", features=frozenset({"lora", "embedding"}),
+    serving=Serving(server="vLLM", honours_rslora=False, rslora_note="vLLM before PR #6909 ",
+                    skips_frozen_base_copies=True, refuses=VLLM_REFUSALS),
+    **{**_COMMON, "library": "vllm",
+       "scaling": {"linear": Scaling.ALPHA_OVER_R, "embedding": Scaling.ALPHA_OVER_R}},
+)
+
+PEFT_ERAS = (PEFT_0_13, PEFT_0_14, PEFT_0_15, PEFT_0_16, PEFT_LATEST)
+
