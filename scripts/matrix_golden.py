@@ -3,8 +3,8 @@
 
 CI checks `peft-0.13` / `peft-0.15` outputs with peft 0.21.2 (tests/test_matrix.py); this script loads the same
 conversions in peft 0.13.2 (transformers 4.46.3) and peft 0.15.2 (transformers 4.51.3), the venvs
-`python3 golden/make_golden_peft.py envs` builds (golden/.venvs/pf013, pf152), and writes the results to
-golden/matrix_golden.json (committed) and a summary on stdout.
+`python3 golden/harness.py envs --env pf013 pf152` builds (golden/.venvs/pf013, pf152, or under GOLDEN_VENVS as
+the harness), and writes the results to golden/matrix_golden.json (committed) and a summary on stdout.
 
     .venv/bin/python scripts/matrix_golden.py [--work /tmp/matrix_golden] [--archs llama,gpt2]
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -81,9 +82,9 @@ def host(args) -> int:
     t1 = time.perf_counter()
     cells = []
     for target, env in ENVS.items():
-        py = ROOT / "golden" / ".venvs" / env / "bin" / "python"
+        py = Path(os.environ.get("GOLDEN_VENVS") or ROOT / "golden" / ".venvs") / env / "bin" / "python"
         if not py.exists():
-            print(f"{env}: no venv ({py}); run python3 golden/make_golden_peft.py envs", file=sys.stderr)
+            print(f"{env}: no venv ({py}); run python3 golden/harness.py envs --env {env}", file=sys.stderr)
             return 2
         jobs = [n for n, r in report.items() if r["to"] == target and r["status"] == "ok"]
         (work / f"jobs-{env}.json").write_text(json.dumps(jobs))

@@ -14,12 +14,12 @@ DECODER_IDS = [[0, 11, 42, 9], [0, 3, 100, 77]]
 
 @functools.cache
 def _golden_peft():
-    """golden/make_golden_peft.py as a module (stdlib-only at its top level): the one definition of the tiny conv
-    model (arch "conv", not from transformers) and its inputs, shared by the goldens and the live tests."""
+    """golden/families/peft/tiny_conv.py as a module (stdlib-only at its top level): the one definition of the tiny
+    conv model (arch "conv", not from transformers) and its inputs, shared by the goldens and the live tests."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "golden" / "make_golden_peft.py"
-    spec = importlib.util.spec_from_file_location("make_golden_peft", path)
+    path = Path(__file__).resolve().parent.parent / "golden" / "families" / "peft" / "tiny_conv.py"
+    spec = importlib.util.spec_from_file_location("golden_peft_tiny_conv", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

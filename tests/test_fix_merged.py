@@ -169,7 +169,7 @@ def test_errors_exit_2(bias_case, tmp_path):
 
 @pytest.mark.parametrize("layout", ["merged", "merged_sharded"])
 def test_golden_peft_0152_merge(tmp_path, layout):
-    """A lora_bias adapter merged by the real peft 0.15.2 + transformers 4.51.3 (golden/make_golden_peft.py)."""
+    """A lora_bias adapter merged by the real peft 0.15.2 + transformers 4.51.3 (golden/harness.py, family peft)."""
     case = GOLDEN
     assert (case / layout).is_dir(), f"golden case missing: {case / layout}"
     out = tmp_path / "fixed"

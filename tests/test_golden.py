@@ -1,9 +1,10 @@
 """Acceptance on golden/: checkpoints written by the real adapter-transformers 3.1.0, adapters 1.0.1 and 1.3.0
-(golden/make_golden.py), converted, loaded by the real adapters 1.3.0 through load_adapter + set_active_adapters,
-and compared with the logits the producing library gave (fp32, within tests/tolerance.py's model).
+(golden/harness.py, family adapterhub), converted, loaded by the real adapters 1.3.0 through load_adapter +
+set_active_adapters, and compared with the logits the producing library gave (fp32, within tests/tolerance.py's
+model).
 
-The adapters 1.0.1 and adapter-transformers 3.1.0 sides cannot share this environment; make_golden.py's
-``accept`` stage runs them in their own and commits golden/acceptance.json, which is checked here.
+The adapters 1.0.1 and adapter-transformers 3.1.0 sides cannot share this environment; the harness's ``accept``
+runs them in their own and commits the result in golden/results/adapterhub.json, which is checked here.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .tolerance import assert_logits_close, base_noise
 adapters = pytest.importorskip("adapters")
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-# Classifies measurements committed by make_golden.py (made in one environment) as "same" or "different"; the
-# "different" ones are all ≥ 0.3 off (checks.json), the "same" ones ≤ 1.7e-7.
+# Classifies measurements committed by golden/harness.py (made in one environment) as "same" or "different"; the
+# "different" ones are all ≥ 0.3 off (golden/results/adapterhub.json checks), the "same" ones ≤ 1.7e-7.
 SAME = 1e-5
 CASES = sorted(p.parent for p in GOLDEN.glob("*/*/meta.json") if not p.parent.name.startswith("_"))
 
@@ -35,7 +36,7 @@ def case_id(p: Path) -> str:
 
 
 def test_golden_is_there():
-    assert len(CASES) >= 10, f"golden/ holds {len(CASES)} cases; run golden/make_golden.py"
+    assert len(CASES) >= 10, f"golden/ holds {len(CASES)} cases; run golden/harness.py generate --family adapterhub"
 
 
 def _source(case: Path) -> Path:
@@ -91,12 +92,11 @@ def test_golden_gated_is_refused(tmp_path):
 
 def test_acceptance_in_old_libraries_is_committed_and_green():
     """adapters 1.0.1 and adapter-transformers 3.1.0 loaded our outputs in their own environments."""
-    acc = json.loads((GOLDEN / "acceptance.json").read_text())
-    records = acc["records"] if isinstance(acc, dict) else acc
+    records = json.loads((GOLDEN / "results" / "adapterhub.json").read_text())["acceptance"]["records"]
     seen = {(r["case"], r["target"], r["env"]) for r in records}
     assert ("at31/t5_qv", "adapters-1.0", "ad101") in seen
     assert ("at31/t5_multi", "adapters-1.0", "ad101") in seen
-    bad = [r for r in records if not r["ok"]]
+    bad = [r for r in records if r["status"] != "ok"]
     assert not bad, bad
 
 
@@ -104,9 +104,9 @@ ENV_CONVENTION = {"at31": "adapter-transformers-3.1", "ad101": "adapters-1.0", "
 
 
 def test_inspect_predicts_what_each_library_measured():
-    """`inspect` says which library versions would read a file wrong; make_golden.py loaded every golden
+    """`inspect` says which library versions would read a file wrong; the harness loaded every golden
     adapter in every environment. Prediction and measurement must agree on every pair."""
-    cross = json.loads((GOLDEN / "checks.json").read_text())["crossload"]
+    cross = json.loads((GOLDEN / "results" / "adapterhub.json").read_text())["checks"]["crossload"]
     compared = 0
     for env, results in cross.items():
         for case_name, res in results.items():

@@ -1,9 +1,9 @@
-"""The PEFT goldens (golden/peft/, written by golden/make_golden_peft.py with the real peft 0.21.2, 0.15.2 and
+"""The PEFT goldens (golden/peft/, written by golden/harness.py's family peft with the real peft 0.21.2, 0.15.2 and
 0.13.2 in their own venvs) are self-consistent when read back with this environment's peft 0.21.2, and the
-acceptance run of the converter against them (golden/acceptance_peft.json) has no failed row.
+acceptance run of the converter against them (golden/results/peft.json) has no failed row.
 
 Independent of lora_migrate: only transformers, peft and the committed files (and, for the conv cases, the tiny conv
-model defined in golden/make_golden_peft.py). A missing golden file fails.
+model defined in golden/families/peft/tiny_conv.py). A missing golden file fails.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ INIT_CASES = ["pf21/llama_pissa", "pf21/llama_olora"]
 
 
 def _checks() -> dict:
-    return json.loads((GOLDEN / "checks_peft.json").read_text())
+    return json.loads((GOLDEN / "results" / "peft.json").read_text())["checks"]
 
 
 def _case(case: str) -> tuple[Path, dict, dict]:
     cdir = PEFT_GOLDEN / case
     for f in ("meta.json", "input.json", "logits.safetensors", "adapter/adapter_config.json",
               "adapter/adapter_model.safetensors"):
-        assert (cdir / f).is_file(), f"missing {cdir / f}: run golden/make_golden_peft.py generate"
+        assert (cdir / f).is_file(), f"missing {cdir / f}: run python3 golden/harness.py generate --family peft"
     return cdir, json.loads((cdir / "meta.json").read_text()), load_file(str(cdir / "logits.safetensors"))
 
 
@@ -126,8 +126,8 @@ def test_peft_0_15_merged_bias_bug_is_in_the_merged_files():
 
 
 def test_acceptance_peft_is_committed_and_has_no_failed_row():
-    acc = json.loads((GOLDEN / "acceptance_peft.json").read_text())
-    assert acc["records"], "golden/acceptance_peft.json has no rows: run golden/make_golden_peft.py accept"
+    acc = json.loads((GOLDEN / "results" / "peft.json").read_text())["acceptance"]
+    assert acc["records"], "golden/results/peft.json has no acceptance rows: run golden/harness.py accept"
     assert {r["status"] for r in acc["records"]} <= {"ok", "pending", "failed"}
     failed = [(r["case"], r["source"], r["target"], r["message"]) for r in acc["records"] if r["status"] == "failed"]
     assert not failed, failed

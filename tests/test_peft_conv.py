@@ -1,5 +1,5 @@
 """Conv LoRA with the real peft 0.21.2: a tiny torch model that is not from transformers (nn.Conv2d ×2, nn.Conv3d,
-nn.Conv1d, kernels > 1 with stride and padding, a Linear head; golden/make_golden_peft.py:conv_model_class), adapted
+nn.Conv1d, kernels > 1 with stride and padding, a Linear head; golden/families/peft/tiny_conv.py), adapted
 by real LoraConfigs, converted with the CLI to every PEFT era, and loaded back with PeftModel.from_pretrained on a
 fresh base. Targets that cannot hold conv LoRA, and eras whose PEFT does not wrap a layer type yet, must refuse
 with exit code 2 and one line."""

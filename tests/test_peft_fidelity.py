@@ -242,7 +242,8 @@ def test_scaled_embedding_lora_is_rescaled_between_peft_eras(arch, factor, tmp_p
         assert all(torch.equal(_emb_b(tmp_path / "back")[k], b_src[k]) for k in b_src)
     # peft 0.21.2 as PEFT < 0.18 computes: the one difference in the forward pass is that the LoRA embedding output
     # is not multiplied by embed_scale (#2825 added _get_embed_scale); the real peft 0.15.2 is run by
-    # golden/make_golden_peft.py (pf152 cases gemma3_embedding, bart_scaled_embedding), its results committed
+    # golden/harness.py (family peft, cases pf21/gemma3_embed, pf21/bart_scaled_embed, pf152/gemma3_embed), its
+    # results committed in golden/results/peft.json
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     monkeypatch.setattr(BaseTunerLayer, "_get_embed_scale", lambda self: None)
