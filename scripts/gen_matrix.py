@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "matrix.md"
-GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "matrix_golden.json"  # scripts/matrix_golden.py
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "results" / "matrix_peft_eras.json"  # scripts/matrix_golden.py
 
 FAIL_CODES = {  # judge()'s "why" → a short code for the table
     "computes differently in the target library": "numbers",
@@ -56,7 +56,7 @@ def golden_section(golden: dict) -> list:
     lines = ["", "## The older PEFT eras in the real old libraries", "",
              "`scripts/matrix_golden.py` converts the same sources to " + ", ".join(f"`{t}`" for t in targets)
              + " and loads each output with `PeftModel.from_pretrained` in the golden environments ("
-             + "; ".join(f"`{t}`: {where[t]}" for t in targets) + f"); results in golden/matrix_golden.json: "
+             + "; ".join(f"`{t}`: {where[t]}" for t in targets) + f"); results in golden/results/matrix_peft_eras.json: "
              f"{n['reproduces']} reproduce, {n['refused']} refused, {n['fail']} fail, {n['n/a']} n/a (the old "
              "transformers has no such model class, or computes another model from the same weights without any peft: "
              "the base, or the base with the adapter merged in). Refusals "

@@ -4,7 +4,7 @@
 CI checks `peft-0.13` / `peft-0.15` outputs with peft 0.21.2 (tests/test_matrix.py); this script loads the same
 conversions in peft 0.13.2 (transformers 4.46.3) and peft 0.15.2 (transformers 4.51.3), the venvs
 `python3 golden/harness.py envs --env pf013 pf152` builds (golden/.venvs/pf013, pf152, or under GOLDEN_VENVS as
-the harness), and writes the results to golden/matrix_golden.json (committed) and a summary on stdout.
+the harness), and writes the results to golden/results/matrix_peft_eras.json (committed) and a summary on stdout.
 
     .venv/bin/python scripts/matrix_golden.py [--work /tmp/matrix_golden] [--archs llama,gpt2]
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = {"peft-0.15": "pf152", "peft-0.13": "pf013"}
-OUT_JSON = ROOT / "golden" / "matrix_golden.json"
+OUT_JSON = ROOT / "golden" / "results" / "matrix_peft_eras.json"
 
 
 def host(args) -> int:
