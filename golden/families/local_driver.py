@@ -70,7 +70,8 @@ def pip_freeze(env, dest):
 
 
 def run_worker(family, env, task, job, *, timeout=3600):
-    """Run families/<family>/worker.py TASK JOB.json RESULT.json in the env's venv; returns RESULT (or an error row)."""
+    """Run families/<family>/worker.py TASK JOB.json RESULT.json in the env's venv; returns RESULT (or an error row).
+    PYTHONHASHSEED=0: peft writes target_modules from a set, so its order follows string hashing."""
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         jp, rp = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -78,7 +79,7 @@ def run_worker(family, env, task, job, *, timeout=3600):
         worker = GOLDEN / "families" / family / "worker.py"
         p = subprocess.run([str(env_python(env)), str(worker), task, str(jp), str(rp)], capture_output=True,
                            text=True, timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                                                 TRANSFORMERS_OFFLINE="1"))
+                                                                 TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0"))
         if p.returncode or not rp.exists():
             tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
             print(f"  {family}/{task} failed (exit {p.returncode}):\n    " + "\n    ".join(tail), file=sys.stderr)

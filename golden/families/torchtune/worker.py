@@ -37,14 +37,14 @@ def tune_to_hf_rows(t, n_heads):
     """torchtune's tune_to_hf / _permute_lora_matrix on the rows of an (out, r) matrix."""
     out, r = t.shape
     hd = out // n_heads
-    return t.reshape(n_heads, hd // 2, 2, r).transpose(1, 2).reshape(out, r)
+    return t.reshape(n_heads, hd // 2, 2, r).swapaxes(1, 2).reshape(out, r)
 
 
 def hf_to_tune_rows(t, n_heads):
     """The inverse (torchtune's hf_to_tune): view(n_heads, 2, hd/2, r).transpose(1, 2)."""
     out, r = t.shape
     hd = out // n_heads
-    return t.reshape(n_heads, 2, hd // 2, r).transpose(1, 2).reshape(out, r)
+    return t.reshape(n_heads, 2, hd // 2, r).swapaxes(1, 2).reshape(out, r)
 
 
 # ------------------------------------------------------------------------------------------- pf21 env tasks
