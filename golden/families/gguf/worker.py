@@ -217,7 +217,7 @@ def module_scales(pm):
     """PEFT's own per-module scale (layer.scaling['default']) and rank, keyed by the HF module name."""
     out = {}
     for name, mod in pm.base_model.model.named_modules():
-        if hasattr(mod, "scaling") and "default" in getattr(mod, "scaling", {}):
+        if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling:
             out[name] = {"scale": float(mod.scaling["default"]), "r": int(mod.r["default"])}
     return out
 

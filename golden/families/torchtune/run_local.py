@@ -77,7 +77,9 @@ def findings(doc):
               "state dict (keys `layers.N.attn.q_proj.lora_a.weight` …, PEFT orientation)."]
     for k, r in sorted(res.items()):
         if "peft_config_loaded" in r:
-            lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}")
+            lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}; the output folder "
+                         f"(merged model + adapter files) in transformers' `from_pretrained`: "
+                         f"{r.get('merged_from_pretrained')}")
     return lines
 
 

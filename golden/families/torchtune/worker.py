@@ -98,8 +98,19 @@ def task_check(job):
     merged = Path(job["scratch"]) / "out" / "epoch_0"
     import transformers
     cls = getattr(transformers, C.ARCHS[arch]["model_class"])
-    mm = cls.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager").eval()
-    merged_logits = hf_logits(mm, C.INPUT_IDS)
+    try:
+        cls.from_pretrained(str(merged), dtype=torch.float32, attn_implementation="eager")
+        out["merged_from_pretrained"] = "loads"
+    except Exception as e:  # noqa: BLE001 - the failure is the fact recorded
+        out["merged_from_pretrained"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    mm = hf_model(C.ARCHS[arch], C.MODEL_SEED)  # the merged shards into the same architecture, by hand
+    from safetensors.torch import load_file as pt_load
+    merged_sd = {}
+    for f in sorted(merged.glob("model-*.safetensors")):
+        merged_sd.update(pt_load(str(f)))
+    missing, unexpected = mm.load_state_dict(merged_sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    merged_logits = hf_logits(mm.eval(), C.INPUT_IDS)
     out["merged_hf_vs_torchtune"] = fmt(maxdiff(merged_logits, ref))
     out["lora_effect"] = fmt(maxdiff(ref, load_file(str(base_dir / "logits.safetensors"))["base_logits"]))
     save_file(dict(tt, logits_peft_export=peft_logits, logits_peft_unpermuted_export=unperm,
