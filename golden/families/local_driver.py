@@ -63,8 +63,9 @@ def run_setup(spec, env):
 
 
 def pip_freeze(env, dest):
-    out = subprocess.run([str(env_python(env)), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
-                         check=True).stdout
+    # `pip list --format=freeze`: name==version also for a package built from a local sdist (no file:// path)
+    out = subprocess.run([str(env_python(env)), "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                         text=True, check=True).stdout
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     Path(dest).write_text("".join(ln + "\n" for ln in sorted(out.splitlines()) if not ln.startswith("-e ")))
 

@@ -5,18 +5,20 @@
     python3 golden/families/gguf/run_local.py generate [--case C ...]   # goldens + results/gguf.json + FINDINGS
     python3 golden/families/gguf/run_local.py report     # FINDINGS_GGUF.md from results/gguf.json
 
-Writes golden/gguf/llamacpp/_base/<arch>/ (model.safetensors, config.json, tokenizer.model, base-f32.gguf, meta.json,
-logits.safetensors) and golden/gguf/llamacpp/<case>/ (adapter/ as peft wrote it, llamacpp-<outtype>.gguf from
-convert_lora_to_gguf.py, handwritten-f32.gguf, input.json, logits.safetensors, runtime_logits.safetensors, meta.json).
+Writes golden/gguf/llamacpp/_base/<arch>/ (model.safetensors, config.json, base-f32.gguf converted with a tiny
+sentencepiece tokenizer trained in scratch, meta.json, logits.safetensors) and golden/gguf/llamacpp/<case>/
+(adapter/ as peft wrote it, llamacpp-<outtype>.gguf from convert_lora_to_gguf.py, handwritten-f32.gguf, input.json,
+logits.safetensors, runtime_logits.safetensors, meta.json).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local_driver import WORK, generate_with_bases, load_cases, main, table  # noqa: E402
+from local_driver import GOLDEN, WORK, generate_with_bases, load_cases, main, table  # noqa: E402
 
 FAMILY = "gguf"
 C = load_cases(FAMILY)
@@ -65,6 +67,24 @@ def findings(doc):
               "permutes, token_embd lora_a = Aᵀ; `alpha` mode writes adapter.lora.alpha = s·r (rsLoRA: α·√r), "
               "`fold` multiplies each lora_b by its PEFT scale and writes alpha = 0 (runtime scale = alpha/rank, "
               "or 1 when alpha is 0)."]
+    return lines + layout_section(doc)
+
+
+def layout_section(doc):
+    """The converter's file layout, from the recorded meta.json of the cases (metadata keys, tensor ne/types)."""
+    lines = ["", "## Layout written by convert_lora_to_gguf.py (read back with gguf.GGUFReader)", ""]
+    for key in sorted(doc["results"]):
+        meta_path = GOLDEN / FAMILY / key / "meta.json"
+        if "/_base/" in key or not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        lay = meta["convert_lora_to_gguf"].get("layout")
+        if not lay or key.split("/")[-1] not in ("llama_embed", "llama_patterns", "llama_f16"):
+            continue
+        md = ", ".join(f"`{k}` {v['type']} = {v['value']}" for k, v in sorted(lay["metadata"].items()))
+        ts = "; ".join(f"`{t['name']}` ne={t['ne']} {t['type']}" for t in lay["tensors"][:8])
+        lines += [f"- {key}: metadata {md}", f"  - tensors ({len(lay['tensors'])}): {ts}" +
+                  (" …" if len(lay["tensors"]) > 8 else "")]
     return lines
 
 

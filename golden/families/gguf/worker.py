@@ -162,6 +162,7 @@ def task_base(job):
     out = base_dir / "base-f32.gguf"
     rc, err, tail = _run([sys.executable, lcpp / "convert_hf_to_gguf.py", base_dir, "--outtype", "f32",
                           "--outfile", out], scratch)
+    (base_dir / "tokenizer.model").unlink()  # only convert_hf_to_gguf needs it; it holds scratch paths
     if rc:
         raise SystemExit(f"convert_hf_to_gguf failed: {tail}")
     model = hf_model(a, C.MODEL_SEED, base_dir)  # the committed files, as every case rebuilds it

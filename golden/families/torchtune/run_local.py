@@ -49,8 +49,10 @@ def _consistent(r):
     """The run explains itself: torchtune's base = transformers', its merged model = its own logits in transformers,
     and the PEFT export reproduces torchtune either as written or with its q/k permutation undone."""
     small = lambda x: isinstance(x, float) and x < 1e-4  # noqa: E731 - f32 logits of magnitude <= 10
+    dora = r.get("dora_export", {})
     return (small(r.get("torchtune_base_vs_hf_base")) and small(r.get("merged_hf_vs_torchtune"))
-            and (small(r.get("peft_export_vs_torchtune")) or small(r.get("peft_unpermuted_export_vs_torchtune"))))
+            and (small(r.get("peft_export_vs_torchtune")) or small(r.get("peft_unpermuted_export_vs_torchtune"))
+                 or small(dora.get("use_dora_and_qk_magnitude_permuted_vs_torchtune"))))
 
 
 def findings(doc):
@@ -75,6 +77,13 @@ def findings(doc):
               "torchtune's lora_b with rows permuted by tune_to_hf (`view(n, hd/2, 2, r).transpose(1, 2)`, n_heads "
               "for q, n_kv_heads for k) and differs from it unpermuted. `adapter_model.pt` holds torchtune's own "
               "state dict (keys `layers.N.attn.q_proj.lora_a.weight` …, PEFT orientation)."]
+    for k, r in sorted(res.items()):
+        if "dora_export" in r:
+            v = r["dora_export"]
+            lines.append(f"- {k} (DoRA): the export has {v['magnitude_keys']} `lora_magnitude_vector` tensors but no "
+                         f"`use_dora`; with `use_dora: true` added: {v['use_dora_vs_torchtune']}; with `use_dora: "
+                         f"true` and the q/k magnitudes permuted like lora_B: "
+                         f"{v['use_dora_and_qk_magnitude_permuted_vs_torchtune']}")
     for k, r in sorted(res.items()):
         if "peft_config_loaded" in r:
             lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}; the output folder "

@@ -94,6 +94,8 @@ def task_check(job):
     pm2 = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir), str(fixed_dir)).eval()
     unperm = hf_logits(pm2, C.INPUT_IDS)
     out["peft_unpermuted_export_vs_torchtune"] = fmt(maxdiff(unperm, ref))
+    if d["lora"]["use_dora"]:  # the export as PEFT needs it: use_dora set, and the q/k magnitude permuted too
+        out["dora_export"] = dora_variants(arch, base_dir, export, scratch, ref)
     # torchtune's merged HF checkpoint in transformers
     merged = Path(job["scratch"]) / "out" / "epoch_0"
     import transformers
@@ -118,6 +120,33 @@ def task_check(job):
     meta = json.loads((case_dir / "meta.json").read_text())
     meta["peft_side"] = dict(out, versions=versions(["torch", "transformers", "peft"]))
     write_json(case_dir / "meta.json", meta)
+    return out
+
+
+def dora_variants(arch, base_dir, export, scratch, ref):
+    """torchtune writes DoRA's magnitude as lora_magnitude_vector but no use_dora, and permutes only lora_B.
+    Logits of the export (a) with use_dora: true, (b) with use_dora: true and the q/k magnitudes permuted like B."""
+    from peft import PeftModel
+    from safetensors.numpy import load_file, save_file
+    a = C.ARCHS[arch]["config"]
+    out = {}
+    w = load_file(str(export / "adapter_model.safetensors"))
+    out["magnitude_keys"] = sum(1 for k in w if "lora_magnitude_vector" in k)
+    for label, permute in (("use_dora", False), ("use_dora_and_qk_magnitude_permuted", True)):
+        dest = Path(scratch) / label
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(export, dest)
+        cfg = json.loads((export / "adapter_config.json").read_text())
+        write_json(dest / "adapter_config.json", dict(cfg, use_dora=True))
+        w2 = dict(w)
+        if permute:
+            for k in w2:
+                if "lora_magnitude_vector" in k and (".q_proj." in k or ".k_proj." in k):
+                    n = a["num_attention_heads"] if ".q_proj." in k else a["num_key_value_heads"]
+                    w2[k] = np.ascontiguousarray(tune_to_hf_rows(w2[k].reshape(-1, 1), n).reshape(-1))
+        save_file(w2, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+        pm = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir), str(dest)).eval()
+        out[label + "_vs_torchtune"] = fmt(maxdiff(hf_logits(pm, C.INPUT_IDS), ref))
     return out
 
 
