@@ -15,6 +15,7 @@ JOB.json: {"case", "data", "base_dir", "case_dir", "scratch"} (absolute paths); 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -177,8 +178,10 @@ def fuse_check(base_dir, adapter_dir, scratch, arch, peft_logits):
     """mlx_lm fuse (the CLI) of the adapter; the fused folder loaded by transformers, logits vs PEFT's."""
     dest = Path(scratch) / "fused"
     shutil.rmtree(dest, ignore_errors=True)
+    one_thread = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     p = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(base_dir), "--adapter-path",
-                        str(adapter_dir), "--save-path", str(dest)], capture_output=True, text=True)
+                        str(adapter_dir), "--save-path", str(dest)], capture_output=True, text=True,
+                       env=dict(os.environ, **one_thread))  # the fused sums in one order (else ±1e-6 run to run)
     if p.returncode:
         return {"returncode": p.returncode, "error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
     import transformers
