@@ -60,8 +60,9 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-def _case(arch, lora, *, outtype="f32", expect="ok", note=""):
-    return {"env": "llamacpp", "arch": arch, "lora": lora, "outtype": outtype, "expect": expect, "note": note}
+def _case(arch, lora, *, outtype="f32", expect="ok", note="", lora_std=LORA_STD):
+    return {"env": "llamacpp", "arch": arch, "lora": lora, "outtype": outtype, "expect": expect, "note": note,
+            "lora_std": lora_std}
 
 
 PATTERNS = {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP,
@@ -72,6 +73,10 @@ CASES = {
     "llama_rslora": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True},
                           note="convert_lora_to_gguf writes alpha=16: runtime applies a/r, PEFT a/sqrt(r)"),
     "llama_patterns": _case("llama", PATTERNS, note="alpha_pattern is lost (one global alpha)"),
+    # the same two with factors ~N(0, 0.05²): LoRA effects ~1, the size of ecosystem.md §15's runs
+    "llama_rslora_small": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True},
+                                lora_std=0.05),
+    "llama_patterns_small": _case("llama", PATTERNS, lora_std=0.05),
     "llama_all_linear": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
     "llama_embed": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}),
     "llama_f16": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}, outtype="f16"),

@@ -200,7 +200,7 @@ def task_base(job):
 # -------------------------------------------------------------------------------------------------- generate
 
 
-def _peft_model(arch, base_dir, lora):
+def _peft_model(arch, base_dir, lora, std):
     from peft import LoraConfig, get_peft_model
     model = hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir)
     base = hf_logits(model, C.INPUT_IDS)
@@ -209,7 +209,7 @@ def _peft_model(arch, base_dir, lora):
     with torch.no_grad():
         for name, p in sorted(pm.named_parameters()):
             if any(s in name for s in ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.")):
-                p.copy_(torch.randn(p.shape, generator=g) * C.LORA_STD)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     pm.eval()
     return pm, base
 
@@ -278,7 +278,7 @@ def task_generate(job):
     case_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     base_meta = json.loads((base_dir / "meta.json").read_text())
-    pm, base = _peft_model(arch, base_dir, d["lora"])
+    pm, base = _peft_model(arch, base_dir, d["lora"], d["lora_std"])
     ref = hf_logits(pm, C.INPUT_IDS)
     pm.save_pretrained(str(case_dir / "adapter"))
     save_file({"logits": ref, "base_logits": base}, str(case_dir / "logits.safetensors"))
