@@ -7,11 +7,9 @@ token ids, against PEFT's logits. Each case also gets a hand-written adapter (``
 q/k lora_b row permutation done here) with the exact scale: the target a converter must hit.
 """
 
-SDIST = "llama_cpp_python-0.3.36"  # unpacked outside the repo; its vendor/llama.cpp/*.py scripts are used, not committed
-SETUP_NOTE = (
-    "llama-cpp-python is compiled from its sdist: CMAKE_ARGS='-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF "
-    "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF "
-    "-DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF' pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36")
+# unpacked in GOLDEN_WORK (outside the repo); its vendor/llama.cpp/*.py scripts are used, not committed
+SDIST = "llama_cpp_python-0.3.36"
+# llama-cpp-python is compiled from its sdist (~50 min on 2 cores) with
 CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF "
               "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF")
 
@@ -23,11 +21,12 @@ ENVS = {
                  "llama-cpp-python==0.3.36"],
         "pip_args": ["--no-binary", "llama-cpp-python"],
         "env": {"CMAKE_ARGS": CMAKE_ARGS},
-        "setup": [
-            # the conversion scripts travel in the sdist only; unpack it outside the repo ($WORK = a scratch dir outside the repo, $PIP = the env's pip)
-            "$PIP download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d $WORK",
-            "tar xzf $WORK/" + SDIST + ".tar.gz -C $WORK",
+        "setup": [  # the conversion scripts travel in the sdist only: unpacked in {work}, outside the repo
+            "{python} -m pip download -q --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d {work}",
+            "tar xzf {work}/" + SDIST + ".tar.gz -C {work}",
         ],
+        "check": ("import os, gguf, llama_cpp\nassert os.path.isfile(os.path.join(os.environ['GOLDEN_WORK'], "
+                  f"'{SDIST}/vendor/llama.cpp/convert_lora_to_gguf.py'))"),
     },
 }
 
@@ -61,14 +60,16 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 def _case(arch, lora, *, outtype="f32", expect="ok", note="", lora_std=LORA_STD):
-    return {"env": "llamacpp", "arch": arch, "lora": lora, "outtype": outtype, "expect": expect, "note": note,
-            "lora_std": lora_std}
+    # the bases the cases use (once per arch), then the cases
+    return {"stages": [("base", "llamacpp"), ("generate", "llamacpp")], "arch": arch, "lora": lora,
+            "outtype": outtype, "expect": expect, "note": note, "lora_std": lora_std}
 
 
 PATTERNS = {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP,
             "rank_pattern": {"k_proj": 4, "down_proj": 2}, "alpha_pattern": {"v_proj": 32, "up_proj": 4}}
 
-CASES = {
+# case ids are <env>/<name>: the folders golden/gguf/llamacpp/<name>
+CASES = {f"llamacpp/{name}": case for name, case in {
     "llama_plain": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
     "llama_rslora": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True},
                           note="convert_lora_to_gguf writes alpha=16: runtime applies a/r, PEFT a/sqrt(r)"),
@@ -88,7 +89,7 @@ CASES = {
     "qwen2_rslora": _case("qwen2", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
     "qwen2_patterns": _case("qwen2", PATTERNS),
     "qwen2_all_linear": _case("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
-}
+}.items()}
 
 ACCEPTANCE = []  # rows {case, target, env} once `lora-migrate convert ... --to gguf` exists
 

@@ -10,9 +10,10 @@ TASK ``base``     : build the tiny base (transformers, from cases.ARCHS, seeded)
 TASK ``generate`` : one case: a PEFT adapter written by peft, PEFT logits, ``convert_lora_to_gguf.py`` output and the
                     llama.cpp runtime's logits with it, a hand-written adapter (GGUFWriter) with the exact scale and
                     its runtime logits.
+TASK ``report``   : FINDINGS_GGUF.md from results/gguf.json (system python3).
 
-JOB.json: {"case": id, "data": case dict, "base_dir": abs, "case_dir": abs, "llamacpp_dir": abs path of
-vendor/llama.cpp in the unpacked sdist, "scratch": abs}; for ``base`` "arch" instead of "case"/"data".
+golden/harness.py runs it (stages base, generate; see worker_util.run_main for the job each task gets);
+llama.cpp's scripts are read from the sdist the env's setup unpacked in GOLDEN_WORK (job "work").
 """
 
 from __future__ import annotations
@@ -23,17 +24,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff, run_main,  # noqa: E402
-                         save_hf_base, versions, write_json)
+from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+                         report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if sys.argv[1:2] != ["report"]:  # report runs with the system python3
+    import numpy as np
+    import torch
 
-torch.set_num_threads(2)
+    torch.set_num_threads(2)
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def llamacpp_dir(job):
+    """vendor/llama.cpp of the sdist unpacked by the env's setup step."""
+    return Path(job["work"]) / C.SDIST / "vendor" / "llama.cpp"
 
 
 def _versions():
@@ -153,7 +160,7 @@ def task_base(job):
     from safetensors.numpy import save_file
     arch = job["arch"]
     a = C.ARCHS[arch]
-    base_dir, scratch, lcpp = Path(job["base_dir"]), Path(job["scratch"]), Path(job["llamacpp_dir"])
+    base_dir, scratch, lcpp = Path(job["base_dir"]), Path(job["scratch"]), llamacpp_dir(job)
     base_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     save_hf_base(hf_model(a, C.MODEL_SEED), arch, a, base_dir)
@@ -274,7 +281,7 @@ def task_generate(job):
     case, d = job["case"], job["data"]
     arch = d["arch"]
     base_dir, case_dir, scratch = Path(job["base_dir"]), Path(job["case_dir"]), Path(job["scratch"])
-    lcpp = Path(job["llamacpp_dir"])
+    lcpp = llamacpp_dir(job)
     case_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     base_meta = json.loads((base_dir / "meta.json").read_text())
@@ -335,5 +342,68 @@ def task_generate(job):
     return res
 
 
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def report(job):
+    res, lines = report_head(job, "llama.cpp GGUF LoRA", (
+        "Measured in the real runtime: llama-cpp-python 0.3.36 (compiled from its sdist, llama.cpp 0c1e57098), "
+        "its vendored `convert_hf_to_gguf.py` / `convert_lora_to_gguf.py`, gguf 0.19.0, peft 0.21.2, "
+        "float32 on CPU. Figures are max |logit difference| on 12 fixed token ids; `effect` is max |PEFT logits "
+        "− base logits| (how large the LoRA's effect is). Do not edit by hand."))
+    lines += ["## Bases", ""]
+    rows = []
+    for k, r in sorted(res.items()):
+        if "/_base/" in k:
+            cc = r.get("converter_code", {})
+            rows.append([k, r.get("base_logits_llamacpp_vs_transformers"), r.get("permutes_qk"),
+                         f"{cc.get('class')} (LlamaModel subclass: {cc.get('is_LlamaModel')}, "
+                         f"undo_permute: {cc.get('undo_permute')})", r.get("n_tensors")])
+    lines += table(["base", "llama.cpp vs transformers", "GGUF permutes q/k rows (measured)",
+                    "convert_hf_to_gguf class", "tensors"], rows)
+    lines += ["", "`permutes q/k` is measured on the base GGUF: `blk.0.attn_q.weight` equals HF `q_proj` with rows "
+              "permuted per head (n_head; `attn_k` with n_kv_head), `reshape(n, 2, out/n/2, in).swapaxes(1, 2)`.",
+              "", "## Adapters", ""]
+    rows = []
+    for k, r in sorted(res.items()):
+        if "/_base/" in k:
+            continue
+        conv = ("refused: " + "; ".join(r.get("converter_messages", [])[-1:]) if r.get("converter_rc")
+                else f"{r.get('converter_runtime_vs_peft')} (alpha {r.get('converter_alpha')})")
+        hw = (f"{r.get('runtime_vs_peft')} ({r.get('mode')}, alpha {_num(r.get('alpha'))})" if "mode" in r else "—")
+        rows.append([k, r.get("lora_effect"), conv, hw, r.get("handwritten_identical_to_converter"),
+                     "ok" if r.get("ok") else "FAILED"])
+    lines += table(["case", "effect", "convert_lora_to_gguf → llama.cpp vs PEFT",
+                    "hand-written → llama.cpp vs PEFT", "hand-written bytes = converter's", "as expected"], rows)
+    lines += ["", "Hand-written = gguf.GGUFWriter from PEFT's tensors: names from `gguf.get_tensor_name_map`, "
+              "lora_a = A (ne=[in, r]), lora_b = B (ne=[r, out]), q/k lora_b rows permuted for the archs whose GGUF "
+              "permutes, token_embd lora_a = Aᵀ; `alpha` mode writes adapter.lora.alpha = s·r (rsLoRA: α·√r), "
+              "`fold` multiplies each lora_b by its PEFT scale and writes alpha = 0 (runtime scale = alpha/rank, "
+              "or 1 when alpha is 0)."]
+    return {"markdown": "\n".join(lines + layout_section(res, Path(job["data_dir"]))).rstrip() + "\n"}
+
+
+def layout_section(res, data_dir):
+    """The converter's file layout, from the recorded meta.json of the cases (metadata keys, tensor ne/types)."""
+    lines = ["", "## Layout written by convert_lora_to_gguf.py (read back with gguf.GGUFReader)", ""]
+    for key in sorted(res):
+        meta_path = data_dir / key / "meta.json"
+        if "/_base/" in key or not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        lay = meta["convert_lora_to_gguf"].get("layout")
+        if not lay or key.split("/")[-1] not in ("llama_embed", "llama_patterns", "llama_f16"):
+            continue
+        md = ", ".join(f"`{k}` {v['type']} = {v['value']}" for k, v in sorted(lay["metadata"].items()))
+        ts = "; ".join(f"`{t['name']}` ne={t['ne']} {t['type']}" for t in lay["tensors"][:8])
+        lines += [f"- {key}: metadata {md}", f"  - tensors ({len(lay['tensors'])}): {ts}" +
+                  (" …" if len(lay["tensors"]) > 8 else "")]
+    return lines
+
+
+def _num(x):
+    return f"{x:.6g}" if isinstance(x, float) else x
+
+
 if __name__ == "__main__":
-    run_main({"base": task_base, "generate": task_generate})
+    run_main({"generate": task_generate}, {"base": task_base}, report, lambda env: _versions())

@@ -42,21 +42,23 @@ ARCHS = {
     },
 }
 
+# each case: the bases it uses (once per arch), then the case, in the one env
+STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
 # block-relative mlx keys -> HF module names (the same names in mlx-lm's llama/qwen2 module trees)
 CASES = {
-    "llama_qv": {"env": "mlxlm0322", "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
+    "mlxlm0322/llama_qv": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
                  "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0,
                                      "keys": ["self_attn.q_proj", "self_attn.v_proj"]}},
-    "llama_all_last1": {"env": "mlxlm0322", "arch": "llama", "fine_tune_type": "lora", "num_layers": 1,
+    "mlxlm0322/llama_all_last1": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 1,
                         "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.5},
                         "note": "no keys: every Linear of the last block"},
-    "llama_dora": {"env": "mlxlm0322", "arch": "llama", "fine_tune_type": "dora", "num_layers": 2,
+    "mlxlm0322/llama_dora": {"stages": STAGES, "arch": "llama", "fine_tune_type": "dora", "num_layers": 2,
                    "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.0,
                                        "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}},
-    "qwen2_qkv": {"env": "mlxlm0322", "arch": "qwen2", "fine_tune_type": "lora", "num_layers": 2,
+    "mlxlm0322/qwen2_qkv": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": 2,
                   "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 10.0,
                                       "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}},
-    "qwen2_all": {"env": "mlxlm0322", "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
+    "mlxlm0322/qwen2_all": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
 }
 

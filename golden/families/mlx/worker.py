@@ -8,8 +8,9 @@ TASK ``base``     : the tiny base in HF layout (transformers, seeded; a WordLeve
 TASK ``generate`` : one case (see cases.py): the adapter as mlx-lm writes it, logits through ``mlx_lm.load(...,
                     adapter_path=)``, the equivalent PEFT adapter and its logits, ``mlx_lm fuse`` of the adapter
                     loaded in transformers, and (llama_qv) what this mlx-lm does with an ``alpha`` in the config.
+TASK ``report``   : FINDINGS_MLX.md from results/mlx.json (system python3).
 
-JOB.json: {"case", "data", "base_dir", "case_dir", "scratch"} (absolute paths); ``base``: "arch" instead of case/data.
+golden/harness.py runs it (stages base, generate; see worker_util.run_main for the job each task gets).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff, run_main,  # noqa: E402
-                         save_hf_base, versions, write_json)
+from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+                         report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if sys.argv[1:2] != ["report"]:  # report runs with the system python3
+    import mlx.core as mx
+    import numpy as np
+    import torch
 
-torch.set_num_threads(2)
+    torch.set_num_threads(2)
 VERSIONS = ["mlx", "mlx-lm", "torch", "transformers", "peft", "safetensors"]
 
 
@@ -230,5 +232,32 @@ def task_generate(job):
     return res
 
 
+def report(job):
+    res, lines = report_head(job, "mlx-lm adapters", (
+        "Measured with mlx 0.32.4 (`mlx[cpu]`, Linux CPU) and mlx-lm 0.32.2, peft 0.21.2, transformers 5.25.0, "
+        "float32. Figures: max |logit difference| on 12 fixed token ids; `effect` = max |adapter logits − base "
+        "logits|; `max abs logit` = the reference's largest logit. Do not edit by hand."))
+    lines += ["## Bases", ""]
+    lines += table(["base", "mlx-lm vs transformers", "max abs logit", "as expected"],
+                   [[k, r.get("base_logits_mlx_vs_transformers"), r.get("max_abs_logit"),
+                     "ok" if r.get("ok") else "FAILED"] for k, r in sorted(res.items()) if "/_base/" in k])
+    lines += ["", "## Adapters (written by mlx-lm, loaded with `mlx_lm.load(base, adapter_path=...)`)", ""]
+    lines += table(["case", "tensors", "modules", "effect", "max abs logit", "reload vs live", "mlx vs PEFT equivalent",
+                    "`mlx_lm fuse` → transformers vs PEFT", "as expected"],
+                   [[k, r.get("n_tensors"), r.get("modules"), r.get("lora_effect"), r.get("max_abs_logit"),
+                     r.get("reload_vs_live"), r.get("mlx_vs_peft"), r.get("fuse_vs_peft"),
+                     "ok" if r.get("ok") else "FAILED"] for k, r in sorted(res.items()) if "/_base/" not in k])
+    lines += ["", "PEFT equivalent: lora_A = lora_aᵀ, lora_B = lora_bᵀ, lora_alpha = scale·rank, target_modules = "
+              "the mlx modules' full names, DoRA: lora_magnitude_vector = m. So in mlx-lm 0.32.2 `scale` is "
+              "absolute (ΔW = scale·lora_bᵀ·lora_aᵀ, no division by rank), and DoRA's `m` computes what PEFT's "
+              "magnitude does.", "", "## Scale semantics of this version", ""]
+    for k, r in sorted(res.items()):
+        for label, v in sorted(r.get("scale_semantics", {}).items()):
+            what = (f"loads; logits vs the same adapter without `alpha`: {v['logits_vs_scale_only']} (alpha ignored)"
+                    if v.get("loads") else f"refused: `{v.get('error')}`")
+            lines.append(f"- {k}, `lora_parameters` with {label.replace('_', ' ')}: {what}")
+    return {"markdown": "\n".join(lines).rstrip() + "\n"}
+
+
 if __name__ == "__main__":
-    run_main({"base": task_base, "generate": task_generate})
+    run_main({"generate": task_generate}, {"base": task_base}, report, lambda env: versions(VERSIONS))

@@ -7,7 +7,8 @@ a seed, torchtune's logits, then ``save_checkpoint`` exactly as ``recipes/lora_f
 (adapter_model.pt, its PEFT export adapter_model.safetensors + adapter_config.json, and the merged HF model). The peft
 env then loads the PEFT export in real peft and the merged model in transformers, against torchtune's logits.
 
-torchtune 0.6.1 needs torchao 0.11.0 and peft 0.21.2 refuses torchao < 0.16 (ecosystem.md §15): two envs.
+torchtune 0.6.1 needs torchao 0.11.0 and peft 0.21.2 refuses torchao < 0.16 (ecosystem.md §15): two envs, torchtune061
+and the peft family's pf21 (its package set is golden/peft/pf21/pip-freeze.txt).
 """
 
 ENVS = {
@@ -15,11 +16,6 @@ ENVS = {
         "library": "torchtune",
         "library_version": "0.6.1",
         "deps": ["torchtune==0.6.1", "torchao==0.11.0", "safetensors", "numpy"],
-    },
-    "pf21": {
-        "library": "peft",
-        "library_version": "0.21.2",
-        "deps": ["peft==0.21.2", "transformers==4.57.6", "safetensors", "numpy"],
     },
 }
 
@@ -55,19 +51,21 @@ ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
 
 
 def _case(arch, attn, *, mlp=False, output=False, rank=8, alpha=16.0, dora=False):
-    return {"envs": ["pf21", "torchtune061", "pf21"], "env": "torchtune061", "arch": arch,
+    # the HF base in pf21 (once per arch), torchtune's files in torchtune061, peft and transformers on them in pf21
+    return {"stages": [("base", "pf21"), ("generate", "torchtune061"), ("peft_load", "pf21")], "arch": arch,
             "lora": {"lora_attn_modules": attn, "apply_lora_to_mlp": mlp, "apply_lora_to_output": output,
                      "lora_rank": rank, "lora_alpha": alpha, "use_dora": dora}}
 
 
-CASES = {
+# case ids are <env>/<name> (golden/torchtune/torchtune061/<name>); their bases are torchtune061/_base/<arch>
+CASES = {f"torchtune061/{name}": case for name, case in {
     "llama_qv": _case("llama", ["q_proj", "v_proj"]),
     "llama_qk": _case("llama", ["q_proj", "k_proj"]),
     "llama_all": _case("llama", ALL_ATTN, mlp=True, output=True, rank=4, alpha=8.0),
     "llama_dora": _case("llama", ["q_proj", "k_proj", "v_proj"], rank=4, alpha=8.0, dora=True),
     "qwen2_qk": _case("qwen2", ["q_proj", "k_proj"]),
     "qwen2_all": _case("qwen2", ALL_ATTN, mlp=True, rank=4, alpha=8.0),
-}
+}.items()}
 
 ACCEPTANCE = []
 

@@ -8,10 +8,13 @@ TASK ``base``     (pf21 env): the tiny HF base (transformers, seeded) -> _base/<
 TASK ``generate`` (torchtune061 env): FullModelHFCheckpointer.load_checkpoint, the lora_llama2/lora_qwen2 model,
                   LoRA factors randomized with a seed, torchtune's logits, save_checkpoint as the LoRA recipe calls it;
                   the adapter files go to <case>/torchtune/, the merged HF model to the scratch folder.
-TASK ``check``    (pf21 env): real peft loads the PEFT export (PeftModel.from_pretrained), transformers loads the
+TASK ``peft_load`` (pf21 env): real peft loads the PEFT export (PeftModel.from_pretrained), transformers loads the
                   merged model; both against torchtune's logits. Also the export with its q/k lora_B permutation undone.
+ Its facts say whether the run explains itself (``ok``).
+TASK ``report``   FINDINGS_TORCHTUNE.md from results/torchtune.json (system python3).
 
-JOB.json: {"case", "data", "base_dir", "case_dir", "scratch"} (absolute); ``base``: "arch" instead of case/data.
+golden/harness.py runs the stages base (pf21), generate (torchtune061), peft_load (pf21) of each case; see
+worker_util.run_main for the job each task gets.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff, run_main,  # noqa: E402
-                         save_hf_base, versions, write_json)
+from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+                         report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if sys.argv[1:2] != ["report"]:  # report runs with the system python3
+    import numpy as np
+    import torch
 
-torch.set_num_threads(2)
+    torch.set_num_threads(2)
+
+TT_VERSIONS = ["torch", "torchtune", "torchao", "safetensors"]
+PF21_VERSIONS = ["torch", "transformers", "peft"]
 
 
 def tune_to_hf_rows(t, n_heads):
@@ -63,7 +70,7 @@ def task_base(job):
     return {"arch": arch, "ok": True, "max_abs_logit": max_abs(ref)}
 
 
-def task_check(job):
+def task_peft_load(job):
     from peft import PeftModel
     from safetensors.numpy import load_file, save_file
     case, d = job["case"], job["data"]
@@ -118,9 +125,20 @@ def task_check(job):
     save_file(dict(tt, logits_peft_export=peft_logits, logits_peft_unpermuted_export=unperm,
                    logits_merged_hf=merged_logits), str(case_dir / "logits.safetensors"))
     meta = json.loads((case_dir / "meta.json").read_text())
-    meta["peft_side"] = dict(out, versions=versions(["torch", "transformers", "peft"]))
+    meta["peft_side"] = dict(out, versions=versions(PF21_VERSIONS))
     write_json(case_dir / "meta.json", meta)
+    out["ok"] = _consistent(dict(meta, **out))
     return out
+
+
+def _consistent(r):
+    """The run explains itself: torchtune's base = transformers', its merged model = its own logits in transformers,
+    and the PEFT export reproduces torchtune either as written or with its q/k permutation undone."""
+    small = lambda x: isinstance(x, float) and x < 1e-4  # noqa: E731 - f32 logits of magnitude <= 10
+    dora = r.get("dora_export", {})
+    return (small(r.get("torchtune_base_vs_hf_base")) and small(r.get("merged_hf_vs_torchtune"))
+            and (small(r.get("peft_export_vs_torchtune")) or small(r.get("peft_unpermuted_export_vs_torchtune"))
+                 or small(dora.get("use_dora_and_qk_magnitude_permuted_vs_torchtune"))))
 
 
 def dora_variants(arch, base_dir, export, scratch, ref):
@@ -235,7 +253,7 @@ def task_generate(job):
                  "export_equals_tune_to_hf_permuted": bool(np.array_equal(e, tune_to_hf_rows(t, n)))}
     facts = {
         "case": case, "arch": arch, "lora": lora, "base": "../_base/" + arch,
-        "versions": versions(["torch", "torchtune", "torchao", "safetensors"]),
+        "versions": versions(TT_VERSIONS),
         "adapter_model_pt": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                              for k, v in sorted(pt.items())},
         "adapter_model_safetensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
@@ -255,5 +273,42 @@ def task_generate(job):
                                   "torchtune_base_vs_hf_base")}
 
 
+def report(job):
+    res, lines = report_head(job, "torchtune adapters", (
+        "Written by torchtune 0.6.1 (torchao 0.11.0, torch 2.13.0) through `FullModelHFCheckpointer."
+        "save_checkpoint` as its LoRA recipe calls it; the PEFT export loaded by peft 0.21.2 "
+        "(`PeftModel.from_pretrained`, transformers 4.57.6) in a separate env. Figures: max |logit difference| "
+        "on 12 fixed token ids against torchtune's own logits; `effect` = max |LoRA − base|. "
+        "Do not edit by hand."))
+    rows = []
+    for k, r in sorted(res.items()):
+        if "/_base/" in k:
+            continue
+        rows.append([k, r.get("lora_effect"), r.get("torchtune_base_vs_hf_base"), r.get("export_permutes_qk"),
+                     r.get("peft_export_vs_torchtune"), r.get("peft_unpermuted_export_vs_torchtune"),
+                     r.get("merged_hf_vs_torchtune"), "ok" if r.get("ok") else "FAILED"])
+    lines += table(["case", "effect", "torchtune base vs transformers", "export permutes q/k lora_B",
+                    "peft(export) vs torchtune", "peft(export, permutation undone) vs torchtune",
+                    "merged HF model (transformers) vs torchtune", "consistent"], rows)
+    lines += ["", "`export permutes q/k lora_B`: every q_proj/k_proj lora_B in adapter_model.safetensors equals "
+              "torchtune's lora_b with rows permuted by tune_to_hf (`view(n, hd/2, 2, r).transpose(1, 2)`, n_heads "
+              "for q, n_kv_heads for k) and differs from it unpermuted. `adapter_model.pt` holds torchtune's own "
+              "state dict (keys `layers.N.attn.q_proj.lora_a.weight` …, PEFT orientation)."]
+    for k, r in sorted(res.items()):
+        if "dora_export" in r:
+            v = r["dora_export"]
+            lines.append(f"- {k} (DoRA): the export has {v['magnitude_keys']} `lora_magnitude_vector` tensors but no "
+                         f"`use_dora`; with `use_dora: true` added: {v['use_dora_vs_torchtune']}; with `use_dora: "
+                         f"true` and the q/k magnitudes permuted like lora_B: "
+                         f"{v['use_dora_and_qk_magnitude_permuted_vs_torchtune']}")
+    for k, r in sorted(res.items()):
+        if "peft_config_loaded" in r:
+            lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}; the output folder "
+                         f"(merged model + adapter files) in transformers' `from_pretrained`: "
+                         f"{r.get('merged_from_pretrained')}")
+    return {"markdown": "\n".join(lines).rstrip() + "\n"}
+
+
 if __name__ == "__main__":
-    run_main({"base": task_base, "generate": task_generate, "check": task_check})
+    run_main({"generate": task_generate, "peft_load": task_peft_load}, {"base": task_base}, report,
+             lambda env: versions(TT_VERSIONS if env == "torchtune061" else PF21_VERSIONS))
