@@ -13,7 +13,8 @@ venv)::
 
 A family is golden/families/<family>/{cases.py,worker.py}; golden/README.md says what each must hold, what the
 harness passes to the worker (JOB.json) and what it expects back (RESULT.json). ``GOLDEN_VENVS=DIR`` puts the venvs
-elsewhere (default golden/.venvs).
+elsewhere (default golden/.venvs); ``GOLDEN_WORK=DIR`` is the scratch folder outside the repository for
+unpacked sources and workers' temporary files (default $TMPDIR/lora-migrate-golden).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ GOLDEN = Path(__file__).resolve().parent
 FAMILIES = GOLDEN / "families"
 RESULTS = GOLDEN / "results"
 VENVS = Path(os.environ.get("GOLDEN_VENVS") or GOLDEN / ".venvs").resolve()
+# third-party sources (unpacked sdists, fetched checkouts) and scratch files: never inside the repository
+WORK = Path(os.environ.get("GOLDEN_WORK") or Path(tempfile.gettempdir()) / "lora-migrate-golden").resolve()
 TORCH_PIN = "torch==2.13.0"
 DEFAULT_CONVERTER = str(GOLDEN.parent / ".venv" / "bin" / "lora-migrate")  # this checkout's
 # converter arguments of an acceptance row without "args"; {case} {src} {out} {target} are filled in
@@ -66,6 +69,19 @@ class Family:
 
     def case_env(self, case: str) -> str:
         return self.case_data[case].get("env") or case.split("/")[0]
+
+    def stages(self, case: str) -> list:
+        """[(task, env), …] a case's generation runs through, in order: its ``stages``, else generate in its env."""
+        return [tuple(s) for s in self.case_data[case].get("stages", [("generate", self.case_env(case))])]
+
+    def stage_envs(self, cases=None) -> list:
+        """The family's own envs and every env a stage of ``cases`` (default all) runs in, in first-use order."""
+        cases = self.case_data if cases is None else cases
+        return list(dict.fromkeys([*self.envs, *(env for c in cases for _, env in self.stages(c))]))
+
+    def freeze_path(self, env: str) -> Path:
+        """The committed pip-freeze.txt of one of this family's envs."""
+        return self.data / env / "pip-freeze.txt"
 
     def read_results(self) -> dict:
         return json.loads(self.results.read_text()) if self.results.exists() else {}
@@ -108,12 +124,34 @@ def env_python(env: str) -> Path:
     return VENVS / env / "bin" / "python"
 
 
-def env_subprocess_env() -> dict:
+def env_subprocess_env(spec: dict | None = None) -> dict:
+    """The environment of every worker, import check and build step: offline, PYTHONHASHSEED=0 (peft writes
+    target_modules from a set, so its order follows string hashing), one OpenMP thread, GOLDEN_WORK, plus the env
+    recipe's own ``env`` variables (e.g. CMAKE_ARGS for a build from an sdist)."""
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONHASHSEED="0",
              TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-             TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+             TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore", GOLDEN_WORK=str(WORK))
+    e.update((spec or {}).get("env", {}))
     return e
+
+
+def pip_freeze(env: str) -> str:
+    """``pip freeze --all``, with a package installed from a local file (an sdist built here) as name==version."""
+    py = str(env_python(env))
+    out = subprocess.run([py, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True).stdout
+    if " @ file:" not in out:
+        return out
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    version = {ln.split("==")[0].lower().replace("-", "_"): ln for ln in listed}
+    return "".join((version[ln.split(" @ ")[0].lower().replace("-", "_")] if " @ file:" in ln else ln) + "\n"
+                   for ln in out.splitlines())
+
+
+def _packages(freeze: str) -> list:
+    """The pinnable lines of a pip freeze: name==version, without the installer's own pip/setuptools/wheel."""
+    return [ln for ln in freeze.splitlines() if "==" in ln and not ln.startswith(("pip==", "setuptools==", "wheel=="))]
 
 
 def imports_ok(env: str, spec: dict) -> bool:
@@ -121,8 +159,8 @@ def imports_ok(env: str, spec: dict) -> bool:
     if not env_python(env).exists():
         return False
     code = "import torch\nassert torch.__version__.startswith('2.13.0'), torch.__version__\n" + spec.get("check", "")
-    r = subprocess.run([str(env_python(env)), "-c", code], env=env_subprocess_env(), capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run([str(env_python(env)), "-c", code], env=env_subprocess_env(spec), capture_output=True,
+                       text=True, check=False)
     if r.returncode:
         print(r.stderr[-2000:])
     return r.returncode == 0
@@ -133,12 +171,14 @@ def build_envs(recipes: dict) -> None:
     recipe matches and whose import check passes is left alone. torch is installed FIRST from the local CPU wheel;
     the deps (with the recipe's pip_args) and then the ``setup`` shell steps run with a constraints file pinning
     it, and pinning every package to the version in the env's committed pip-freeze.txt (the set its goldens were
-    made with; delete that file to take newer versions, then regenerate every case of the env)."""
+    made with; delete that file to take newer versions, then regenerate every case of the env). The recipe's
+    ``env`` variables are set for every step; ``setup`` steps run in the venv folder with {pip} {python} {venv}
+    {constraints} {golden} {work} filled in ({work}: GOLDEN_WORK, for unpacked sources)."""
     VENVS.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
     for env, (spec, freeze) in recipes.items():
         constraints = VENVS / f"constraints-{env}.txt"
-        pins = [ln for ln in (freeze.read_text().splitlines() if freeze.exists() else [])
-                if "==" in ln and not ln.startswith(("torch==", "pip==", "setuptools==", "wheel=="))]
+        pins = [ln for ln in _packages(freeze.read_text() if freeze.exists() else "") if not ln.startswith("torch==")]
         constraints.write_text("\n".join([TORCH_PIN, *pins]) + "\n")
         vdir = VENVS / env
         marker = vdir / ".golden-recipe.json"
@@ -151,14 +191,15 @@ def build_envs(recipes: dict) -> None:
                                                           capture_output=True, check=False).returncode:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(vdir)], check=True)  # new, or half-made
         pip = [str(env_python(env)), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-        subprocess.run(pip + [TORCH_PIN], check=True)
+        build_env = env_subprocess_env(spec)
+        subprocess.run(pip + [TORCH_PIN], check=True, env=build_env)
         pip_c = pip + ["-c", str(constraints)]
         if spec.get("deps"):
-            subprocess.run(pip_c + spec.get("pip_args", []) + spec["deps"], check=True)
+            subprocess.run(pip_c + spec.get("pip_args", []) + spec["deps"], check=True, env=build_env)
         fill = {"{pip}": shlex.join(pip_c), "{python}": str(env_python(env)), "{venv}": str(vdir),
-                "{constraints}": str(constraints), "{golden}": str(GOLDEN)}
+                "{constraints}": str(constraints), "{golden}": str(GOLDEN), "{work}": str(WORK)}
         for step in spec.get("setup", []):
-            subprocess.run(_fill(step, fill), shell=True, cwd=vdir, check=True)
+            subprocess.run(_fill(step, fill), shell=True, cwd=vdir, check=True, env=build_env)
         if not imports_ok(env, spec):
             raise SystemExit(f"[envs] {env}: import check failed")
         marker.write_text(json.dumps(recipe, indent=1))
@@ -177,11 +218,13 @@ def run_worker(fam: Family, env: str | None, task: str, job: dict) -> dict:
     python = sys.executable if env is None else str(env_python(env))
     if env is not None and not env_python(env).exists():
         raise SystemExit(f"env {env} missing: run `python3 golden/harness.py envs --env {env}` first")
+    spec = all_envs(families())[env][1] if env is not None else None
+    WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"golden-{fam.name}-{env}-") as td:
         jpath, rpath = Path(td) / "job.json", Path(td) / "result.json"
         jpath.write_text(json.dumps({"family": fam.name, "env": env, "golden": str(GOLDEN), "data_dir": str(fam.data),
-                                     **job}))
-        r = subprocess.run([python, str(fam.worker), task, str(jpath), str(rpath)], env=env_subprocess_env(),
+                                     "work": str(WORK), **job}))
+        r = subprocess.run([python, str(fam.worker), task, str(jpath), str(rpath)], env=env_subprocess_env(spec),
                            check=False)
         if r.returncode:
             raise SystemExit(f"{fam.name} worker {task} in {env} failed (exit {r.returncode})")
@@ -244,14 +287,14 @@ def fmt(x) -> str:
 def cmd_envs(fams: dict, chosen: list, only_envs) -> None:
     """The chosen families' envs, and the envs their acceptance rows load outputs in (maybe another family's)."""
     known = all_envs(fams)
-    names = [e for fam in chosen for e in [*fam.envs, *(r["env"] for r in fam.acceptance)]]
+    names = [e for fam in chosen for e in [*fam.stage_envs(), *(r["env"] for r in fam.acceptance)]]
     unknown = sorted(set(only_envs or ()) - set(known)) or sorted(set(names) - set(known))
     if unknown:
         raise SystemExit(f"unknown env(s) {unknown}; envs: {', '.join(known)}")
     names = [e for e in dict.fromkeys(names) if not only_envs or e in only_envs]
     if only_envs:
         names += [e for e in only_envs if e not in names]
-    build_envs({e: (known[e][1], known[e][0].data / e / "pip-freeze.txt") for e in names})
+    build_envs({e: (known[e][1], known[e][0].freeze_path(e)) for e in names})
 
 
 def cmd_generate(fams: dict, chosen: list, only_cases) -> None:
@@ -263,38 +306,61 @@ def cmd_generate(fams: dict, chosen: list, only_cases) -> None:
     for fam in chosen:
         cases = [c for c in fam.case_data if only_cases is None or c in only_cases]
         if cases:
-            generate_family(fam, cases, partial=only_cases is not None)
+            generate_family(fams, fam, cases, partial=only_cases is not None)
 
 
-def generate_family(fam: Family, chosen: list, partial: bool) -> None:
-    for env in fam.envs:
-        cases = [c for c in chosen if fam.case_env(c) == env]
-        if not cases:
-            continue
-        edir = fam.data / env
-        freeze = subprocess.run([str(env_python(env)), "-m", "pip", "freeze", "--all"], capture_output=True,
-                                text=True, check=True).stdout
-        if not partial:
-            shutil.rmtree(edir, ignore_errors=True)
-        else:
-            if (edir / "pip-freeze.txt").read_text() != freeze:
-                raise SystemExit(f"{env}: the env's packages differ from {edir / 'pip-freeze.txt'}; regenerate "
-                                 "every case (without --case) so that all of them are made with the same set")
-            for c in cases:
-                shutil.rmtree(fam.data / c, ignore_errors=True)
-        edir.mkdir(parents=True, exist_ok=True)
-        print(f"[generate] {fam.name}/{env}: writing {len(cases)} case(s)", flush=True)
-        run_worker(fam, env, "generate", {"cases": {c: fam.case_data[c] for c in cases}})
-        (edir / "pip-freeze.txt").write_text(freeze)
-    # the measured facts the generate workers put in meta.json (read before `check`, which may add to meta.json)
-    measured = {c: json.loads((fam.data / c / "meta.json").read_text()).get("measured", {}) for c in chosen}
+def generate_family(fams: dict, fam: Family, chosen: list, partial: bool) -> None:
+    """Run the chosen cases' stages (stage i of every case before stage i+1; one worker per (task, env) group, cases
+    in CASES order), then the ``check`` task in every env of the family, the results and FINDINGS. A full run
+    rewrites pip-freeze.txt of the family's own envs; with ``--case``, or for another family's env, the env's
+    packages (pip/setuptools/wheel aside) must equal the committed pip-freeze.txt."""
+    known = all_envs(fams)
+    stages = {c: fam.stages(c) for c in chosen}
+    freezes = {}
+    for env in dict.fromkeys(env for c in chosen for _, env in stages[c]):
+        owner, path, freeze = known[env][0], known[env][0].freeze_path(env), pip_freeze(env)
+        if (partial or owner is not fam) and (not path.exists() or _packages(path.read_text()) != _packages(freeze)):
+            raise SystemExit(f"{env}: the env's packages differ from {path}; regenerate every case of "
+                             f"{owner.name} (without --case) so that all of them are made with the same set")
+        if owner is fam and not partial:
+            freezes[path] = freeze
+    if not partial:
+        for env in fam.envs:
+            if any(env == e for c in chosen for _, e in stages[c]):
+                shutil.rmtree(fam.data / env, ignore_errors=True)
+    for c in chosen:
+        shutil.rmtree(fam.data / c, ignore_errors=True)
+    for path in freezes:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    measured, sections = {c: {} for c in chosen}, {}
+    for i in range(max(len(s) for s in stages.values())):
+        groups = {}
+        for c in chosen:
+            if i < len(stages[c]):
+                groups.setdefault(stages[c][i], []).append(c)
+        for (task, env), cases in groups.items():
+            print(f"[generate] {fam.name}: {task} in {env}, {len(cases)} case(s)", flush=True)
+            res = run_worker(fam, env, task, {"cases": {c: fam.case_data[c] for c in cases}})
+            for c, facts in res.get("measured", {}).items():
+                measured[c].update(facts)
+            for section, found in res.get("sections", {}).items():
+                sections.setdefault(section, {}).setdefault(env, {}).update(found)
+    for path, freeze in freezes.items():
+        path.write_text(freeze)
+    # facts the workers returned, else the ``measured`` they put in meta.json (read before `check`, which may add
+    # to meta.json)
+    for c in chosen:
+        measured[c] = measured[c] or json.loads((fam.data / c / "meta.json").read_text()).get("measured", {})
 
     today = datetime.date.today().isoformat()
     old = fam.read_results().get("checks", {}) if partial else {}
     checks = old or {"date": today, "tolerance": fam.tol, "env_versions": {}}
     if partial:
         checks.setdefault("added", {}).update({c: today for c in chosen})
-    for env in fam.envs:
+    for section, per_env in sections.items():
+        for env, found in per_env.items():
+            checks.setdefault(section, {}).setdefault(env, {}).update(found)
+    for env in fam.stage_envs():
         print(f"[generate] {fam.name}/{env}: checks", flush=True)
         res = run_worker(fam, env, "check", {"cases": {c: fam.case_data[c] for c in chosen}})
         checks["env_versions"][env] = res.pop("versions")
@@ -304,8 +370,8 @@ def generate_family(fam: Family, chosen: list, partial: bool) -> None:
     checks["cases"] = {c: measured.get(c, before.get(c)) for c in fam.case_data if c in measured or c in before}
     fam.write_results(checks=checks)
     write_findings(fam)
-    total = sum(p.stat().st_size for e in fam.envs for p in (fam.data / e).rglob("*") if p.is_file())
-    print(f"[generate] {fam.name} done; its cases take {total / 1e6:.2f} MB")
+    total = sum(p.stat().st_size for p in fam.data.rglob("*") if p.is_file())
+    print(f"[generate] {fam.name} done; its data folder takes {total / 1e6:.2f} MB")
 
 
 def write_findings(fam: Family) -> None:

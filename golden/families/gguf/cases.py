@@ -1,0 +1,98 @@
+"""gguf family (llama.cpp LoRA adapters): data only, stdlib-only.
+
+Ground truth for the llama.cpp conventions of issue 15, written and run by the real runtime:
+base models built from the configs below -> ``convert_hf_to_gguf.py`` (f32); PEFT adapters written by real peft
+0.21.2 -> llama.cpp's own ``convert_lora_to_gguf.py`` -> ``llama_cpp.Llama(base, lora_path=...)`` logits on fixed
+token ids, against PEFT's logits. Each case also gets a hand-written adapter (``gguf.GGUFWriter``, PEFT's bytes, the
+q/k lora_b row permutation done here) with the exact scale: the target a converter must hit.
+"""
+
+# unpacked in GOLDEN_WORK (outside the repo); its vendor/llama.cpp/*.py scripts are used, not committed
+SDIST = "llama_cpp_python-0.3.36"
+# llama-cpp-python is compiled from its sdist (~50 min on 2 cores) with
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF "
+              "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF")
+
+ENVS = {
+    "llamacpp": {
+        "library": "llama-cpp-python",
+        "library_version": "0.3.36",
+        "deps": ["gguf==0.19.0", "transformers==4.57.6", "peft==0.21.2", "safetensors", "numpy", "sentencepiece",
+                 "llama-cpp-python==0.3.36"],
+        "pip_args": ["--no-binary", "llama-cpp-python"],
+        "env": {"CMAKE_ARGS": CMAKE_ARGS},
+        "setup": [  # the conversion scripts travel in the sdist only: unpacked in {work}, outside the repo
+            "{python} -m pip download -q --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d {work}",
+            "tar xzf {work}/" + SDIST + ".tar.gz -C {work}",
+        ],
+        "check": ("import os, gguf, llama_cpp\nassert os.path.isfile(os.path.join(os.environ['GOLDEN_WORK'], "
+                  f"'{SDIST}/vendor/llama.cpp/convert_lora_to_gguf.py'))"),
+    },
+}
+
+MODEL_SEED = 0
+LORA_SEED = 1234
+LORA_STD = 0.2
+INPUT_IDS = [1, 7, 33, 90, 12, 64, 5, 101, 77, 3, 45, 120]
+
+# tiny models: 4 heads of 16, 2 kv heads (GQA, so k's permutation uses n_kv_head), 2 blocks, vocab 128
+ARCHS = {
+    "llama": {
+        "model_class": "LlamaForCausalLM", "config_class": "LlamaConfig", "gguf_arch": "llama",
+        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                   "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                   "initializer_range": 0.1},
+    },
+    "qwen2": {
+        "model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config", "gguf_arch": "qwen2",
+        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                   "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                   "initializer_range": 0.1},
+    },
+}
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _case(arch, lora, *, outtype="f32", expect="ok", note="", lora_std=LORA_STD):
+    # the bases the cases use (once per arch), then the cases
+    return {"stages": [("base", "llamacpp"), ("generate", "llamacpp")], "arch": arch, "lora": lora,
+            "outtype": outtype, "expect": expect, "note": note, "lora_std": lora_std}
+
+
+PATTERNS = {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP,
+            "rank_pattern": {"k_proj": 4, "down_proj": 2}, "alpha_pattern": {"v_proj": 32, "up_proj": 4}}
+
+# case ids are <env>/<name>: the folders golden/gguf/llamacpp/<name>
+CASES = {f"llamacpp/{name}": case for name, case in {
+    "llama_plain": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    "llama_rslora": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True},
+                          note="convert_lora_to_gguf writes alpha=16: runtime applies a/r, PEFT a/sqrt(r)"),
+    "llama_patterns": _case("llama", PATTERNS, note="alpha_pattern is lost (one global alpha)"),
+    # the same two with factors ~N(0, 0.05²): LoRA effects ~1, the size of ecosystem.md §15's runs
+    "llama_rslora_small": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True},
+                                lora_std=0.05),
+    "llama_patterns_small": _case("llama", PATTERNS, lora_std=0.05),
+    "llama_all_linear": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
+    "llama_embed": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}),
+    "llama_f16": _case("llama", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}, outtype="f16"),
+    "llama_dora": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True},
+                        expect="refused"),
+    "llama_lora_bias": _case("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                       "lora_bias": True}, expect="refused"),
+    "qwen2_plain": _case("qwen2", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}),
+    "qwen2_rslora": _case("qwen2", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
+    "qwen2_patterns": _case("qwen2", PATTERNS),
+    "qwen2_all_linear": _case("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
+}.items()}
+
+ACCEPTANCE = []  # rows {case, target, env} once `lora-migrate convert ... --to gguf` exists
+
+# "matches PEFT" when max |logit diff| <= REL_TOL[GGUF tensor dtype] * max |PEFT logit| (f32: ~80 ulps of the
+# largest logit; f16/bf16/q8_0: the factors' own rounding, 2^-11 / 2^-8 / ~2^-8 relative, through 2 blocks)
+REL_TOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 1.5e-2}

@@ -1,0 +1,69 @@
+"""mlx family (mlx-lm LoRA/DoRA adapters): data only, stdlib-only.
+
+Ground truth for mlx-lm's adapter convention, written and loaded by the real mlx-lm (Linux CPU backend): a tiny base
+in HF layout (transformers, seeded) that mlx-lm loads with its own loader; mlx-lm's ``linear_to_lora_layers`` on it
+(what ``mlx_lm lora`` does before training), the LoRA factors randomized with a seed, saved the way mlx-lm saves
+(``adapters.safetensors`` = tree_flatten(trainable_parameters()), ``adapter_config.json`` = the whole args dict);
+logits from ``mlx_lm.load(base, adapter_path=...)``; PEFT's logits for the equivalent PEFT adapter
+(lora_A = lora_aᵀ, lora_B = lora_bᵀ, lora_alpha = scale·r, layers_to_transform = the last num_layers blocks).
+"""
+
+ENVS = {
+    "mlxlm0322": {
+        "library": "mlx-lm",
+        "library_version": "0.32.2",
+        # mlx-lm 0.32.2 needs transformers >= 5.7; peft shares the env for the PEFT-side logits
+        "deps": ["mlx[cpu]==0.32.4", "mlx-lm==0.32.2", "transformers==5.25.0", "peft==0.21.2", "safetensors",
+                 "numpy"],
+    },
+}
+
+MODEL_SEED = 0
+LORA_SEED = 1234
+LORA_STD = 0.2
+INPUT_IDS = [1, 7, 33, 90, 12, 64, 5, 101, 77, 3, 45, 120]
+
+ARCHS = {
+    "llama": {
+        "model_class": "LlamaForCausalLM", "config_class": "LlamaConfig",
+        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                   "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                   "initializer_range": 0.1},
+    },
+    "qwen2": {
+        "model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config",
+        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                   "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                   "initializer_range": 0.1},
+    },
+}
+
+# each case: the bases it uses (once per arch), then the case, in the one env
+STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
+# block-relative mlx keys -> HF module names (the same names in mlx-lm's llama/qwen2 module trees)
+CASES = {
+    "mlxlm0322/llama_qv": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
+                 "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0,
+                                     "keys": ["self_attn.q_proj", "self_attn.v_proj"]}},
+    "mlxlm0322/llama_all_last1": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 1,
+                        "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.5},
+                        "note": "no keys: every Linear of the last block"},
+    "mlxlm0322/llama_dora": {"stages": STAGES, "arch": "llama", "fine_tune_type": "dora", "num_layers": 2,
+                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.0,
+                                       "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}},
+    "mlxlm0322/qwen2_qkv": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": 2,
+                  "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 10.0,
+                                      "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}},
+    "mlxlm0322/qwen2_all": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
+                  "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
+}
+
+ACCEPTANCE = []
+
+# a result "matches" when max |logit diff| <= REL_TOL[dtype] * max |reference logit| (float32: ~80 ulps of the
+# largest logit; the tiny models' logits reach ~5-10, the LoRA effects 1-4)
+REL_TOL = {"f32": 1e-5}
