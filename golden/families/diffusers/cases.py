@@ -151,9 +151,13 @@ CASES = {
     "flux_kohya_globals": {"family": "flux", "kind": "kohya", "module": "networks.lora_flux", "dim": 4, "alpha": 2,
                            "kwargs": {"single_dim": "0", "single_mod_dim": "4", "in_dims": "[4,4,4,0,4]"},
                            "base_model_version": "flux1",
+                           "note": "TRAP: the global layers (img_in, time_in, vector_in, txt_in) are converted by "
+                                   "diffusers to keys without the transformer. prefix and skipped; the diff is theirs",
                            "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
     "flux_kohya_linear1": {"family": "flux", "kind": "kohya", "module": "networks.lora_flux", "dim": 4, "alpha": 2,
                            "kwargs": {}, "base_model_version": "flux1",
+                           "note": "TRAP: single_blocks_N_linear1 is split at Flux-dev's sizes [3072, 3072, 3072, "
+                                   "12288] only",
                            "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
 }
 

@@ -121,6 +121,12 @@ def _f(x) -> str:
     return "—" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
 
 
+def _dn(d) -> str:
+    """'max (denoiser d)' of a maxdiff dict"""
+    d = d or {}
+    return f"{_f(d.get('max'))} (denoiser {_f(d.get('denoiser'))})"
+
+
 def findings(results: dict) -> str:
     """FINDINGS_DIFFUSERS.md: one line per fact, each with its figure (generated; do not edit by hand)."""
     cases = results["cases"]
@@ -138,8 +144,8 @@ def findings(results: dict) -> str:
         c = C.CASES[cid]
         if c["kind"] == "diffusers":
             w = r.get("diffusers_write", {})
-            lines.append(f"- `{cid}`: loaded vs live {_f(w.get('loaded_vs_live', {}).get('max'))} "
-                         f"(LoRA effect {_f(w.get('loaded_vs_base', {}).get('max'))}); fuse_lora vs unfused "
+            lines.append(f"- `{cid}`: loaded vs live {_dn(w.get('loaded_vs_live'))} "
+                         f"(LoRA effect {_dn(w.get('loaded_vs_base'))}); fuse_lora vs unfused "
                          f"{_f(w.get('fused_vs_loaded'))}; header keys {w.get('header_keys')}"
                          + (f"; ERROR {w['error']}" if "error" in w else ""))
     lines += ["", "## kohya format (sd-scripts' own network → save_weights → pipe.load_lora_weights)"]
@@ -151,15 +157,15 @@ def findings(results: dict) -> str:
                  f"{w.get('modules')} modules, {w.get('alpha_keys')} `.alpha`; sd-scripts read-back vs live "
                  f"{_f(w.get('kohya_vs_live'))}; base in both envs {_f(ld.get('base_sdscripts_vs_diffusers_env', {}).get('max'))}; ")
             if "load_error" in ld:
-                s += f"diffusers load_lora_weights RAISES `{ld['load_error']}`"
+                s += f"diffusers load_lora_weights RAISES `{ld['load_error'][:200]}`"
             else:
-                s += (f"diffusers loaded vs sd-scripts {_f(ld.get('loaded_vs_kohya', {}).get('max'))}, vs live "
-                      f"{_f(ld.get('loaded_vs_live', {}).get('max'))} (LoRA effect "
-                      f"{_f(ld.get('loaded_vs_base', {}).get('max'))}); per output "
-                      f"{ {k: _f(v) for k, v in ld.get('loaded_vs_live', {}).items() if k != 'max'} }")
+                s += (f"diffusers loaded vs sd-scripts {_dn(ld.get('loaded_vs_kohya'))}, vs live "
+                      f"{_dn(ld.get('loaded_vs_live'))} (LoRA effect {_dn(ld.get('live_vs_base'))})")
             for st in ("error",):
                 if st in w or st in ld:
                     s += f"; ERROR {w.get(st) or ld.get(st)}"
+            if c.get("note"):
+                s += f". {c['note']}"
             lines.append(s)
     lines += ["", "## Traps (what the real loader does with them; 'off by' = vs the correct outputs of the source)"]
     for cid, r in cases.items():
@@ -170,12 +176,14 @@ def findings(results: dict) -> str:
         tr = r.get("kohya_trap", {})
         s = f"- `{cid}` ({c['edit']} of `{c['source']}`): "
         if "load_error" in ld:
-            s += f"load_lora_weights RAISES `{ld['load_error']}`"
+            s += f"load_lora_weights RAISES `{ld['load_error'][:160]}`"
         else:
-            s += (f"loads; off by {_f(ld.get('loaded_vs_live', {}).get('max'))} (LoRA effect "
-                  f"{_f(ld.get('loaded_vs_base', {}).get('max'))}); warnings: {len(ld.get('load_warnings', []))}")
+            s += (f"loads; off by {_dn(ld.get('loaded_vs_live'))} (LoRA effect {_dn(ld.get('live_vs_base'))}); "
+                  f"warnings logged: {len(ld.get('load_warnings', []))}")
         if "spellings" in ld:
             s += f"; spellings in the file {ld['spellings']}, first key `{ld['first_key']}`"
+        if "readback_error" in tr:
+            s += f"; sd-scripts' own create_network_from_weights RAISES `{tr['readback_error'][:160]}`"
         if "kohya_vs_source_live" in tr:
             s += (f"; sd-scripts reading the same file: off by {_f(tr['kohya_vs_source_live'].get('max'))}")
             if "loaded_vs_kohya" in ld:

@@ -109,7 +109,11 @@ def save_outputs(case_dir: Path, stage_outputs: dict) -> None:
 
 
 def exc_text(e: BaseException) -> str:
+    import traceback
     s = f"{type(e).__name__}: {e}".strip()
+    if not str(e):      # a bare assert: say where
+        fr = traceback.extract_tb(e.__traceback__)[-1]
+        s += f" at {Path(fr.filename).name}:{fr.lineno} `{fr.line}`"
     return s if len(s) < 600 else s[:600] + " …"
 
 
@@ -407,6 +411,7 @@ def _load_and_compare(family, base, inputs, lora_file: Path, out: dict, ref_stag
     loaded = outputs(family, comps, inputs, "loaded")
     out.update(loaded)
     res[f"loaded_vs_{ref_stage}"] = maxdiff(loaded, out, "loaded", ref_stage)
+    res[f"{ref_stage}_vs_base"] = maxdiff(out, out, ref_stage, "base")     # the LoRA's own effect
     res["loaded_vs_base"] = maxdiff(loaded, out, "loaded", "base")
     if hasattr(pipe, "fuse_lora"):
         pipe.fuse_lora()
@@ -518,9 +523,10 @@ def sai_names_sd1(mods, keys, unet) -> dict:
     """{diffusers-named kohya module: SAI-named}, from sd-scripts' own SD1 U-Net map (model_util)"""
     path_of = {"lora_unet_" + p.replace(".", "_"): p for p, _ in unet.named_modules() if p}
     names = sorted({k.split(".", 1)[0] for k in keys if k.startswith("lora_unet_")})
-    fake = {path_of[n] + ".weight": torch.tensor(float(i)) for i, n in enumerate(names)}
+    index = {path_of[n] + ".weight": i for i, n in enumerate(names)}
+    fake = {k: torch.tensor(float(index.get(k, -1))) for k in unet.state_dict()}
     conv = mods["library.model_util"].convert_unet_state_dict_to_sd(False, fake)
-    return {names[int(v)]: "lora_unet_" + k[:-len(".weight")].replace(".", "_") for k, v in conv.items()}
+    return {names[int(v)]: "lora_unet_" + k[:-len(".weight")].replace(".", "_") for k, v in conv.items() if v >= 0}
 
 
 def _kohya_readback(mods, case_module: str, family: str, base: Path, inputs: dict, weights_sd: dict) -> tuple:
@@ -626,11 +632,15 @@ def step_kohya_trap(job: dict) -> dict:
     if meta_sai(case, src_dir):
         readback_sd = None      # sd-scripts reads SAI names only into its own full-size SdxlUNet
     if readback_sd is not None:
-        kohya, rb = _kohya_readback(mods, json.loads((src_dir / "meta.json").read_text())["writer"], family, base,
-                                    inputs, readback_sd)
-        out.update(kohya)
-        res["readback"] = rb
-        res["kohya_vs_source_live"] = maxdiff(kohya, out, "kohya", "live")
+        try:
+            kohya, rb = _kohya_readback(mods, json.loads((src_dir / "meta.json").read_text())["writer"], family,
+                                        base, inputs, readback_sd)
+        except Exception as e:     # noqa: BLE001 - sd-scripts refusing the file IS the measured fact
+            res["readback_error"] = exc_text(e)
+        else:
+            out.update(kohya)
+            res["readback"] = rb
+            res["kohya_vs_source_live"] = maxdiff(kohya, out, "kohya", "live")
     save_outputs(case_dir, {k: v for k, v in out.items() if k.startswith("kohya.")})
     update_meta(case_dir, case=job["case"], family=family, versions_sdscripts=versions(), source="../" + case["source"],
                 edit=edit, base="../../_base/" + family, facts_sdscripts=res)
