@@ -5,9 +5,13 @@ pinned commit, with the package pins of its own requirements.txt where they matt
 ``CLIPTextModel.text_model``, so sd-scripts writes ``lora_te_text_model_encoder_…`` as it does for its users; with
 transformers 5 it would write ``lora_te_encoder_…``). Kohya cases are written and run through sd-scripts' own
 network in ``sdscripts``, then loaded with ``pipe.load_lora_weights`` in ``diffusers``: each case lists its
-``steps`` as (env, step) pairs, run in order.
+``steps`` as (env, step) pairs, run in order (a trap after its ``source`` case).
+
+Layout: a case's folder is golden/diffusers/<env of its first step>/<case>/; the bases are made first, once per
+family, by BASE_STEP with the job's case set to "_base:<family>" and base_dir golden/diffusers/_base/<family>/.
 """
 
+BASE_STEP = ["diffusers", "base"]
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 SD_SCRIPTS_MIRROR = "/work/.mirror/kohya-ss+sd-scripts/repo"    # what the fetch tool brought (github:kohya-ss/sd-scripts)
 SD_SCRIPTS_DIR = "/work/wt/_thirdparty/sd-scripts-48d368fa"      # outside the repo; never committed
@@ -49,7 +53,7 @@ FAMILIES = {
     "sd1": {
         "pipeline": "StableDiffusionPipeline",
         "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-                 "block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention_dim": 32,
+                 "block_out_channels": [8, 16], "norm_num_groups": 4, "cross_attention_dim": 32,
                  "attention_head_dim": 4,
                  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
@@ -59,7 +63,7 @@ FAMILIES = {
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
         "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-                 "block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention_dim": 64,
+                 "block_out_channels": [8, 16], "norm_num_groups": 4, "cross_attention_dim": 64,
                  "attention_head_dim": [2, 4], "transformer_layers_per_block": [1, 2],
                  "use_linear_projection": True, "addition_embed_type": "text_time",
                  "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 32 + 6 * 4,

@@ -96,8 +96,9 @@ def generate(only: list[str]) -> None:
         if only and (DATA / "_base" / fam / "inputs.safetensors").exists():
             continue
         print(f"[generate] _base/{fam}", flush=True)
-        results["bases"][fam] = run_worker("diffusers", {
-            "case": f"_base:{fam}", "case_data": {}, "step": "base", "env": "diffusers",
+        env, step = C.BASE_STEP
+        results["bases"][fam] = run_worker(env, {
+            "case": f"_base:{fam}", "case_data": {}, "step": step, "env": env,
             "paths": {"golden": str(DATA), "base_dir": str(DATA / "_base" / fam), "case_dir": ""}})
     for cid, case in C.CASES.items():
         if only and cid not in only:

@@ -420,18 +420,21 @@ def _load_and_compare(family, base, inputs, lora_file: Path, out: dict, ref_stag
     return res
 
 
-def step_diffusers_trap(job: dict) -> dict:
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _trap_setup(job: dict, lora_file: str) -> tuple:
+    """(case, family, base, case_dir, src_dir, inputs, source tensors, source header, source base/live outputs)"""
     case = job["case_data"]
-    family = case["family"]
     base, case_dir = Path(job["paths"]["base_dir"]), Path(job["paths"]["case_dir"])
     src_dir = case_dir.parent / case["source"]
     case_dir.mkdir(parents=True, exist_ok=True)
-    inputs = load_inputs(base)
-    src_file = src_dir / LORA_FILE_DIFFUSERS
-    sd, meta = load_file(str(src_file)), read_meta(src_file)
+    src = src_dir / lora_file
     ref = load_file(str(src_dir / "outputs.safetensors"))
-    out = {k: v for k, v in ref.items() if k.startswith(("base.", "live."))}
+    return (case, case["family"], base, case_dir, src_dir, load_inputs(base), load_file(str(src)), read_meta(src),
+            {k: v for k, v in ref.items() if k.startswith(("base.", "live."))})
+
+
+def step_diffusers_trap(job: dict) -> dict:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    case, family, base, case_dir, src_dir, inputs, sd, meta, out = _trap_setup(job, LORA_FILE_DIFFUSERS)
     res = {"source": case["source"], "edit": case["edit"]}
     target = case_dir / LORA_FILE_DIFFUSERS
     if case["edit"] == "drop_metadata":
@@ -598,14 +601,7 @@ def step_kohya_write(job: dict) -> dict:
 
 def step_kohya_trap(job: dict) -> dict:
     mods = _import_sd_scripts()
-    case = job["case_data"]
-    family = case["family"]
-    base, case_dir = Path(job["paths"]["base_dir"]), Path(job["paths"]["case_dir"])
-    src_dir = case_dir.parent / case["source"]
-    case_dir.mkdir(parents=True, exist_ok=True)
-    inputs = load_inputs(base)
-    src = src_dir / LORA_FILE_KOHYA
-    sd, meta = load_file(str(src)), read_meta(src)
+    case, family, base, case_dir, src_dir, inputs, sd, meta, out = _trap_setup(job, LORA_FILE_KOHYA)
     edit = case["edit"]
     res = {"source": case["source"], "edit": edit}
     if edit == "drop_alpha":
@@ -626,8 +622,6 @@ def step_kohya_trap(job: dict) -> dict:
         raise SystemExit(f"unknown edit {edit}")
     save_file(dict(sorted(new.items())), str(case_dir / LORA_FILE_KOHYA), meta)
     res["header_note"] = "source header kept as is (sshs_* hashes are the source's)"
-    ref = load_file(str(src_dir / "outputs.safetensors"))
-    out = {k: v for k, v in ref.items() if k.startswith(("base.", "live."))}
     readback_sd = new
     if meta_sai(case, src_dir):
         readback_sd = None      # sd-scripts reads SAI names only into its own full-size SdxlUNet
