@@ -73,6 +73,21 @@ def read_meta(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
+def canonical_header(path: Path) -> None:
+    """Sort the header's ``__metadata__`` keys in place (same length, tensors untouched): safetensors' Rust
+    writer takes them from a HashMap, so their order changes from run to run and the bytes with it."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    if "__metadata__" not in head:
+        return
+    head["__metadata__"] = dict(sorted(head["__metadata__"].items()))
+    new = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(new) > n:
+        raise SystemExit(f"{path}: canonical header longer than the written one")
+    path.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n:])
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
@@ -374,6 +389,7 @@ def step_diffusers_write(job: dict) -> dict:
         kw[f"{comp}_lora_layers"] = get_peft_model_state_dict(comps[comp])
         kw[f"{comp}_lora_adapter_metadata"] = _peft_metadata(comps[comp])
     pipe_cls.save_lora_weights(str(case_dir), **kw)
+    canonical_header(case_dir / LORA_FILE_DIFFUSERS)
     res.update(_load_and_compare(family, base, inputs, case_dir / LORA_FILE_DIFFUSERS, out, "live"))
     save_outputs(case_dir, out)
     res["file_keys"] = len(load_file(str(case_dir / LORA_FILE_DIFFUSERS)))
@@ -456,6 +472,7 @@ def step_diffusers_trap(job: dict) -> dict:
         res["spellings"] = {s: sum(s in k for k in keys) for s in
                             (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")}
         res["first_key"] = keys[0]
+    canonical_header(target)
     res.update(_load_and_compare(family, base, inputs, target, out, "live"))
     save_outputs(case_dir, {k: v for k, v in out.items() if k.startswith(("loaded.", "fused."))})
     update_meta(case_dir, case=job["case"], family=family, env=job["env"], versions=versions(),
@@ -574,6 +591,7 @@ def step_kohya_write(job: dict) -> dict:
             return sd
         net.state_dict = sai_state_dict
     net.save_weights(str(case_dir / LORA_FILE_KOHYA), torch.float32, _kohya_metadata(case))
+    canonical_header(case_dir / LORA_FILE_KOHYA)
     written = load_file(str(case_dir / LORA_FILE_KOHYA))
     res["file_keys"] = len(written)
     res["alpha_keys"] = sum(k.endswith(".alpha") for k in written)
@@ -621,6 +639,7 @@ def step_kohya_trap(job: dict) -> dict:
     else:
         raise SystemExit(f"unknown edit {edit}")
     save_file(dict(sorted(new.items())), str(case_dir / LORA_FILE_KOHYA), meta)
+    canonical_header(case_dir / LORA_FILE_KOHYA)
     res["header_note"] = "source header kept as is (sshs_* hashes are the source's)"
     readback_sd = new
     if meta_sai(case, src_dir):
