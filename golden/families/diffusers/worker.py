@@ -510,7 +510,7 @@ def _import_sd_scripts() -> dict:
     try:
         mods = {m: importlib.import_module(m) for m in
                 ("networks.lora", "networks.lora_flux", "library.train_util", "library.model_util",
-                 "library.flux_models")}
+                 "library.sdxl_model_util", "library.flux_models")}
     finally:
         if placed:
             del sys.modules["torchvision"], sys.modules["torchvision.transforms"]
@@ -596,15 +596,13 @@ def step_kohya_write(job: dict) -> dict:
     res["file_keys"] = len(written)
     res["alpha_keys"] = sum(k.endswith(".alpha") for k in written)
     res["header"] = read_meta(case_dir / LORA_FILE_KOHYA)
-    # read back by sd-scripts itself (the SAI-named SDXL file needs sd-scripts' SdxlUNet: the same tensors under
-    # the diffusers names are read back instead, and the file's tensors are checked equal to them)
+    # read back by sd-scripts itself (it reads SAI names only into its own full-size SdxlUNet: the file's SAI
+    # names go back to diffusers names with the inverse of sd-scripts' map, checked against the network's own)
+    readback_sd = written
     if case.get("sai_names"):
-        res["sai_file_equals_diffusers_named"] = sorted(v.tolist() if v.dim() == 0 else float(v.sum())
-                                                        for v in written.values()) == sorted(
-            v.tolist() if v.dim() == 0 else float(v.sum()) for v in diffusers_named.values())
-        readback_sd = diffusers_named
-    else:
-        readback_sd = written
+        readback_sd = sai_to_diffusers_sdxl(written)
+        res["sai_inverse_equals_network_names"] = sorted(readback_sd) == sorted(diffusers_named) and all(
+            torch.equal(readback_sd[k], diffusers_named[k]) for k in diffusers_named)
     kohya, rb = _kohya_readback(mods, case["module"], family, base, inputs, readback_sd)
     out.update(kohya)
     res["readback"] = rb
@@ -643,7 +641,9 @@ def step_kohya_trap(job: dict) -> dict:
     res["header_note"] = "source header kept as is (sshs_* hashes are the source's)"
     readback_sd = new
     if meta_sai(case, src_dir):
-        readback_sd = None      # sd-scripts reads SAI names only into its own full-size SdxlUNet
+        # sd-scripts reads SAI names only into its own full-size SdxlUNet: back to the diffusers names with the
+        # inverse of its own map (library.sdxl_model_util.make_unet_conversion_map)
+        readback_sd = sai_to_diffusers_sdxl(new)
     if readback_sd is not None:
         try:
             kohya, rb = _kohya_readback(mods, json.loads((src_dir / "meta.json").read_text())["writer"], family,
@@ -658,6 +658,22 @@ def step_kohya_trap(job: dict) -> dict:
     update_meta(case_dir, case=job["case"], family=family, versions_sdscripts=versions(), source="../" + case["source"],
                 edit=edit, base="../../_base/" + family, facts_sdscripts=res)
     return res
+
+
+def sai_to_diffusers_sdxl(sd: dict) -> dict:
+    from library.sdxl_model_util import make_unet_conversion_map
+    inv = {sai.replace(".", "_")[:-1]: hf.replace(".", "_")[:-1] for sai, hf in make_unet_conversion_map()}
+    out = {}
+    for k, v in sd.items():
+        mod, rest = k.split(".", 1)
+        if mod.startswith("lora_unet_"):
+            m = mod[len("lora_unet_"):]
+            hits = [p for p in inv if m == p or m.startswith(p + "_")]
+            if hits:
+                p = max(hits, key=len)
+                mod = "lora_unet_" + inv[p] + m[len(p):]
+        out[mod + "." + rest] = v
+    return out
 
 
 def meta_sai(case: dict, src_dir: Path) -> bool:
