@@ -30,6 +30,7 @@ ENVS = {
         "deps": ["transformers==4.54.1", "diffusers==0.32.1", "accelerate==1.6.0", "safetensors==0.4.5",
                  "huggingface-hub==0.34.3", "einops==0.7.0", "toml==0.10.2", "imagesize==1.4.1",
                  "opencv-python-headless", "pillow", "numpy"],
+        # run by `bash -c` after the deps, with $VENV = the env's venv folder; needs the fetch tool's mirror
         "setup": [
             f"test -f {SD_SCRIPTS_DIR}/COMMIT || (mkdir -p {SD_SCRIPTS_DIR} && git --git-dir={SD_SCRIPTS_MIRROR} "
             f"archive {SD_SCRIPTS_COMMIT} networks library | tar x -C {SD_SCRIPTS_DIR} && "
