@@ -5,16 +5,17 @@ pinned commit, with the package pins of its own requirements.txt where they matt
 ``CLIPTextModel.text_model``, so sd-scripts writes ``lora_te_text_model_encoder_…`` as it does for its users; with
 transformers 5 it would write ``lora_te_encoder_…``). Kohya cases are written and run through sd-scripts' own
 network in ``sdscripts``, then loaded with ``pipe.load_lora_weights`` in ``diffusers``: each case lists its
-``steps`` as (env, step) pairs, run in order (a trap after its ``source`` case).
+``stages`` as (step, env) pairs, which golden/harness.py runs stage by stage (a trap after its ``source`` case, which
+comes first in CASES).
 
-Layout: a case's folder is golden/diffusers/<env of its first step>/<case>/; the bases are made first, once per
-family, by BASE_STEP with the job's case set to "_base:<family>" and base_dir golden/diffusers/_base/<family>/.
+Layout: a case id is <env of its first step>/<name>, its folder golden/diffusers/<case id>/; the bases are made
+first (stage BASE), once per family, in golden/diffusers/_base/<family>/.
 """
 
-BASE_STEP = ["diffusers", "base"]
+BASE = ("base", "diffusers")
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 SD_SCRIPTS_MIRROR = "/work/.mirror/kohya-ss+sd-scripts/repo"    # what the fetch tool brought (github:kohya-ss/sd-scripts)
-SD_SCRIPTS_DIR = "/work/wt/_thirdparty/sd-scripts-48d368fa"      # outside the repo; never committed
+SD_SCRIPTS = "sd-scripts-48d368fa"     # its networks/ and library/, unpacked in GOLDEN_WORK (outside the repo)
 
 ENVS = {
     "diffusers": {
@@ -30,14 +31,18 @@ ENVS = {
         "deps": ["transformers==4.54.1", "diffusers==0.32.1", "accelerate==1.6.0", "safetensors==0.4.5",
                  "huggingface-hub==0.34.3", "einops==0.7.0", "toml==0.10.2", "imagesize==1.4.1",
                  "opencv-python-headless", "pillow", "numpy"],
-        # run by `bash -c` after the deps, with $VENV = the env's venv folder; needs the fetch tool's mirror
+        # run after the deps ({work} = GOLDEN_WORK, {venv} = the env's venv folder); needs the fetch tool's mirror
         "setup": [
-            f"test -f {SD_SCRIPTS_DIR}/COMMIT || (mkdir -p {SD_SCRIPTS_DIR} && git --git-dir={SD_SCRIPTS_MIRROR} "
-            f"archive {SD_SCRIPTS_COMMIT} networks library | tar x -C {SD_SCRIPTS_DIR} && "
-            f"echo {SD_SCRIPTS_COMMIT} > {SD_SCRIPTS_DIR}/COMMIT)",
+            f"test -f {{work}}/{SD_SCRIPTS}/COMMIT || (mkdir -p {{work}}/{SD_SCRIPTS} && "
+            f"git --git-dir={SD_SCRIPTS_MIRROR} archive {SD_SCRIPTS_COMMIT} networks library | "
+            f"tar x -C {{work}}/{SD_SCRIPTS} && "
+            f"echo {SD_SCRIPTS_COMMIT} > {{work}}/{SD_SCRIPTS}/COMMIT)",
             # on the worker's sys.path through a .pth file in the venv
-            f"for d in \"$VENV\"/lib/python3*/site-packages; do echo {SD_SCRIPTS_DIR} > \"$d/sd_scripts.pth\"; done",
+            f"for d in {{venv}}/lib/python3*/site-packages; do echo {{work}}/{SD_SCRIPTS} > \"$d/sd_scripts.pth\"; "
+            "done",
         ],
+        "check": ("import os, sys\nassert os.path.isfile(os.path.join(os.environ['GOLDEN_WORK'], "
+                  f"'{SD_SCRIPTS}', 'COMMIT'))\nassert any(p.endswith('{SD_SCRIPTS}') for p in sys.path)"),
     },
 }
 
@@ -93,77 +98,80 @@ _FLUX_T = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
            "norm1.linear", "norm1_context.linear", "norm.linear"]
 
-CASES = {
+_CASES = {
     # ---- diffusers format, written by diffusers' save_lora_weights (with lora_adapter_metadata) ----
-    "sd1_diffusers": {"family": "sd1", "kind": "diffusers", "steps": [["diffusers", "diffusers_write"]],
+    "sd1_diffusers": {"family": "sd1", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
                       "lora": {"unet": {"r": 4, "lora_alpha": 4, "target_modules": _UNET_T},
                                "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T}}},
-    "sd1_diffusers_alpha": {"family": "sd1", "kind": "diffusers", "steps": [["diffusers", "diffusers_write"]],
+    "sd1_diffusers_alpha": {"family": "sd1", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
                             "lora": {"unet": {"r": 4, "lora_alpha": 8, "target_modules": _UNET_T},
                                      "text_encoder": {"r": 2, "lora_alpha": 1, "target_modules": _TE_T}}},
     "sd1_diffusers_patterns": {
-        "family": "sd1", "kind": "diffusers", "steps": [["diffusers", "diffusers_write"]],
+        "family": "sd1", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
         "lora": {"unet": {"r": 4, "lora_alpha": 8, "target_modules": _UNET_T + ["conv1", "conv2"],
                           "rank_pattern": {"attn2.to_k": 2, "conv1": 3}, "alpha_pattern": {"to_v": 1, "proj_in": 16}},
                  "text_encoder": {"r": 4, "lora_alpha": 2, "target_modules": _TE_T, "rank_pattern": {"q_proj": 2},
                                   "alpha_pattern": {"out_proj": 8, "v_proj": 6}}}},
-    "sdxl_diffusers": {"family": "sdxl", "kind": "diffusers", "steps": [["diffusers", "diffusers_write"]],
+    "sdxl_diffusers": {"family": "sdxl", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
                        "lora": {"unet": {"r": 4, "lora_alpha": 2, "target_modules": _UNET_T,
                                          "alpha_pattern": {"attn2.to_k": 8}},
                                 "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T},
                                 "text_encoder_2": {"r": 2, "lora_alpha": 3, "target_modules": _TE_T}}},
-    "flux_diffusers": {"family": "flux", "kind": "diffusers", "steps": [["diffusers", "diffusers_write"]],
+    "flux_diffusers": {"family": "flux", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
                        "lora": {"transformer": {"r": 4, "lora_alpha": 8, "target_modules": _FLUX_T,
                                                 "rank_pattern": {"proj_mlp": 2}, "alpha_pattern": {"to_k": 1}},
                                 "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T}}},
     # ---- diffusers traps ----
     "sd1_diffusers_nometa": {"family": "sd1", "kind": "diffusers_trap", "source": "sd1_diffusers_patterns",
-                             "edit": "drop_metadata", "steps": [["diffusers", "diffusers_trap"]]},
+                             "edit": "drop_metadata", "stages": [BASE, ("diffusers_trap", "diffusers")]},
     "flux_diffusers_nometa": {"family": "flux", "kind": "diffusers_trap", "source": "flux_diffusers",
-                              "edit": "drop_metadata", "steps": [["diffusers", "diffusers_trap"]]},
+                              "edit": "drop_metadata", "stages": [BASE, ("diffusers_trap", "diffusers")]},
     "sd1_diffusers_mixed": {"family": "sd1", "kind": "diffusers_trap", "source": "sd1_diffusers_patterns",
-                            "edit": "convert_state_dict_to_diffusers", "steps": [["diffusers", "diffusers_trap"]]},
+                            "edit": "convert_state_dict_to_diffusers",
+                            "stages": [BASE, ("diffusers_trap", "diffusers")]},
     # ---- kohya format, written by sd-scripts' networks/lora.py / lora_flux.py ----
     "sd1_kohya": {"family": "sd1", "kind": "kohya", "module": "networks.lora", "dim": 4, "alpha": 2,
                   "kwargs": {}, "base_model_version": "sd_v1",
-                  "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                  "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     "sd1_kohya_locon": {"family": "sd1", "kind": "kohya", "module": "networks.lora", "dim": 4, "alpha": 1,
                         "kwargs": {"conv_dim": "2", "conv_alpha": "3"}, "base_model_version": "sd_v1",
-                        "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                        "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     "sdxl_kohya": {"family": "sdxl", "kind": "kohya", "module": "networks.lora", "dim": 4, "alpha": 1,
                    "kwargs": {}, "base_model_version": "sdxl_base_v1-0", "sai_names": True,
-                   "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                   "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     "sdxl_kohya_locon_dfnames": {"family": "sdxl", "kind": "kohya", "module": "networks.lora", "dim": 2,
                                  "alpha": 4, "kwargs": {"conv_dim": "2", "conv_alpha": "1"},
                                  "base_model_version": "sdxl_base_v1-0", "sai_names": False,
-                                 "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                                 "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     # single_dim=0: no single_blocks_N_linear1/2 (diffusers splits linear1 at Flux-dev's sizes only: see below)
     "flux_kohya": {"family": "flux", "kind": "kohya", "module": "networks.lora_flux", "dim": 4, "alpha": 2,
                    "kwargs": {"single_dim": "0", "single_mod_dim": "4"}, "base_model_version": "flux1",
-                   "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                   "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     # ---- kohya traps (edits of the files above, or sd-scripts options that diffusers cannot follow) ----
     "sd1_kohya_noalpha": {"family": "sd1", "kind": "kohya_trap", "source": "sd1_kohya", "edit": "drop_alpha",
-                          "steps": [["sdscripts", "kohya_trap"], ["diffusers", "kohya_load"]]},
+                          "stages": [BASE, ("kohya_trap", "sdscripts"), ("kohya_load", "diffusers")]},
     "sdxl_kohya_noalpha": {"family": "sdxl", "kind": "kohya_trap", "source": "sdxl_kohya", "edit": "drop_alpha",
-                           "steps": [["sdscripts", "kohya_trap"], ["diffusers", "kohya_load"]]},
+                           "stages": [BASE, ("kohya_trap", "sdscripts"), ("kohya_load", "diffusers")]},
     "flux_kohya_noalpha": {"family": "flux", "kind": "kohya_trap", "source": "flux_kohya", "edit": "drop_alpha",
-                           "steps": [["sdscripts", "kohya_trap"], ["diffusers", "kohya_load"]]},
+                           "stages": [BASE, ("kohya_trap", "sdscripts"), ("kohya_load", "diffusers")]},
     "sd1_kohya_sai": {"family": "sd1", "kind": "kohya_trap", "source": "sd1_kohya", "edit": "sd1_sai_names",
-                      "steps": [["sdscripts", "kohya_trap"], ["diffusers", "kohya_load"]]},
+                      "stages": [BASE, ("kohya_trap", "sdscripts"), ("kohya_load", "diffusers")]},
     "sdxl_kohya_te_swap": {"family": "sdxl", "kind": "kohya_trap", "source": "sdxl_kohya", "edit": "swap_te",
-                           "steps": [["sdscripts", "kohya_trap"], ["diffusers", "kohya_load"]]},
+                           "stages": [BASE, ("kohya_trap", "sdscripts"), ("kohya_load", "diffusers")]},
     # in_dims: LoRA on the global layers img_in, time_in, vector_in, txt_in (guidance_in: 0, no guidance embed)
     "flux_kohya_globals": {"family": "flux", "kind": "kohya", "module": "networks.lora_flux", "dim": 4, "alpha": 2,
                            "kwargs": {"single_dim": "0", "single_mod_dim": "4", "in_dims": "[4,4,4,0,4]"},
                            "base_model_version": "flux1",
                            "note": "TRAP: the global layers (img_in, time_in, vector_in, txt_in) are converted by "
                                    "diffusers to keys without the transformer. prefix and skipped; the diff is theirs",
-                           "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                           "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
     "flux_kohya_linear1": {"family": "flux", "kind": "kohya", "module": "networks.lora_flux", "dim": 4, "alpha": 2,
                            "kwargs": {}, "base_model_version": "flux1",
                            "note": "TRAP: single_blocks_N_linear1 is split at Flux-dev's sizes [3072, 3072, 3072, "
                                    "12288] only",
-                           "steps": [["sdscripts", "kohya_write"], ["diffusers", "kohya_load"]]},
+                           "stages": [BASE, ("kohya_write", "sdscripts"), ("kohya_load", "diffusers")]},
 }
+# case id = <env of its first step>/<name>
+CASES = {f"{c['stages'][1][1]}/{name}": c for name, c in _CASES.items()}
 
 ACCEPTANCE = []   # filled when the image-model codecs exist
