@@ -13,6 +13,9 @@ first (stage BASE), once per family, in golden/diffusers/_base/<family>/.
 """
 
 BASE = ("base", "diffusers")
+# one worker process per case for the sd-scripts steps: its networks keep state between cases in one process
+# (sdxl_kohya got 175 modules instead of 156 when written after sd1_kohya_locon)
+ISOLATE_TASKS = ["kohya_write", "kohya_trap"]
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 SD_SCRIPTS_MIRROR = "/work/.mirror/kohya-ss+sd-scripts/repo"    # what the fetch tool brought (github:kohya-ss/sd-scripts)
 SD_SCRIPTS = "sd-scripts-48d368fa"     # its networks/ and library/, unpacked in GOLDEN_WORK (outside the repo)
