@@ -63,6 +63,8 @@ class Family:
         self.case_data: dict = self.cases.CASES
         self.acceptance: list = getattr(self.cases, "ACCEPTANCE", [])
         self.tol: float = getattr(self.cases, "TOL", 1e-5)
+        # stage tasks run in one worker process per case (the library keeps state between cases: sd-scripts)
+        self.isolate: list = getattr(self.cases, "ISOLATE_TASKS", [])
         self.data = GOLDEN / getattr(self.cases, "DATA_DIR", self.name)
         self.results = RESULTS / f"{self.name}.json"
         self.findings = RESULTS / f"FINDINGS_{self.name.upper()}.md"
@@ -340,11 +342,12 @@ def generate_family(fams: dict, fam: Family, chosen: list, partial: bool) -> Non
                 groups.setdefault(stages[c][i], []).append(c)
         for (task, env), cases in groups.items():
             print(f"[generate] {fam.name}: {task} in {env}, {len(cases)} case(s)", flush=True)
-            res = run_worker(fam, env, task, {"cases": {c: fam.case_data[c] for c in cases}})
-            for c, facts in res.get("measured", {}).items():
-                measured[c].update(facts)
-            for section, found in res.get("sections", {}).items():
-                sections.setdefault(section, {}).setdefault(env, {}).update(found)
+            for batch in ([[c] for c in cases] if task in fam.isolate else [cases]):
+                res = run_worker(fam, env, task, {"cases": {c: fam.case_data[c] for c in batch}})
+                for c, facts in res.get("measured", {}).items():
+                    measured[c].update(facts)
+                for section, found in res.get("sections", {}).items():
+                    sections.setdefault(section, {}).setdefault(env, {}).update(found)
     for path, freeze in freezes.items():
         path.write_text(freeze)
     # facts the workers returned, else the ``measured`` they put in meta.json (read before `check`, which may add
