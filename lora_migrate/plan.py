@@ -143,6 +143,9 @@ def _meta_delta(e: ModuleEntry) -> ModuleDelta:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+GUESSED = "from module paths"  # infer_model_type's reason when no config says the model type
+
+
 def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, str]:
     """The base model's type (AdapterHub configs name it; PEFT configs do not), and how we know."""
     if model_type:
@@ -174,7 +177,7 @@ def infer_model_type(src: SourceAdapter, model_type: str | None) -> tuple[str, s
             "llama/mistral: down_proj is 'intermediate'; plug-in qwen2/qwen3/gemma2/gemma3_text: up_proj is), and "
             + (f"base model {name!r} is neither a local folder nor in the Hugging Face cache" if name else
                "the adapter's config names no base model") + "; pass --model-type")
-    return t, f"model type {t!r} from module paths like {src.modules[0].module!r}"
+    return t, f"model type {t!r} {GUESSED} like {src.modules[0].module!r}"
 
 
 def base_model_type(name: str | None) -> str | None:
@@ -183,7 +186,11 @@ def base_model_type(name: str | None) -> str | None:
     return mt if isinstance(mt, str) else None
 
 
-def _ah_locations(src: SourceAdapter, model_type: str) -> dict[str, tuple[str, str | None]]:
+def _ah_locations(src: SourceAdapter, model_type: str, guessed: bool = False) -> dict[str, tuple[str, str | None]]:
+    """Where AdapterHub LoRA attaches each module. ``guessed``: the model type comes from module paths alone; the
+    refusal then says so (a Phi or Falcon base looks like llama or gpt2 by its paths)."""
+    hint = (f" (model type {model_type!r} guessed from module paths, as the adapter's config names no base model "
+            "this machine has; pass --model-type if the base is another)") if guessed else ""
     table = AH_LOCATIONS.get(model_type)
     if table is None:
         raise UnsupportedFeature(f"{src.info.name}: no AdapterHub LoRA location table for model type "
@@ -194,7 +201,7 @@ def _ah_locations(src: SourceAdapter, model_type: str) -> dict[str, tuple[str, s
         if hit is None:
             raise UnsupportedFeature(
                 f"{src.info.name}: AdapterHub LoRA cannot attach to {e.module!r}: for {model_type} it wraps only "
-                + ", ".join(rx.strip("\\.$").replace("\\.", ".") for rx, _, _ in table))
+                + ", ".join(rx.strip("\\.$").replace("\\.", ".") for rx, _, _ in table) + hint)
         out[e.module] = hit
     return out
 
@@ -286,7 +293,7 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
     notes = list(src.notes)
     if src.convention.family == "peft":
         mt, why = infer_model_type(src, model_type)
-        locs = _ah_locations(src, mt)
+        locs = _ah_locations(src, mt, guessed=GUESSED in why)
         fused_modules = {m for m, (loc, _) in locs.items() if loc == "fused"}
         steps.append(Step(rule="map_locations", what=f"{why}: every module maps by path to an AdapterHub LoRA "
                           "location (selfattn / intermediate / output" + (" / fused QKV" if fused_modules else "")

@@ -354,3 +354,16 @@ def test_adapterhub_mapping_follows_the_base_models_config(arch, tmp_path):
     with pytest.raises(LoraMigrateError, match="pass --model-type"):
         api.convert(tmp_path / "src", tmp_path / "none", to="adapters-1.1")
     assert not (tmp_path / "none").exists()
+
+
+def test_a_guessed_model_type_is_named_in_the_refusal(tmp_path):
+    """A PEFT config that names no base model: the type comes from module paths, and a module AdapterHub cannot
+    wrap is refused with that said (a Phi or Falcon base looks like llama or gpt2 by its paths)."""
+    make_peft(tmp_path / "src", "llama", target_modules=["q_proj", "o_proj"], r=4, lora_alpha=8)
+    cfg = json.loads((tmp_path / "src" / "adapter_config.json").read_text())
+    assert not cfg.get("base_model_name_or_path")
+    with pytest.raises(UnsupportedFeature, match=r"o_proj.*guessed from module paths.*--model-type"):
+        api.convert(tmp_path / "src", tmp_path / "out", to="adapters-1.1")
+    with pytest.raises(UnsupportedFeature, match="o_proj") as info:
+        api.convert(tmp_path / "src", tmp_path / "out", to="adapters-1.1", model_type="llama")
+    assert "guessed" not in str(info.value)
