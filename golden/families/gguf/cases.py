@@ -7,6 +7,14 @@ token ids, against PEFT's logits. Each case also gets a hand-written adapter (``
 q/k lora_b row permutation done here) with the exact scale: the target a converter must hit.
 """
 
+import importlib.util as _iu
+from pathlib import Path as _Path
+
+_spec = _iu.spec_from_file_location("golden_tiny_decoders", _Path(__file__).resolve().parent.parent / "tiny_decoders.py")
+TINY = _iu.module_from_spec(_spec)
+_spec.loader.exec_module(TINY)  # shared data: the tiny Llama/Qwen2, seeds, token ids
+
+
 # unpacked in GOLDEN_WORK (outside the repo); its vendor/llama.cpp/*.py scripts are used, not committed
 SDIST = "llama_cpp_python-0.3.36"
 # llama-cpp-python is compiled from its sdist (~50 min on 2 cores) with
@@ -30,30 +38,12 @@ ENVS = {
     },
 }
 
-MODEL_SEED = 0
-LORA_SEED = 1234
-LORA_STD = 0.2
-INPUT_IDS = [1, 7, 33, 90, 12, 64, 5, 101, 77, 3, 45, 120]
+MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
+
 
 # tiny models: 4 heads of 16, 2 kv heads (GQA, so k's permutation uses n_kv_head), 2 blocks, vocab 128
-ARCHS = {
-    "llama": {
-        "model_class": "LlamaForCausalLM", "config_class": "LlamaConfig", "gguf_arch": "llama",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                   "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
-    "qwen2": {
-        "model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config", "gguf_arch": "qwen2",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                   "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
-}
+ARCHS = {name: {"model_class": a["model_class"], "config_class": a["config_class"], "gguf_arch": name,
+                "config": a["config"]} for name, a in (("llama", TINY.LLAMA), ("qwen2", TINY.QWEN2))}
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -8,6 +8,14 @@ logits from ``mlx_lm.load(base, adapter_path=...)``; PEFT's logits for the equiv
 (lora_A = lora_aᵀ, lora_B = lora_bᵀ, lora_alpha = scale·r, layers_to_transform = the last num_layers blocks).
 """
 
+import importlib.util as _iu
+from pathlib import Path as _Path
+
+_spec = _iu.spec_from_file_location("golden_tiny_decoders", _Path(__file__).resolve().parent.parent / "tiny_decoders.py")
+TINY = _iu.module_from_spec(_spec)
+_spec.loader.exec_module(TINY)  # shared data: the tiny Llama/Qwen2, seeds, token ids
+
+
 ENVS = {
     "mlxlm0322": {
         "library": "mlx-lm",
@@ -18,29 +26,10 @@ ENVS = {
     },
 }
 
-MODEL_SEED = 0
-LORA_SEED = 1234
-LORA_STD = 0.2
-INPUT_IDS = [1, 7, 33, 90, 12, 64, 5, 101, 77, 3, 45, 120]
+MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
 
-ARCHS = {
-    "llama": {
-        "model_class": "LlamaForCausalLM", "config_class": "LlamaConfig",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                   "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
-    "qwen2": {
-        "model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                   "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
-}
+
+ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
 STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]

@@ -11,6 +11,14 @@ torchtune 0.6.1 needs torchao 0.11.0 and peft 0.21.2 refuses torchao < 0.16 (eco
 and the peft family's pf21 (its package set is golden/peft/pf21/pip-freeze.txt).
 """
 
+import importlib.util as _iu
+from pathlib import Path as _Path
+
+_spec = _iu.spec_from_file_location("golden_tiny_decoders", _Path(__file__).resolve().parent.parent / "tiny_decoders.py")
+TINY = _iu.module_from_spec(_spec)
+_spec.loader.exec_module(TINY)  # shared data: the tiny Llama/Qwen2, seeds, token ids
+
+
 ENVS = {
     "torchtune061": {
         "library": "torchtune",
@@ -19,32 +27,17 @@ ENVS = {
     },
 }
 
-MODEL_SEED = 0
-LORA_SEED = 1234
-LORA_STD = 0.2
-INPUT_IDS = [1, 7, 33, 90, 12, 64, 5, 101, 77, 3, 45, 120]
+MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
+
 
 # HF configs; torchtune's builders get the same dims (see worker.tt_model). rope_theta follows each torchtune
 # builder's fixed/default base (llama2: 10000, qwen2: 1e6).
 ARCHS = {
-    "llama": {
-        "model_class": "LlamaForCausalLM", "config_class": "LlamaConfig", "tt_model_type": "LLAMA2",
-        "tt_builder": "torchtune.models.llama2.lora_llama2",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                   "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
-    "qwen2": {
-        "model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config", "tt_model_type": "QWEN2",
-        "tt_builder": "torchtune.models.qwen2.lora_qwen2",
-        "config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-                   "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "initializer_range": 0.1},
-    },
+    name: {"model_class": a["model_class"], "config_class": a["config_class"], "tt_model_type": tt,
+           "tt_builder": builder, "config": {**a["config"], **fixed}}
+    for name, a, tt, builder, fixed in (
+        ("llama", TINY.LLAMA, "LLAMA2", "torchtune.models.llama2.lora_llama2", {"rms_norm_eps": 1e-5}),
+        ("qwen2", TINY.QWEN2, "QWEN2", "torchtune.models.qwen2.lora_qwen2", {"rope_theta": 1000000.0}))
 }
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
