@@ -31,7 +31,7 @@ from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, base_model_config, json_number
-from .check.report import tolerance_for
+from .check.report import UNIT_ROUNDOFF
 
 
 class Step(BaseModel):
@@ -374,7 +374,7 @@ def _rounding(factors, dtypes) -> str:
     """What multiplying B by ``factors`` costs: nothing for powers of two, else one rounding per element."""
     if all(math.frexp(c)[0] == 0.5 for c in factors):
         return "exact (powers of two)"
-    u = max(tolerance_for(dt) / 4 for dt in dtypes)
+    u = max(UNIT_ROUNDOFF.get(dt, torch.finfo(dt).eps / 2) for dt in dtypes)
     return (f"each element rounded once to {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} "
             f"(relative error ≤ {u:.3g} per element; the check below bounds ΔW)")
 

@@ -28,11 +28,12 @@ import os
 
 import torch
 
+from lora_migrate.check.report import UNIT_ROUNDOFF as PACKAGE_UNIT_ROUNDOFF
+
 ULPS = 192
 NOISE_FACTOR = 4
 
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8,
-                 torch.float64: 2.0**-53}
+UNIT_ROUNDOFF = {**PACKAGE_UNIT_ROUNDOFF, torch.float64: 2.0**-53}  # the check's table, and float64
 
 
 def logits_tol(ref: torch.Tensor, *, noise: float = 0.0, dtype: torch.dtype | None = None) -> float:
