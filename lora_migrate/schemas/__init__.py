@@ -1,17 +1,27 @@
-"""The registry of conventions: every schema module declares one :class:`Convention`; this resolves names."""
+"""The conventions: every schema module in this package that declares ``CONVENTIONS`` (a tuple of
+:class:`Convention`) contributes them, in module-name order; nothing else lists them. This resolves names."""
 
 from __future__ import annotations
 
 import difflib
 
 from ..errors import LoraMigrateError
-from .adapter_transformers_3_1 import ADAPTER_TRANSFORMERS_3_1
-from .adapters_1_0 import ADAPTERS_1_0
-from .adapters_1_1 import ADAPTERS_1_1
-from .peft import LORAX, PEFT_ERAS, VLLM
+import importlib
+import pkgutil
+
 from .base import Convention, KeyTemplates, LayerKind, Scaling, VersionPattern
 
-CONVENTIONS: tuple[Convention, ...] = (ADAPTER_TRANSFORMERS_3_1, ADAPTERS_1_0, ADAPTERS_1_1, *PEFT_ERAS, LORAX, VLLM)
+
+def _discover() -> tuple[Convention, ...]:
+    out: list[Convention] = []
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if m.name in ("base", "info"):
+            continue
+        out += getattr(importlib.import_module(f"{__name__}.{m.name}"), "CONVENTIONS", ())
+    return tuple(out)
+
+
+CONVENTIONS: tuple[Convention, ...] = _discover()
 
 _BY_NAME: dict[str, Convention] = {}
 for _c in CONVENTIONS:

@@ -30,3 +30,5 @@ ADAPTER_TRANSFORMERS_3_1 = Convention(
     string_config_ids=STRING_IDS,
     features=frozenset({"lora", "ia3", "fused_qkv"}),
 )
+
+CONVENTIONS = (ADAPTER_TRANSFORMERS_3_1,)

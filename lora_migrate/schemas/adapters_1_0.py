@@ -41,3 +41,5 @@ ADAPTERS_1_0 = Convention(
     string_config_ids=STRING_IDS,
     features=frozenset({"lora", "ia3", "fused_qkv"}),
 )
+
+CONVENTIONS = (ADAPTERS_1_0,)

@@ -35,3 +35,5 @@ ADAPTERS_1_1 = Convention(
     string_config_ids=STRING_IDS,
     features=frozenset({"lora", "ia3", "fused_qkv"}),
 )
+
+CONVENTIONS = (ADAPTERS_1_1,)

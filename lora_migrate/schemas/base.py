@@ -153,7 +153,7 @@ class Convention(Frozen):
                               ignored_types=(cached_property,))
 
     name: str  # canonical name, e.g. "adapters-1.0"
-    family: Literal["adapterhub", "peft"]
+    family: str  # the id of the codec that reads and writes it (lora_migrate/codecs)
     library: str  # the PyPI name
     versions: str  # PEP 440 specifier of the library versions this schema describes
     aliases: tuple[str, ...] = ()
@@ -161,21 +161,21 @@ class Convention(Frozen):
     keys: KeyTemplates
     scaling: dict[LayerKind, Scaling]
     scaling_notes: str  # one line for `conventions`, with where it comes from
-    version_patterns: tuple[VersionPattern, ...]  # config "version" strings this convention wrote
-    version_to_write: str
+    version_patterns: tuple[VersionPattern, ...] = ()  # config "version" strings this convention wrote
+    version_to_write: str = ""
     transformers_versions: str | None = None  # full-model checkpoints: config.json transformers_version range
     config_file: str = "adapter_config.json"
-    weights_read: tuple[str, ...]  # weight file names, in the order the library tries them
-    weights_write: str  # what the library's default save_adapter() writes and default load_adapter() reads
+    weights_read: tuple[str, ...] = ()  # weight file names, in the order the library tries them
+    weights_write: str = ""  # what the library's default save_adapter() writes and default load_adapter() reads
     weights_write_safetensors: str | None = None  # opt-in (--safetensors): the library reads it only when asked
     head_files: tuple[str, ...] = ()
     alpha_equals_r_on_write: bool = False
     load_shim: LoadShim | None = None  # what this library does to other versions' configs when it loads them
-    config_model: type  # strict pydantic model of the adapter's own config block
-    config_write_fields: tuple[str, ...]  # the config fields this library version writes (all, as asdict does)
-    config_defaults: dict[str, object]  # defaults for fields a source lacks
+    config_model: type | None = None  # strict pydantic model of the adapter's own config block
+    config_write_fields: tuple[str, ...] = ()  # the config fields this library version writes (all, as asdict does)
+    config_defaults: dict[str, object] = {}  # defaults for fields a source lacks
     string_config_ids: dict[str, dict[str, object]] = {}  # "lora", "ia3" → library default config
-    features: frozenset[str]
+    features: frozenset[str] = frozenset()
 
     serving: Serving | None = None  # PEFT files as a server reads them (one global scale, …)
     # PEFT family: how rank_pattern / alpha_pattern keys match module names (peft.md §1.3)
