@@ -111,11 +111,21 @@ class ModuleDelta:
 
 @dataclass
 class AdapterInfo:
-    """What a reader learned about one adapter besides its tensors."""
+    """The canonical adapter-level form: what a reader learned about one adapter besides its tensors.
+
+    Writers build their config from the typed fields only. ``config`` and ``wrapper`` are the source library's
+    own files (native): only the codec that read them looks inside (e.g. PEFT → PEFT keeps fields only PEFT knows).
+    """
 
     name: str
     convention: str  # resolved convention name, e.g. "adapter-transformers-3.1"
-    r: int | None = None
-    alpha: float | None = None
-    config: dict = field(default_factory=dict)  # the library's own adapter config (``config`` block)
-    wrapper: dict = field(default_factory=dict)  # the rest of adapter_config.json (model_type, hidden_size, ...)
+    r: int | None = None  # the adapter's global rank, where its config has one
+    alpha: float | None = None  # the adapter's global alpha, where its config has one
+    config: dict = field(default_factory=dict)  # native: the library's own adapter config (``config`` block)
+    wrapper: dict = field(default_factory=dict)  # native: the rest of adapter_config.json (model_type, …)
+    base_model: str | None = None  # the base model's hub id or path, as the source names it
+    model_type: str | None = None  # transformers ``model_type`` (llama, qwen2, …) or image family (sd1, sdxl, flux)
+    task_type: str | None = None  # PEFT task type (CAUSAL_LM, …), where the source says
+    fan_in_fan_out: bool = False  # the base layers store W transposed (GPT-2 Conv1D): factors are still A (r, in)
+    components: tuple[str, ...] = ()  # image models: unet, text_encoder, text_encoder_2, transformer
+    dropout: float | None = None  # training-only; carried where the target's config has the field

@@ -24,7 +24,8 @@ from .formats import peft as pf
 from .resolve import resolve_source
 from .io import atomic_output, refuse_overlap
 from .io._common import few_threads, release_memory
-from .plan import AdapterPlan, Execution, lorax_drops, plan_adapter
+from .execution import AdapterPlan, Execution
+from .plan import lorax_drops, plan_adapter
 from .schemas import CONVENTIONS, Scaling, get_convention
 from .schemas.base import plain_folder_name
 from .source import Source, SourceAdapter, base_model_config
@@ -209,7 +210,7 @@ def _write(ex: Execution, folder: Path, deltas=None) -> list[str]:
 
 def _write_peft(ex: Execution, folder: Path, deltas) -> list[str]:
     keys = ex.target.keys
-    planned = [(keys.key(p, m), shape, dtype) for m, p, shape, dtype in ex.tensors]
+    planned = [(keys.key(pf.tensor_param(k, p), m), shape, dtype) for m, k, p, shape, dtype in ex.tensors]
     store = ex.source.store
     planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.extras]
 

@@ -7,137 +7,24 @@ before anything is written.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 
-import torch
-from pydantic import BaseModel
-
-from .adapter import ModuleDelta, ScaleProvenance, delta_kind
+from .adapter import ScaleProvenance
 from .errors import LoraMigrateError, UnsupportedFeature
 from .formats import peft as pf
 from .formats.adapterhub import target_config
 from .initial import RebuiltInitial, StoredOLoRAInitial
-from .io._common import release_memory
 from .rules import describe
-from .rules.coverage import layer_type, layers_by_type, missing_layers, module_at, zero_adapter
+from .rules.coverage import layer_type, layers_by_type, missing_layers, module_at
 from .rules.refuse import refuse_before_release, refuse_features, refuse_gated, refuse_kinds
-from .rules.scale import SAME, choose_alpha, module_alpha, rescale
-from .rules.shape import expand_fused_qkv, pad_rank, pissa_to_lora, to_fused_qkv
+from .rules.scale import SAME, choose_alpha, module_alpha
 from .schemas import Convention, Scaling
 from .schemas.adapterhub import AH_LOCATIONS, MODEL_TYPE_BY_PATH
 from .schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from .schemas.peft import FIELDS_SINCE, conv_requirements, mutating_init, rebuild_rule
+from .execution import AdapterPlan, Execution, ModuleOut, Step, meta_delta, mode, rescale_steps
 from .source import ModuleEntry, SourceAdapter, base_model_config, json_number
-from .check.report import UNIT_ROUNDOFF
-
-
-class Step(BaseModel):
-    rule: str
-    what: str
-
-
-class AdapterPlan(BaseModel):
-    """What converting one adapter will do; the same data as ``convert --dry-run --json``."""
-
-    adapter: str
-    source_convention: str
-    target_convention: str
-    output: str  # folder relative to OUT ("." for a single adapter)
-    files: list[str]
-    modules: int
-    r: int
-    alpha_in: float | None
-    alpha_out: float
-    scales_in: dict[str, float]  # layer kind → source effective scale (the first module's, if they differ)
-    scales_out: dict[str, float]  # layer kind → target effective scale
-    rescaled: int  # modules whose B is multiplied
-    steps: list[Step]
-    notes: list[str]
-
-
-@dataclass
-class ModuleOut:
-    """What the pipeline does to one module."""
-
-    scale: float  # the target's effective scale for it
-    provenance: ScaleProvenance
-    pad_to: int | None = None
-    to_fused: bool = False
-    alpha: float | None = None  # PEFT targets: the module's alpha
-    r: int | None = None
-
-
-@dataclass
-class Execution:
-    """A plan plus what is needed to carry it out."""
-
-    plan: AdapterPlan
-    source: SourceAdapter
-    target: Convention
-    out: dict[str, ModuleOut]
-    initial: SourceAdapter | None = None  # PiSSA-style: the saved initial adapter
-    initial_entries: dict[str, ModuleEntry] | None = None  # its modules by name
-    tensors: list[tuple[str, str, tuple, torch.dtype]] = field(default_factory=list)  # module, param, shape, dtype
-    config: dict = field(default_factory=dict)  # PEFT targets: the adapter_config.json to write
-    extras: list[str] = field(default_factory=list)  # the source's non-LoRA tensor keys that are written
-    safetensors: bool = False
-    keep_head: bool = False
-    _last_initial: ModuleDelta | None = None
-    fills: list[ModuleEntry] = field(default_factory=list)  # LoRAX: zero adapters for layers a type lacks
-
-    def entries(self) -> list[ModuleEntry]:
-        """The modules to write: the source's, then the zero adapters that complete layer types (LoRAX)."""
-        return [*self.source.modules, *self.fills]
-
-    def load(self, e: ModuleEntry) -> ModuleDelta:
-        """The source delta of an entry; a fill's is zero (it has no tensors, only its template's shapes)."""
-        return zero_adapter(_meta_delta(e)) if not e.keys else self.source.load(e)
-
-    def apply(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
-        """The per-module rule pipeline."""
-        return self.rewrite(self.reference(d, e), e)
-
-    def reference(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
-        """The source module as the update the output must hold: itself, or for a PiSSA-style source the update
-        of the original weights, s·(BA − B₀A₀), with the initial adapter's module (saved or rebuilt)."""
-        if self.initial is None or not e.keys:  # a LoRAX fill is zero against the original weights too
-            return d
-        return pissa_to_lora(d, self._initial_delta(e, d.A.device.type == "meta"))
-
-    def rewrite(self, d: ModuleDelta, e: ModuleEntry) -> ModuleDelta:
-        """The target's rules on a reference delta: expand fused QKV, pad the rank, fuse, rescale."""
-        o = self.out[e.module]
-        d = expand_fused_qkv(d) if self.target.family == "peft" else d
-        if o.pad_to:
-            d = pad_rank(d, o.pad_to)
-        if o.to_fused:
-            d = to_fused_qkv(d)
-        return rescale(d, o.scale, o.provenance)
-
-    def _initial_delta(self, e: ModuleEntry, meta: bool) -> ModuleDelta:
-        ie = self.initial_entries[e.module]
-        if meta:
-            return _meta_delta(ie)
-        if self._last_initial is None or self._last_initial.module != e.module:
-            self._last_initial = self.initial.load(ie)  # read (or rebuilt) once for reference() and apply()
-        return self._last_initial
-
-    def deltas(self):
-        for e in self.entries():
-            yield self.apply(self.load(e), e)
-            release_memory()
-
-
-def _meta_delta(e: ModuleEntry) -> ModuleDelta:
-    def empty(p):
-        m = e.metas.get(p)
-        return None if m is None else torch.empty(m.shape, dtype=m.dtype, device="meta")
-
-    return ModuleDelta(module=e.module, A=empty("a"), B=empty("b"), scale=e.scale, provenance=e.provenance,
-                       kind=delta_kind(e.kind), fused=e.fused, bias=empty("bias"), magnitude=empty("magnitude"))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -213,14 +100,6 @@ def _kernel_rank(r: int) -> int:
     return 8 if r <= 8 else -(-r // 16) * 16
 
 
-def _mode(values, prefer=None):
-    c = Counter(values)
-    best = max(c.values())
-    if prefer is not None and c.get(prefer) == best:
-        return prefer
-    return next(v for v in values if c[v] == best)
-
-
 # ------------------------------------------------------------------------------------------------ planning
 
 
@@ -247,10 +126,10 @@ def plan_adapter(src: SourceAdapter, target: Convention, output: str, *, safeten
     ex.initial, ex.initial_entries = initial, initial_entries
     ex.safetensors, ex.keep_head = safetensors, keep_head
     for e in ex.entries():  # the output header, from meta tensors run through the same pipeline
-        d = ex.apply(_meta_delta(e), e)
+        d = ex.apply(meta_delta(e), e)
         for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
             if t is not None:
-                ex.tensors.append((d.module, pf.tensor_param(d.kind, p), tuple(t.shape), t.dtype))
+                ex.tensors.append((d.module, d.kind, p, tuple(t.shape), t.dtype))
     if ex.extras:
         steps.append(Step(rule="copy_extras", what=f"copy {len(ex.extras)} non-LoRA tensors unchanged"))
     steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output "
@@ -324,7 +203,7 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
         out[e.module] = ModuleOut(scale=t, provenance=prov, pad_to=r if e.rank * (2 if doubled else 1) != r else None,
                                   to_fused=e.module in fused_modules)
         rescaled += abs(e.scale / t - 1) > SAME
-    _rescale_steps(steps, src, kind_of, out)
+    rescale_steps(steps, src, kind_of, out)
     if src.convention.family == "peft":
         config, cfg_notes = ah_config_from_locations(target, locs, r, alpha_out)
         src.info.wrapper.update(model_type=mt)
@@ -347,36 +226,6 @@ def _plan_adapterhub(src, target, output, steps, model_type, safetensors, keep_h
                        alpha_out=alpha_out, scales_in=scales_in, scales_out=out_scales, rescaled=rescaled,
                        steps=steps, notes=notes)
     return Execution(plan=plan, source=src, target=target, out=out, config=config)
-
-
-def _rescale_steps(steps, src, kind_of, out):
-    by_kind: dict[str, list[float]] = {}
-    dtypes: dict[str, set] = {}
-    for e in src.modules:
-        c = e.scale / out[e.module].scale
-        by_kind.setdefault(kind_of[e.module], []).append(c)
-        if abs(c - 1) > SAME:
-            dtypes.setdefault(kind_of[e.module], set()).add(e.metas["b"].dtype)
-    for k, cs in sorted(by_kind.items()):
-        changed = [c for c in cs if abs(c - 1) > SAME]
-        if not changed:
-            steps.append(Step(rule="rescale", what=f"{k}: scale kept; factors copied bit for bit"))
-            continue
-        if len(set(changed)) == 1:
-            what = f"{k}: B' = {changed[0]:.10g}·B in {len(changed)} of {len(cs)} modules"
-        else:
-            what = (f"{k}: B rescaled per module in {len(changed)} of {len(cs)} modules (factors "
-                    f"{min(changed):.6g}…{max(changed):.6g})")
-        steps.append(Step(rule="rescale", what=f"{what}; {_rounding(changed, dtypes[k])}; " + describe("rescale")))
-
-
-def _rounding(factors, dtypes) -> str:
-    """What multiplying B by ``factors`` costs: nothing for powers of two, else one rounding per element."""
-    if all(math.frexp(c)[0] == 0.5 for c in factors):
-        return "exact (powers of two)"
-    u = max(UNIT_ROUNDOFF.get(dt, torch.finfo(dt).eps / 2) for dt in dtypes)
-    return (f"each element rounded once to {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} "
-            f"(relative error ≤ {u:.3g} per element; the check below bounds ΔW)")
 
 
 def ah_config_from_locations(target: Convention, locs: dict, r: int, alpha: float) -> tuple[dict, list[str]]:
@@ -419,7 +268,7 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
                               + describe("pad_rank")))
         # one global alpha/R: lora_alpha expresses the scale most modules have (their B untouched; from rsLoRA's
         # α itself, α·√r, at the source's own rank); only modules with another scale get it folded into B
-        s_glob = _mode([e.scale for e in src.modules])
+        s_glob = mode([e.scale for e in src.modules])
         e0 = next(e for e in src.modules if e.scale == s_glob)
         same_rank = ranks[e0.module] == R and e0.fused is None and not doubled
         a = module_alpha(s_glob, R, Scaling.ALPHA_OVER_R, e0.provenance.alpha if same_rank else None,
@@ -449,8 +298,8 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
                               "module (" + describe("module_alpha") + ")"))
         mods = [e.module for e in src.modules]
         src_r = src.peft.r if src.peft is not None else src.info.r
-        r_glob = _mode([out[m].r for m in mods], prefer=src_r * (2 if doubled else 1) if src_r else None)
-        alpha_glob = _mode([out[m].alpha for m in mods])
+        r_glob = mode([out[m].r for m in mods], prefer=src_r * (2 if doubled else 1) if src_r else None)
+        alpha_glob = mode([out[m].alpha for m in mods])
         key = target.pattern_matching or "regex"
         rank_pattern = {pf.pattern_key_for(key, m): out[m].r for m in mods if out[m].r != r_glob}
         alpha_pattern = {pf.pattern_key_for(key, m): json_number(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
@@ -474,7 +323,7 @@ def _plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None
     extras = _without_base_copies(src, steps, serving.server) if serving and serving.skips_frozen_base_copies \
         else list(src.extras)
     kind_of = {e.module: e.kind for e in src.modules}
-    _rescale_steps(steps, src, kind_of, out)
+    rescale_steps(steps, src, kind_of, out)
     rescaled = sum(abs(e.scale / out[e.module].scale - 1) > SAME for e in src.modules)
     weights = target.weights_write
     steps.append(Step(rule="write", what=f"write {weights} with keys base_model.model.<module>.lora_A.weight / "

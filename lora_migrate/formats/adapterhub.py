@@ -349,11 +349,11 @@ def target_config(target: Convention, info: AdapterInfo, r: int, alpha: float) -
 
 
 def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, r: int, alpha: float,
-                  planned: list[tuple[str, str, tuple, object]], *, safetensors: bool = False,
+                  planned: list[tuple[str, str, str, tuple, object]], *, safetensors: bool = False,
                   head: HeadFiles | None = None, keep_head: bool = False, config: dict | None = None) -> list[str]:
     """Write one adapter folder: adapter_config.json and the weights, streaming one module at a time.
 
-    ``planned`` lists (module, param, shape, dtype) in write order; ``deltas`` yields the output ModuleDelta in
+    ``planned`` lists (module, kind, param, shape, dtype) in write order; ``deltas`` yields the output ModuleDelta in
     the same module order. Returns notes for the report.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +378,7 @@ def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, 
         raise LoraMigrateError(f"{target.name} cannot read safetensors weights")
     writer = SafetensorsWriter if name.endswith(".safetensors") else BinWriter
     with BackgroundWriter(writer(out_dir / name)) as w:  # plan the whole header, then stream one tensor at a time
-        for module, param, shape, dtype in planned:
+        for module, _kind, param, shape, dtype in planned:
             w.add(target.keys.key(param, module, info.name), dtype, shape)
         w.write_header()
         for k, t in tensors():
