@@ -68,19 +68,19 @@ _COMMON = dict(family="diffusers", library="diffusers", keys=_KEYS, scaling=_SCA
                weights_read=(WEIGHTS,), weights_write=WEIGHTS, pattern_matching="regex", features=FEATURES)
 
 DIFFUSERS = Convention(
-    name="diffusers", aliases=("diffusers-0.40",), versions=">=0.40", version_to_write="0.42.1",
+    name="diffusers", aliases=("diffusers-0.40",), versions=">=0.40",
     summary="diffusers ≥ 0.40: pytorch_lora_weights.safetensors, <component>.<module>.lora_A/B, alphas and "
             "patterns in the lora_adapter_metadata header; without it alpha = r per module",
     scaling_notes="alpha/r per module from lora_adapter_metadata (rank/alpha patterns, use_rslora: alpha/√r); "
                   "no metadata: scale 1",
     **_COMMON)
 DIFFUSERS_0_34 = Convention(
-    name="diffusers-0.34", versions=">=0.34,<0.40", version_to_write="0.39.0",
+    name="diffusers-0.34", versions=">=0.34,<0.40",
     summary="diffusers 0.34–0.39: metadata as ≥ 0.40; without it lora_alpha = the first module's rank",
     scaling_notes="alpha/r per module from lora_adapter_metadata; no metadata: r_first / r",
     **_COMMON)
 DIFFUSERS_0_33 = Convention(
-    name="diffusers-0.33", versions="<0.34", version_to_write="0.33.1",
+    name="diffusers-0.33", versions="<0.34",
     summary="diffusers < 0.34: no lora_adapter_metadata (ignored if present): lora_alpha = the first module's rank",
     scaling_notes="r_first / r (alpha is not stored)",
     **_COMMON)
