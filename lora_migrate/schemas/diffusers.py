@@ -42,7 +42,12 @@ SPELLINGS = (
     ("unet-attn", ".lora.down.weight", ".lora.up.weight"),
     ("text-encoder", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
-DORA_SUFFIXES = (".lora_magnitude_vector", ".dora_scale")
+# DoRA's magnitude (PEFT's key). diffusers 0.42.1 on transformers 5 loads a text encoder's only when spelled with
+# ".weight" (without it the loader reports the key UNEXPECTED and runs the encoder without DoRA: 0.73 off on the
+# tiny SD1 golden); the UNet/transformer loader takes PEFT's spelling. Both are read; each component's is written.
+MAGNITUDE = ".lora_magnitude_vector"
+MAGNITUDE_SUFFIXES = (MAGNITUDE, MAGNITUDE + ".weight")
+LYCORIS_DORA = ".dora_scale"  # LyCORIS' DoRA: every diffusers pipeline loader drops it with a warning
 BIAS_SUFFIX = ".lora_B.bias"
 
 # The LoraConfig fields written per component. diffusers writes the whole to_dict() of the installed PEFT, but
@@ -53,15 +58,14 @@ METADATA_FIELDS = ("alpha_pattern", "bias", "fan_in_fan_out", "init_lora_weights
                    "peft_type", "r", "rank_pattern", "target_modules", "use_rslora")
 # PEFT fields a diffusers metadata block may hold whose non-default value this codec cannot carry, and why
 REFUSED_FIELDS = {
-    "use_dora": "DoRA (lora_magnitude_vector) needs the base weight; this codec does not carry it yet",
     "lora_bias": "a LoRA bias on lora_B is not carried by this codec yet",
     "layers_to_transform": "layers_to_transform limits the targets by layer index",
     "target_parameters": "LoRA on raw parameters stacks one factor per expert",
 }
 
-FEATURES = frozenset({"conv", "patterns", "rslora"})
+FEATURES = frozenset({"conv", "dora", "patterns", "rslora"})
 
-_KEYS = KeyTemplates(a="{module}.lora_A.weight", b="{module}.lora_B.weight")
+_KEYS = KeyTemplates(a="{module}.lora_A.weight", b="{module}.lora_B.weight", magnitude="{module}" + MAGNITUDE)
 _SCALING = {"linear": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R}
 
 _COMMON = dict(family="diffusers", library="diffusers", keys=_KEYS, scaling=_SCALING, config_file="",

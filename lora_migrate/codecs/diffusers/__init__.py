@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...errors import LoraMigrateError, UnsupportedFeature, VerificationFailed
 from ...schemas import Convention
-from ...schemas.diffusers import DIFFUSERS, WEIGHTS
+from ...schemas.diffusers import DIFFUSERS, MAGNITUDE, TEXT_ENCODERS
 from ..base import Claim, Codec, PlanOptions
 from . import format as fmt
 from .write import plan_diffusers, write_diffusers
@@ -88,6 +88,14 @@ class DiffusersCodec(Codec):
                                     "alpha = r (scale 1); any other alpha the adapter was trained with is lost"
                                     + ("; diffusers < 0.40 takes the first module's rank as alpha for a whole "
                                        f"component (scales {_range(old)})" if mixed else ""), name))
+            bare = [m for m, k in p.modules.items() if m.partition(".")[0] in TEXT_ENCODERS
+                    and k.get("magnitude", "").endswith(MAGNITUDE) and "magnitude" in _keys_of(a, m)]
+            if bare:
+                out.append(_finding("warning", "dora-text-encoder-key",
+                                    f"{len(bare)} text-encoder DoRA magnitudes are keyed …lora_magnitude_vector: "
+                                    "diffusers 0.42.1 on transformers 5 does not load them (the encoder runs "
+                                    "without DoRA; 0.73 off on the tiny SD1 golden); converting writes "
+                                    "…lora_magnitude_vector.weight", name, bare[0]))
             for comp, first in p.first_spelling.items():
                 others = sorted(m for m, s in p.spelling.items() if m.startswith(comp + ".") and s != "peft")
                 if comp in ("unet", "transformer") and first == "peft" and others:
@@ -145,6 +153,10 @@ class DiffusersCodec(Codec):
         except BaseException:
             p.store.close()
             raise
+
+
+def _keys_of(a, module: str) -> dict:
+    return next((e.keys for e in a.modules if e.module == module), {})
 
 
 def _era(version: str) -> Convention:

@@ -4,6 +4,7 @@ diffusers era's loader computes them (schemas/diffusers.py says what changed whe
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from ...io.safetensors_reader import read_safetensors_header
 from ...schemas import Convention
 from ...schemas.base import Scaling
 from ...formats.peft import module_r_alpha  # PEFT's own pattern matching (regex era for diffusers)
-from ...schemas.diffusers import (ALPHA_IS_R_SINCE, BIAS_SUFFIX, COMPONENTS, DORA_SUFFIXES, METADATA_KEY,
-                                  METADATA_SINCE, REFUSED_FIELDS, SPELLINGS, TEXT_ENCODERS, TEXT_MODEL,
+from ...schemas.diffusers import (ALPHA_IS_R_SINCE, BIAS_SUFFIX, COMPONENTS, LYCORIS_DORA, MAGNITUDE_SUFFIXES,
+                                  METADATA_KEY, METADATA_SINCE, REFUSED_FIELDS, SPELLINGS, TEXT_ENCODERS, TEXT_MODEL,
                                   TEXT_MODEL_CHILDREN, WEIGHTS)
 from ...source import ModuleEntry, SourceAdapter, TensorStore
 
@@ -47,10 +48,13 @@ def pattern_name(module: str) -> tuple[str, str]:
 
 
 def split_key(key: str) -> tuple[str, str, str, str] | None:
-    """(component, relative module path, spelling, "a"/"b") of a LoRA key, or None."""
+    """(component, relative module path, spelling, "a"/"b"/"magnitude") of a LoRA key, or None."""
     comp, _, rest = key.partition(".")
     if comp not in COMPONENTS:
         return None
+    for suf in MAGNITUDE_SUFFIXES:
+        if rest.endswith(suf) and len(rest) > len(suf):
+            return comp, rest[: -len(suf)], "", "magnitude"
     for spelling, sa, sb in SPELLINGS:
         for p, suf in (("a", sa), ("b", sb)):
             if rest.endswith(suf) and len(rest) > len(suf):
@@ -59,12 +63,13 @@ def split_key(key: str) -> tuple[str, str, str, str] | None:
 
 
 def claims_keys(keys) -> bool:
-    """Every key is a diffusers LoRA key (or one this codec refuses by name: DoRA, lora bias), and some are LoRA."""
+    """Every key is a diffusers LoRA key (or one this codec refuses by name: dora_scale, lora bias), and some are
+    LoRA."""
     lora = 0
     for k in keys:
         if split_key(k):
             lora += 1
-        elif not (k.partition(".")[0] in COMPONENTS and k.endswith((*DORA_SUFFIXES, BIAS_SUFFIX))):
+        elif not (k.partition(".")[0] in COMPONENTS and k.endswith((LYCORIS_DORA, BIAS_SUFFIX))):
             return False
     return lora > 0
 
@@ -100,14 +105,18 @@ def parse(path: Path) -> Parsed:
         for k in sorted(store.keys()):  # the loaders see load_file's dict: keys in name order
             s = split_key(k)
             if s is None:
-                if k.endswith(DORA_SUFFIXES):
-                    raise UnsupportedFeature(f"{weights}: DoRA tensor {k!r}: {REFUSED_FIELDS['use_dora']}")
+                if k.endswith(LYCORIS_DORA):
+                    raise UnsupportedFeature(f"{weights}: {k!r}: LyCORIS DoRA (dora_scale), which every diffusers "
+                                             "pipeline loader drops with a warning (it loads as plain LoRA)")
                 if k.endswith(BIAS_SUFFIX):
                     raise UnsupportedFeature(f"{weights}: {k!r}: {REFUSED_FIELDS['lora_bias']}")
                 raise LoraMigrateError(f"{weights}: tensor key {k!r} is not a diffusers LoRA key "
                                        f"(<{'|'.join(COMPONENTS)}>.<module>.lora_A.weight / lora_B.weight)")
             comp, r, sp, p = s
             m = canonical(comp, r)
+            if p == "magnitude":
+                modules.setdefault(m, {})[p] = k
+                continue
             first.setdefault(comp, sp)
             if m in spelling and spelling[m] != sp:
                 raise LoraMigrateError(f"{weights}: module {m!r} has tensors in two spellings ({spelling[m]}, {sp})")
@@ -179,8 +188,9 @@ def module_scales(p: Parsed, conv: Convention, ranks: dict[str, int], where: str
         if use_meta:
             cfg = p.metadata.get(comp)
             if cfg is None:
-                raise LoraMigrateError(f"{where}: {METADATA_KEY} has no entries for {comp!r}: diffusers builds "
-                                       "LoraConfig() for it with PEFT's defaults (r=8, no target modules)")
+                raise LoraMigrateError(f"{where}: {METADATA_KEY} has no entries for {comp!r}, whose alphas are "
+                                       "then unknown: diffusers builds LoraConfig() for it and fails (\"Please "
+                                       "specify `target_modules`\", 0.42.1)")
             for f, why in REFUSED_FIELDS.items():
                 if cfg.get(f) not in (None, False, [], {}):
                     raise UnsupportedFeature(f"{where}: {comp}.{f}={cfg[f]!r}: {why}")
@@ -223,6 +233,7 @@ def to_source(p: Parsed, conv: Convention, name: str) -> SourceAdapter:
         ranks[m] = int(A[0])
     scales = module_scales(p, conv, ranks, where)
     features: set[str] = set()
+    notes = _dora(p, conv, metas, where, features)
     for m, keys in p.modules.items():
         r, a, rule = scales[m]
         kind = "conv" if len(metas[m]["a"].shape) == 4 else "linear"
@@ -231,7 +242,8 @@ def to_source(p: Parsed, conv: Convention, name: str) -> SourceAdapter:
         if rule is Scaling.ALPHA_OVER_SQRT_R:
             features.add("rslora")
         prov = ScaleProvenance(alpha=a, r=r, rule=f"{rule.value} ({kind})", convention=conv.name)
-        entries.append(ModuleEntry(module=m, kind=kind, keys=dict(keys), metas=metas[m], scale=rule.scale(a, r),
+        keys = {q: k for q, k in keys.items() if q in metas[m]}
+        entries.append(ModuleEntry(module=m, kind=kind, keys=keys, metas=metas[m], scale=rule.scale(a, r),
                                    provenance=prov, alpha=a))
     md = p.metadata or {}
     if any(c.get("rank_pattern") or c.get("alpha_pattern") for c in md.values()):
@@ -242,7 +254,34 @@ def to_source(p: Parsed, conv: Convention, name: str) -> SourceAdapter:
     info = AdapterInfo(name=name, convention=conv.name, r=r_all, alpha=a_all, config=md, components=comps,
                        model_type=guess_model_type(p, metas))
     return SourceAdapter(info=info, convention=conv, store=p.store, modules=entries, files=[p.path],
-                         features=features)
+                         features=features, notes=notes)
+
+
+def _dora(p: Parsed, conv: Convention, metas: dict, where: str, features: set) -> list[str]:
+    """Which components the loader runs as DoRA (metadata ``use_dora``; without metadata, any magnitude key):
+    their modules must all have a magnitude of B's output size; others' magnitudes are left out (ignored)."""
+    notes = []
+    use_meta = p.metadata is not None and reads_metadata(conv)
+    for comp in {m.partition(".")[0] for m in p.modules}:
+        mods = [m for m in p.modules if m.startswith(comp + ".")]
+        have = [m for m in mods if "magnitude" in metas[m]]
+        on = bool((p.metadata.get(comp) or {}).get("use_dora")) if use_meta else bool(have)
+        if not on:
+            if have:
+                notes.append(f"{comp}: {len(have)} lora_magnitude_vector tensors left out: use_dora is false, so "
+                             "diffusers does not load them")
+            for m in have:
+                metas[m].pop("magnitude")
+            continue
+        features.add("dora")
+        for m in mods:
+            if "magnitude" not in metas[m]:
+                raise LoraMigrateError(f"{where}: {comp} is DoRA (use_dora) but module {m!r} has no "
+                                       "lora_magnitude_vector")
+            if metas[m]["magnitude"].shape and math.prod(metas[m]["magnitude"].shape) != metas[m]["b"].shape[0]:
+                raise LoraMigrateError(f"{where}: module {m!r}: lora_magnitude_vector "
+                                       f"{list(metas[m]['magnitude'].shape)} for {metas[m]['b'].shape[0]} outputs")
+    return notes
 
 
 def guess_model_type(p: Parsed, metas) -> str | None:

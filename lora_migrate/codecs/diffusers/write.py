@@ -18,7 +18,7 @@ from ...rules.refuse import refuse_features, refuse_kinds
 from ...rules.scale import SAME, module_alpha
 from ...schemas import Convention
 from ...schemas.base import Scaling
-from ...schemas.diffusers import COMPONENTS, METADATA_KEY, WEIGHTS
+from ...schemas.diffusers import COMPONENTS, METADATA_KEY, TEXT_ENCODERS, WEIGHTS
 from ...source import json_number
 from .format import pattern_name, reads_metadata
 
@@ -40,7 +40,7 @@ def plan_diffusers(src, target: Convention, opts, steps: list[Step], output: str
     if any(e.fused for e in src.modules):
         steps.append(Step(rule="expand_fused_qkv", what=describe("expand_fused_qkv")))
     refuse_kinds(name, kinds, target)
-    refuse_features(name, src.features, target)
+    refuse_features(name, src.features - target.features, target)
     by_comp: dict[str, list] = defaultdict(list)
     for e in src.modules:
         comp = e.module.partition(".")[0]
@@ -81,9 +81,10 @@ def plan_diffusers(src, target: Convention, opts, steps: list[Step], output: str
     if not ex.tensors:
         for e in ex.entries():  # the output header, from meta tensors run through the same pipeline
             d = ex.apply(meta_delta(e), e)
-            for p, t in (("a", d.A), ("b", d.B)):
-                ex.tensors.append((d.module, d.kind, p, tuple(t.shape), t.dtype))
-    ex.codec_state["planned"] = [(target.keys.key(p, m), shape, dtype) for m, _, p, shape, dtype in ex.tensors]
+            for p, t in (("a", d.A), ("b", d.B), ("magnitude", d.magnitude)):
+                if t is not None:
+                    ex.tensors.append((d.module, d.kind, p, tuple(t.shape), t.dtype))
+    ex.codec_state["planned"] = [(tensor_key(target, p, m), shape, dtype) for m, _, p, shape, dtype in ex.tensors]
     return ex
 
 
@@ -114,7 +115,12 @@ def _component(comp, entries, ranks, target, out, src, steps) -> dict:
         steps.append(Step(rule="patterns", what=f"{comp}: r={r_glob}, lora_alpha={a_glob:g}; {len(rank_pattern)} "
                           f"rank_pattern and {len(alpha_pattern)} alpha_pattern entries ("
                           + ("the source's own" if own else "full module paths, PEFT ≥ 0.15 regex keys") + ")"))
-    return {"alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+    dora = [e.module for e in entries if "magnitude" in e.metas]
+    if dora and len(dora) != len(entries):
+        raise UnsupportedFeature(f"{src.info.name}: {comp}: DoRA on {len(dora)} of {len(entries)} modules; "
+                                 f"{target.name} has one use_dora per component")
+    extra = {"use_dora": True} if dora else {}
+    return {**extra, "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
             "lora_alpha": json_number(a_glob), "lora_dropout": float(src.info.dropout or 0.0), "peft_type": "LORA",
             "r": int(r_glob), "rank_pattern": rank_pattern,
             "target_modules": sorted(pattern_name(m)[1] for m in mods), "use_rslora": rslora}
@@ -155,12 +161,18 @@ def _one_rank(comp, entries, ranks, target, out, steps) -> None:
 def write_diffusers(ex: Execution, dest: Path, deltas) -> list[str]:
     """``dest``/pytorch_lora_weights.safetensors, streamed in plan order, with the planned header metadata."""
     dest.mkdir(parents=True, exist_ok=True)
-    keys = ex.target.keys
     with BackgroundWriter(SafetensorsWriter(dest / WEIGHTS, metadata=ex.codec_state["header"])) as w:
         for key, shape, dtype in ex.codec_state["planned"]:
             w.add(key, dtype, shape)
         w.write_header()
         for d in deltas:
-            w.write(keys.key("a", d.module), d.A)
-            w.write(keys.key("b", d.module), d.B)
+            for p, t in (("a", d.A), ("b", d.B), ("magnitude", d.magnitude)):
+                if t is not None:
+                    w.write(tensor_key(ex.target, p, d.module), t)
     return []
+
+
+def tensor_key(target: Convention, param: str, module: str) -> str:
+    """A tensor's key; a text encoder's DoRA magnitude with ".weight" (the spelling its loader takes)."""
+    key = target.keys.key(param, module)
+    return key + ".weight" if param == "magnitude" and module.partition(".")[0] in TEXT_ENCODERS else key

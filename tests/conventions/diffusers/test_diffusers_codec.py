@@ -156,21 +156,60 @@ def test_rslora_from_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("md,tensors,err,what", [
-    ({"unet": {"r": 2, "lora_alpha": 2, "use_dora": True}}, {}, UnsupportedFeature, "DoRA"),
+    ({"unet": {"r": 2, "lora_alpha": 2, "use_dora": True}}, {}, LoraMigrateError, "no lora_magnitude_vector"),
     ({"unet": {"r": 3, "lora_alpha": 2}}, {}, LoraMigrateError, "rank 2 but"),
-    (None, {UNET_Q + ".lora_magnitude_vector": torch.ones(8)}, UnsupportedFeature, "DoRA"),
+    (None, {UNET_Q + ".dora_scale": torch.ones(8)}, UnsupportedFeature, "LyCORIS DoRA"),
+    (None, {UNET_Q + ".lora_magnitude_vector": torch.ones(5)}, LoraMigrateError, "for 8 outputs"),
+    (None, {UNET_Q + ".lora_B.bias": torch.ones(8)}, UnsupportedFeature, "LoRA bias"),
     (None, {"unet.mid_block.alpha": torch.tensor(1.0)}, LoraMigrateError, "not a diffusers LoRA key"),
     ({"text_encoder": {"r": 2, "lora_alpha": 2}}, {}, LoraMigrateError, "no entries for 'unet'"),
 ])
 def test_refusals(tmp_path, md, tensors, err, what):
-    from safetensors.torch import load_file, save_file
-
-    p = diffusers_file(tmp_path / "x", {UNET_Q: (2, 8, 8)}, md)
-    if tensors:
-        f = p / "pytorch_lora_weights.safetensors"
-        save_file({**load_file(str(f)), **tensors}, str(f), safe_open(str(f), "pt").metadata())
+    p = _with(diffusers_file(tmp_path / "x", {UNET_Q: (2, 8, 8)}, md), tensors)
     with pytest.raises(err, match=what):
         CODEC.open(p, None)
+
+
+def _with(folder, tensors):
+    """``folder``'s weights file with ``tensors`` added (header metadata kept)."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "pytorch_lora_weights.safetensors"
+    if tensors:
+        save_file({**load_file(str(f)), **tensors}, str(f), safe_open(str(f), "pt").metadata())
+    return folder
+
+
+def test_dora_carried_and_text_encoder_key_spelled_as_its_loader_takes(tmp_path):
+    """DoRA (use_dora): magnitudes carried bit for bit; a text encoder's written …lora_magnitude_vector.weight
+    (diffusers 0.42.1 on transformers 5 skips the bare key: finding), the UNet's as PEFT spells it."""
+    md = {"unet": {"r": 2, "lora_alpha": 4, "use_dora": True}, "text_encoder": {"r": 2, "lora_alpha": 2,
+                                                                                "use_dora": True}}
+    g = torch.Generator().manual_seed(5)
+    mags = {UNET_Q + ".lora_magnitude_vector": torch.rand(8, generator=g) + 0.5,
+            TE_Q + ".lora_magnitude_vector": torch.rand(8, generator=g) + 0.5}
+    src, a = _open(_with(diffusers_file(tmp_path / "d", {UNET_Q: (2, 8, 8), TE_Q: (2, 8, 8)}, md), mags))
+    assert "dora" in a.features and [f.code for f in CODEC.findings(a)] == ["dora-text-encoder-key"]
+    _, dest, back = _convert(a, "diffusers", tmp_path)
+    f = safe_open(str(dest / "pytorch_lora_weights.safetensors"), "pt")
+    assert UNET_Q + ".lora_magnitude_vector" in f.keys()
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude_vector.weight" in f.keys()
+    flat = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert flat["unet.use_dora"] is flat["text_encoder.use_dora"] is True
+    got = {e.module: back.load(e) for e in back.modules}
+    for e in a.modules:
+        assert torch.equal(a.load(e).magnitude, got[e.module].magnitude)
+    assert not CODEC.findings(back)
+    src.close(), back.store.close()
+
+
+def test_dora_off_magnitudes_left_out(tmp_path):
+    md = {"unet": {"r": 2, "lora_alpha": 4, "use_dora": False}}
+    src, a = _open(_with(diffusers_file(tmp_path / "d", {UNET_Q: (2, 8, 8)}, md),
+                         {UNET_Q + ".lora_magnitude_vector": torch.ones(8)}))
+    assert "dora" not in a.features and "magnitude" not in a.modules[0].keys
+    assert "use_dora is false" in a.notes[0]
+    src.close()
 
 
 # ------------------------------------------------------------------------------------------------ write
