@@ -66,7 +66,8 @@ class DiffusersCodec(Codec):
             p.store.close()
             raise
         a.notes += [f.message for f in self.findings(a, p) if f.level == "warning"]
-        reasons = [self.claim(path).why if self.claim(path) else f"read as {conv.name}"]
+        claim = self.claim(path)
+        reasons = [claim.why if claim else f"read as {conv.name}"]
         return Source(path=path, convention=conv, layout="adapter", adapters=[a], reasons=reasons)
 
     def prepare(self, a, opts: PlanOptions) -> None:

@@ -242,12 +242,25 @@ def test_write_reproduces_scales_and_factors(case, tmp_path):
     src.close(), back.store.close()
 
 
-def test_source_patterns_kept(tmp_path):
-    src, a = _open(GOLDEN / "sdxl_diffusers")
+@pytest.mark.parametrize("case", ["sd1_diffusers_patterns", "sdxl_diffusers", "flux_diffusers"])
+def test_metadata_values_equal_what_diffusers_wrote(case, tmp_path):
+    """Every field written equals the one save_lora_weights wrote (the source's own patterns are kept), except
+    target_modules: the exact module paths instead of the user's leaf names (the same modules)."""
+    src, a = _open(GOLDEN / case)
     _, dest, back = _convert(a, "diffusers", tmp_path)
-    flat = json.loads(safe_open(str(dest / "pytorch_lora_weights.safetensors"), "pt").metadata()
+    ours = json.loads(safe_open(str(dest / "pytorch_lora_weights.safetensors"), "pt").metadata()
                       ["lora_adapter_metadata"])
-    assert flat["unet.alpha_pattern"] == {"attn2.to_k": 8} and flat["unet.lora_alpha"] == 2
+    theirs = json.loads(safe_open(str(GOLDEN / case / "pytorch_lora_weights.safetensors"), "pt").metadata()
+                        ["lora_adapter_metadata"])
+    for k, v in ours.items():
+        if k.endswith(".target_modules"):
+            def hits(m, t):  # PEFT's list matching: the name, or a suffix at a dot
+                return m == t or m.endswith("." + t)
+
+            assert all(any(hits(m, t) for t in theirs[k]) for m in v), k
+            assert all(any(hits(m, t) for m in v) for t in theirs[k]), k
+        else:
+            assert theirs[k] == v, k
     src.close(), back.store.close()
 
 
