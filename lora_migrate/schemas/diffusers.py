@@ -16,8 +16,9 @@ Source: ../shared/reference/ecosystem.md §3.1 and §15, and the diffusers sourc
   when the text encoder has none). Keys written with it load in every era.
 
 Spellings read (one tensor pair per module): PEFT's ``.lora_A.weight`` / ``.lora_B.weight`` (what the training
-scripts write today), ``.lora.down.weight`` / ``.lora.up.weight`` (UNet attention, ``convert_state_dict_to_diffusers``)
-and ``.lora_linear_layer.down.weight`` / ``.up.weight`` (text encoders). The UNet/transformer loader decides by the
+scripts write today), ``.lora.down.weight`` / ``.lora.up.weight`` (UNet attention, ``convert_state_dict_to_diffusers``),
+``.lora_linear_layer.down.weight`` / ``.up.weight`` (text encoders) and ≤ 0.20's attention processors
+(``.processor.to_q_lora.down.weight``), from ``pytorch_lora_weights.safetensors`` or ``.bin``. The UNet/transformer loader decides by the
 first key of the component alone (``"lora_A" not in first_key`` → rename all), so a file that mixes spellings loses
 the modules of the other spelling without an error (measured 0.22 off, §15). One spelling is written: PEFT's.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 from .base import Convention, KeyTemplates, Scaling
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
+WEIGHTS_BIN = "pytorch_lora_weights.bin"  # safe_serialization=False (no metadata possible: write_lora_layers raises)
 METADATA_SINCE = "0.34.0"  # #11324: lora_adapter_metadata written and read
 ALPHA_IS_R_SINCE = "0.40.0"  # #14409: no metadata → alpha = r per module (before: the first module's rank)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -42,6 +44,10 @@ SPELLINGS = (
     ("unet-attn", ".lora.down.weight", ".lora.up.weight"),
     ("text-encoder", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
+# diffusers ≤ 0.20's attention-processor spelling ("diffusers_old"): <path>[.processor].to_q_lora.down.weight;
+# the UNet loader renames it to <path>.to_q (to_out_lora → to_out.0), the text encoder's to q_proj … out_proj
+OLD_PROCESSOR = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"), "to_v_lora": ("to_v", "v_proj"),
+                 "to_out_lora": ("to_out.0", "out_proj")}
 # DoRA's magnitude (PEFT's key). diffusers 0.42.1 on transformers 5 loads a text encoder's only when spelled with
 # ".weight" (without it the loader reports the key UNEXPECTED and runs the encoder without DoRA: 0.73 off on the
 # tiny SD1 golden); the UNet/transformer loader takes PEFT's spelling. Both are read; each component's is written.
@@ -69,7 +75,7 @@ _KEYS = KeyTemplates(a="{module}.lora_A.weight", b="{module}.lora_B.weight", mag
 _SCALING = {"linear": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R}
 
 _COMMON = dict(family="diffusers", library="diffusers", keys=_KEYS, scaling=_SCALING, config_file="",
-               weights_read=(WEIGHTS,), weights_write=WEIGHTS, pattern_matching="regex", features=FEATURES)
+               weights_read=(WEIGHTS, WEIGHTS_BIN), weights_write=WEIGHTS, pattern_matching="regex", features=FEATURES)
 
 DIFFUSERS = Convention(
     name="diffusers", aliases=("diffusers-0.40",), versions=">=0.40",

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ...adapter import AdapterInfo, ScaleProvenance
 from ...errors import LoraMigrateError, UnsupportedFeature
+from ...io import open_tensors
 from ...io.safetensors_reader import read_safetensors_header
 from ...schemas import Convention
 from ...schemas.base import Scaling
 from ...formats.peft import module_r_alpha  # PEFT's own pattern matching (regex era for diffusers)
 from ...schemas.diffusers import (ALPHA_IS_R_SINCE, BIAS_SUFFIX, COMPONENTS, LYCORIS_DORA, MAGNITUDE_SUFFIXES,
-                                  METADATA_KEY, METADATA_SINCE, REFUSED_FIELDS, SPELLINGS, TEXT_ENCODERS, TEXT_MODEL,
-                                  TEXT_MODEL_CHILDREN, WEIGHTS)
+                                  METADATA_KEY, METADATA_SINCE, OLD_PROCESSOR, REFUSED_FIELDS, SPELLINGS, TEXT_ENCODERS,
+                                  TEXT_MODEL, TEXT_MODEL_CHILDREN, WEIGHTS, WEIGHTS_BIN)
 from ...source import ModuleEntry, SourceAdapter, TensorStore
 
 # LoraConfig defaults (PEFT) for the fields the loader reads from a metadata block
@@ -26,11 +27,12 @@ _DEFAULT_R, _DEFAULT_ALPHA = 8, 8
 
 
 def weights_file(path: Path) -> Path | None:
-    """The diffusers weights file of ``path`` (a folder holding it, or a .safetensors file), else None."""
+    """The diffusers weights file of ``path`` (a folder holding it, or a .safetensors/.bin file), else None."""
     if path.is_dir():
-        f = path / WEIGHTS
-        return f if f.is_file() and not (path / "adapter_config.json").exists() else None
-    return path if path.is_file() and path.suffix == ".safetensors" else None
+        if (path / "adapter_config.json").exists():
+            return None
+        return next((path / w for w in (WEIGHTS, WEIGHTS_BIN) if (path / w).is_file()), None)
+    return path if path.is_file() and path.suffix in (".safetensors", ".bin") else None
 
 
 def canonical(component: str, rel: str) -> str:
@@ -55,11 +57,19 @@ def split_key(key: str) -> tuple[str, str, str, str] | None:
     for suf in MAGNITUDE_SUFFIXES:
         if rest.endswith(suf) and len(rest) > len(suf):
             return comp, rest[: -len(suf)], "", "magnitude"
+    m = _OLD_RX.match(rest)
+    if m:
+        to, te = OLD_PROCESSOR[m.group("proc")]
+        return comp, f"{m.group('path')}.{te if comp in TEXT_ENCODERS else to}", "processor", \
+            "a" if m.group("p") == "down" else "b"
     for spelling, sa, sb in SPELLINGS:
         for p, suf in (("a", sa), ("b", sb)):
             if rest.endswith(suf) and len(rest) > len(suf):
                 return comp, rest[: -len(suf)], spelling, p
     return None
+
+
+_OLD_RX = re.compile(rf"^(?P<path>.+?)(\.processor)?\.(?P<proc>{'|'.join(OLD_PROCESSOR)})\.(?P<p>down|up)\.weight$")
 
 
 def claims_keys(keys) -> bool:
@@ -75,6 +85,10 @@ def claims_keys(keys) -> bool:
 
 
 def header(path: Path) -> tuple[list[str], dict]:
+    """Tensor keys and header metadata, without reading tensor data."""
+    if path.suffix == ".bin":
+        with open_tensors(path) as tf:
+            return list(tf.keys()), {}
     metas, metadata = read_safetensors_header(path, path.stat().st_size)
     return list(metas), dict(metadata or {})
 
@@ -95,7 +109,7 @@ class Parsed:
 def parse(path: Path) -> Parsed:
     weights = weights_file(path)
     if weights is None:
-        raise LoraMigrateError(f"{path}: no {WEIGHTS} (diffusers LoRA)")
+        raise LoraMigrateError(f"{path}: no {WEIGHTS} or {WEIGHTS_BIN} (diffusers LoRA)")
     store = TensorStore()
     try:
         tf = store.add(weights)

@@ -118,6 +118,30 @@ def test_spellings_read_as_one(tmp_path):
     s1.close(), s2.close()
 
 
+def test_processor_spelling_from_bin(tmp_path):
+    """diffusers ≤ 0.20's .bin with attention-processor keys (…attn1.processor.to_out_lora.down.weight, a CLIP
+    …self_attn.to_q_lora.up.weight) reads as the modules its loader renames them to."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight":
+          torch.randn(2, 8, generator=g),
+          "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight":
+          torch.randn(8, 2, generator=g),
+          "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight": torch.randn(2, 8, generator=g),
+          "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": torch.randn(8, 2, generator=g)}
+    (tmp_path / "old").mkdir()
+    torch.save(sd, tmp_path / "old" / "pytorch_lora_weights.bin")
+    assert CODEC.claim(tmp_path / "old") is not None
+    src, a = _open(tmp_path / "old")
+    assert sorted(e.module for e in a.modules) == [
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    _, dest, back = _convert(a, "diffusers", tmp_path)
+    assert {e.module: dense(back.load(e)) for e in back.modules}.keys() == {e.module for e in a.modules}
+    for e, b in zip(sorted(a.modules, key=lambda e: e.module), sorted(back.modules, key=lambda e: e.module)):
+        assert torch.equal(dense(a.load(e)), dense(back.load(b)))
+    src.close(), back.store.close()
+
+
 def test_mixed_spellings_found(tmp_path):
     """proj_in (lora_A, first in name order) beside attention keys spelled .lora.down: the loader skips the latter."""
     proj = "unet.down_blocks.0.attentions.0.proj_in"
