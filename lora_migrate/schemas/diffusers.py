@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from .base import Convention, KeyTemplates, Scaling
 
+FAMILY = "diffusers"  # the codec id (lora_migrate/codecs/diffusers)
 WEIGHTS = "pytorch_lora_weights.safetensors"
 WEIGHTS_BIN = "pytorch_lora_weights.bin"  # safe_serialization=False (no metadata possible: write_lora_layers raises)
 METADATA_SINCE = "0.34.0"  # #11324: lora_adapter_metadata written and read
@@ -74,7 +75,7 @@ FEATURES = frozenset({"conv", "dora", "patterns", "rslora"})
 _KEYS = KeyTemplates(a="{module}.lora_A.weight", b="{module}.lora_B.weight", magnitude="{module}" + MAGNITUDE)
 _SCALING = {"linear": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R}
 
-_COMMON = dict(family="diffusers", library="diffusers", keys=_KEYS, scaling=_SCALING, config_file="",
+_COMMON = dict(family=FAMILY, library="diffusers", keys=_KEYS, scaling=_SCALING, config_file="",
                weights_read=(WEIGHTS, WEIGHTS_BIN), weights_write=WEIGHTS, pattern_matching="regex", features=FEATURES)
 
 DIFFUSERS = Convention(

@@ -11,32 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import LoraMigrateError, UnsupportedFeature, VerificationFailed
+from ...errors import LoraMigrateError, VerificationFailed
 from ...schemas import Convention
-from ...schemas.diffusers import DIFFUSERS, MAGNITUDE, TEXT_ENCODERS
+from ...findings import Finding, LoadCheck
+from ...schemas.diffusers import DIFFUSERS as NEWEST, FAMILY, MAGNITUDE, TEXT_ENCODERS
 from ..base import Claim, Codec, PlanOptions
 from . import format as fmt
-from .write import plan_diffusers, write_diffusers
+from .write import plan_diffusers, planned, write_diffusers
 
 
-def _finding(level, code, message, adapter=None, module=None):
-    try:
-        from ...findings import Finding
-    except ImportError:  # before the codecs refactor lands its findings module
-        from ...gate import Finding
+def _finding(level, code, message, adapter=None, module=None) -> Finding:
     return Finding(level=level, code=code, message=message, adapter=adapter, module=module)
 
 
-def _load_check(**kw):
-    try:
-        from ...findings import LoadCheck
-    except ImportError:
-        from ...api import LoadCheck
-    return LoadCheck(**kw)
-
-
 class DiffusersCodec(Codec):
-    id = "diffusers"
+    id = FAMILY
+    display = "a diffusers"
     output = "folder"
 
     def claim(self, path: Path) -> Claim | None:
@@ -58,7 +48,7 @@ class DiffusersCodec(Codec):
     def open(self, path: Path, from_: Convention | None):
         from ...source import Source
 
-        conv = from_ or DIFFUSERS
+        conv = from_ or NEWEST
         p = fmt.parse(path)
         try:
             a = fmt.to_source(p, conv, "default")
@@ -124,7 +114,7 @@ class DiffusersCodec(Codec):
                 detail = ("every module at the same scale" if not diff else
                           f"{len(diff)} of {len(mine)} modules at another scale (e.g. {diff[0]}: "
                           f"{s[diff[0]]:g} instead of {mine[diff[0]]:g})")
-                out.append(_load_check(convention=conv.name, library=conv.library, versions=conv.versions,
+                out.append(LoadCheck(convention=conv.name, library=conv.library, versions=conv.versions,
                                        same=not diff, detail=detail))
             return out
         finally:
@@ -140,7 +130,7 @@ class DiffusersCodec(Codec):
         return plan_diffusers(src, target, opts, steps, output)
 
     def tensor_names(self, ex):
-        return [k for k, _, _ in ex.codec_state["planned"]]
+        return [k for k, _, _ in planned(ex)]
 
     def write(self, ex, dest: Path, deltas) -> list[str]:
         return write_diffusers(ex, dest, deltas)
@@ -173,4 +163,6 @@ def _range(scales: dict) -> str:
     return f"{min(v):g}…{max(v):g}"
 
 
-__all__ = ["DiffusersCodec", "UnsupportedFeature"]
+DIFFUSERS = DiffusersCodec()
+
+__all__ = ["DIFFUSERS", "DiffusersCodec"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,11 @@ from ...io import open_tensors
 from ...io.safetensors_reader import read_safetensors_header
 from ...schemas import Convention
 from ...schemas.base import Scaling
-from ...formats.peft import module_r_alpha  # PEFT's own pattern matching (regex era for diffusers)
 from ...schemas.diffusers import (ALPHA_IS_R_SINCE, BIAS_SUFFIX, COMPONENTS, LYCORIS_DORA, MAGNITUDE_SUFFIXES,
                                   METADATA_KEY, METADATA_SINCE, OLD_PROCESSOR, REFUSED_FIELDS, SPELLINGS, TEXT_ENCODERS,
                                   TEXT_MODEL, TEXT_MODEL_CHILDREN, WEIGHTS, WEIGHTS_BIN)
 from ...source import ModuleEntry, SourceAdapter, TensorStore
+from ..peft.format import module_r_alpha  # PEFT's own pattern matching (the regex era, as diffusers loads)
 
 # LoraConfig defaults (PEFT) for the fields the loader reads from a metadata block
 _DEFAULT_R, _DEFAULT_ALPHA = 8, 8
@@ -263,9 +262,9 @@ def to_source(p: Parsed, conv: Convention, name: str) -> SourceAdapter:
     if any(c.get("rank_pattern") or c.get("alpha_pattern") for c in md.values()):
         features.add("patterns")
     comps = tuple(c for c in COMPONENTS if any(m.startswith(c + ".") for m in p.modules))
-    r_all = Counter(e.rank for e in entries).most_common(1)[0][0]
-    a_all = Counter(e.alpha for e in entries).most_common(1)[0][0]
-    info = AdapterInfo(name=name, convention=conv.name, r=r_all, alpha=a_all, config=md, components=comps,
+    r_all, a_all = {e.rank for e in entries}, {e.alpha for e in entries}  # one r / alpha only where all share it
+    info = AdapterInfo(name=name, convention=conv.name, r=r_all.pop() if len(r_all) == 1 else None,
+                       alpha=a_all.pop() if len(a_all) == 1 else None, config=md, components=comps,
                        model_type=guess_model_type(p, metas))
     return SourceAdapter(info=info, convention=conv, store=p.store, modules=entries, files=[p.path],
                          features=features, notes=notes)

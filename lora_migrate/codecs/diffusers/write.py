@@ -10,16 +10,15 @@ from pathlib import Path
 
 from ...adapter import ScaleProvenance
 from ...errors import LoraMigrateError, UnsupportedFeature
-from ...execution import AdapterPlan, Execution, ModuleOut, Step, meta_delta, mode, rescale_steps
-from ...formats.peft import module_r_alpha, pattern_key_for
+from ...execution import AdapterPlan, Execution, ModuleOut, Step, mode, rescale_steps
 from ...io import BackgroundWriter, SafetensorsWriter
 from ...rules import describe
-from ...rules.refuse import refuse_features, refuse_kinds
 from ...rules.scale import SAME, module_alpha
 from ...schemas import Convention
 from ...schemas.base import Scaling
 from ...schemas.diffusers import COMPONENTS, METADATA_KEY, TEXT_ENCODERS, WEIGHTS
 from ...source import json_number
+from ..peft.format import module_r_alpha, pattern_key_for
 from .format import pattern_name, reads_metadata
 
 
@@ -35,12 +34,7 @@ def _source_rule(e) -> Scaling | None:
 
 
 def plan_diffusers(src, target: Convention, opts, steps: list[Step], output: str) -> Execution:
-    name = src.info.name
-    kinds = {("linear" if e.kind == "fused_qkv" else e.kind) for e in src.modules}
-    if any(e.fused for e in src.modules):
-        steps.append(Step(rule="expand_fused_qkv", what=describe("expand_fused_qkv")))
-    refuse_kinds(name, kinds, target)
-    refuse_features(name, src.features - target.features, target)
+    name = src.info.name  # kinds and features were refused by the planner (rules/refuse.py)
     by_comp: dict[str, list] = defaultdict(list)
     for e in src.modules:
         comp = e.module.partition(".")[0]
@@ -78,14 +72,12 @@ def plan_diffusers(src, target: Convention, opts, steps: list[Step], output: str
                        steps=steps, notes=list(src.notes))
     ex = Execution(plan=plan, source=src, target=target, out=out, config={})
     ex.codec_state["header"] = header
-    if not ex.tensors:
-        for e in ex.entries():  # the output header, from meta tensors run through the same pipeline
-            d = ex.apply(meta_delta(e), e)
-            for p, t in (("a", d.A), ("b", d.B), ("magnitude", d.magnitude)):
-                if t is not None:
-                    ex.tensors.append((d.module, d.kind, p, tuple(t.shape), t.dtype))
-    ex.codec_state["planned"] = [(tensor_key(target, p, m), shape, dtype) for m, _, p, shape, dtype in ex.tensors]
     return ex
+
+
+def planned(ex: Execution) -> list[tuple[str, tuple, object]]:
+    """(key, shape, dtype) of every tensor written, in plan order (``ex.tensors``, filled by the planner)."""
+    return [(tensor_key(ex.target, p, m), shape, dtype) for m, _, p, shape, dtype in ex.tensors]
 
 
 def _component(comp, entries, ranks, target, out, src, steps) -> dict:
@@ -162,7 +154,7 @@ def write_diffusers(ex: Execution, dest: Path, deltas) -> list[str]:
     """``dest``/pytorch_lora_weights.safetensors, streamed in plan order, with the planned header metadata."""
     dest.mkdir(parents=True, exist_ok=True)
     with BackgroundWriter(SafetensorsWriter(dest / WEIGHTS, metadata=ex.codec_state["header"])) as w:
-        for key, shape, dtype in ex.codec_state["planned"]:
+        for key, shape, dtype in planned(ex):
             w.add(key, dtype, shape)
         w.write_header()
         for d in deltas:

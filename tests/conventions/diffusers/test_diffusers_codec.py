@@ -18,15 +18,16 @@ from safetensors import safe_open
 
 from lora_migrate.check.report import UNIT_ROUNDOFF
 from lora_migrate.codecs.base import PlanOptions
-from lora_migrate.codecs.diffusers import DiffusersCodec
+from lora_migrate.codecs.diffusers import DIFFUSERS
 from lora_migrate.codecs.diffusers.format import pattern_name
 from lora_migrate.errors import LoraMigrateError, UnsupportedFeature
+from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 from tests.builders import dense, diffusers_file
 
 GOLDEN = Path(__file__).parents[3] / "golden" / "diffusers" / "diffusers"
 LOADED = json.loads((Path(__file__).with_name("loaded_scales.json")).read_text())
-CODEC = DiffusersCodec()
+CODEC = DIFFUSERS
 UNET_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 UNET_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
 TE_Q = "text_encoder.encoder.layers.0.self_attn.q_proj"
@@ -44,7 +45,7 @@ def _model_name(module: str) -> str:
 
 def _convert(a, target, tmp_path, name="out"):
     t = get_convention(target)
-    ex = CODEC.plan(a, t, PlanOptions(), [], ".")
+    ex = plan_adapter(a, t, ".", PlanOptions())
     dest = tmp_path / name
     CODEC.write(ex, dest, ex.deltas())
     return ex, dest, CODEC.read_back(dest, t, "default", PlanOptions())
