@@ -331,3 +331,23 @@ def test_refuses_modules_without_component(tmp_path):
     with pytest.raises(UnsupportedFeature, match="no diffusers component prefix"):
         CODEC.plan(a, get_convention("diffusers"), PlanOptions(), [], ".")
     src.close()
+
+
+def test_cli_convert_verify_inspect_check(tmp_path):
+    """Through the CLI: detection picks the codec, convert and verify pass, check reports the trap by code."""
+    from click.testing import CliRunner
+
+    from lora_migrate.cli import main
+
+    run = CliRunner().invoke
+    out = tmp_path / "o"
+    r = run(main, ["convert", str(GOLDEN / "sd1_diffusers_mixed"), str(out), "--to", "diffusers"])
+    assert r.exit_code == 0 and "check: 104 modules" in r.output, r.output
+    assert run(main, ["verify", str(GOLDEN / "sd1_diffusers_mixed"), str(out)]).exit_code == 0
+    r = run(main, ["check", "--json", str(GOLDEN / "sd1_diffusers_mixed")])
+    assert r.exit_code == 0 and [f["code"] for f in json.loads(r.output)[0]["findings"]] == ["mixed-spellings"]
+    r = run(main, ["check", "--json", str(out)])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["findings"] == []
+    r = run(main, ["inspect", "--json", str(GOLDEN / "flux_diffusers")])
+    a = json.loads(r.output)["adapters"][0]
+    assert (r.exit_code, a["model_type"], a["components"]) == (0, "flux", ["transformer", "text_encoder"])
