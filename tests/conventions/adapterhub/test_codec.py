@@ -17,6 +17,8 @@ from lora_migrate.errors import VerificationFailed
 from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 
+from ...builders import codec_write
+
 GOLDEN = Path(__file__).resolve().parents[3] / "golden"
 AT31 = GOLDEN / "at31" / "t5_qv" / "adapter"
 AD13 = GOLDEN / "ad13" / "t5_qv" / "adapter"
@@ -84,11 +86,6 @@ def test_write_then_read_back_holds_every_module(tmp_path, src, target):
 
 
 def test_read_back_refuses_what_reads_as_another_version(tmp_path):
-    s = open_source(AT31)
-    try:
-        ex = plan_adapter(s.adapters[0], get_convention("adapters-1.1"), ".", PlanOptions())
-        ADAPTERHUB.write(ex, tmp_path / "o", ex.deltas())
-    finally:
-        s.close()
+    codec_write(AT31, "adapters-1.1", tmp_path / "o")
     with pytest.raises(VerificationFailed, match="would be read as"):
         ADAPTERHUB.read_back(tmp_path / "o", get_convention("adapter-transformers-3.1"), "m1", PlanOptions())

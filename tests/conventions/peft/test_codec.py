@@ -17,6 +17,8 @@ from lora_migrate.errors import DetectionError, LoraMigrateError, VerificationFa
 from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 
+from ...builders import codec_write
+
 GOLDEN = Path(__file__).resolve().parents[3] / "golden"
 RSLORA = GOLDEN / "peft" / "pf21" / "llama_rslora" / "adapter"
 PATTERNS = GOLDEN / "peft" / "pf21" / "llama_patterns" / "adapter"
@@ -103,12 +105,7 @@ def test_write_then_read_back_holds_every_module(tmp_path, target):
 
 
 def test_read_back_refuses_a_config_read_as_another_era(tmp_path):
-    s = PEFT.open(RSLORA, None)
-    try:
-        ex = plan_adapter(s.adapters[0], get_convention("peft"), ".", PlanOptions())
-        PEFT.write(ex, tmp_path / "o", ex.deltas())
-    finally:
-        s.close()
+    codec_write(RSLORA, "peft", tmp_path / "o")
     with pytest.raises(VerificationFailed, match="would be read as"):
         PEFT.read_back(tmp_path / "o", get_convention("peft-0.13"), "default", PlanOptions())
 
