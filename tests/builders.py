@@ -74,3 +74,20 @@ def diffusers_file(folder: Path, modules: dict, metadata: dict | None = None, sp
     folder.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(folder / "pytorch_lora_weights.safetensors"), header)
     return folder
+
+
+def codec_write(src: Path, target: str, dest: Path) -> None:
+    """Read ``src``, plan it into ``target`` and write it at ``dest`` with the target's codec, unchecked (the
+    codec methods as the pipeline calls them, for codec unit tests)."""
+    from lora_migrate.codecs import PlanOptions, codec_for
+    from lora_migrate.detect import open_source
+    from lora_migrate.plan import plan_adapter
+    from lora_migrate.schemas import get_convention
+
+    conv = get_convention(target)
+    s = open_source(src)
+    try:
+        ex = plan_adapter(s.adapters[0], conv, ".", PlanOptions())
+        codec_for(conv).write(ex, dest, ex.deltas())
+    finally:
+        s.close()
