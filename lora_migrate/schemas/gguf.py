@@ -63,6 +63,9 @@ Q8_0_BLOCK = 32
 # with ggml-quants.c); x̂ = q·d. Per element |x̂ − x| ≤ max|x|·(1/254 + 2⁻¹¹) (half a step, plus |q| ≤ 127 times
 # d's fp16 rounding), so per block ‖x̂ − x‖₂ ≤ √32·(1/254 + 2⁻¹¹)·max|x| ≤ √32·(1/254 + 2⁻¹¹)·‖x‖₂, and summed over
 # blocks ‖x̂ − x‖_F ≤ Q8_0_ERROR·‖x‖_F for the whole factor. Deterministic; Gaussian factors measure ≈ 0.005.
+# It assumes d is a normal fp16 (max|x| ≥ 127·2⁻¹⁴ ≈ 0.0078 in the block); below that d's rounding is absolute
+# (≤ 2⁻²⁵) and a factor of tiny values (std ≲ 3e-4) can exceed the bound: the check then fails the conversion
+# (exit 1, nothing written) rather than pass it; --outtype f16 or f32 serves such adapters.
 Q8_0_ERROR = math.sqrt(Q8_0_BLOCK) * (1 / 254 + 2.0**-11)
 
 # Refusals, with the reason (one line each; {name} is the adapter).

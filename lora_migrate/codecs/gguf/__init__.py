@@ -35,18 +35,7 @@ class GgufCodec(Codec):
     def claim(self, path: Path) -> Claim | None:
         if not (path.is_file() and path.suffix == ".gguf"):
             return None
-        try:
-            with open(path, "rb") as f:
-                if f.read(4) != _MAGIC:
-                    return None
-        except OSError:
-            return None
-        store = GgufTensors(path)
-        try:
-            kind = store.field("general.type")
-        finally:
-            store.close()
-        return Claim("a GGUF file with general.type = adapter", 2) if kind == "adapter" else None
+        return Claim("a GGUF file with general.type = adapter", 2) if is_adapter(path) else None
 
     def open(self, path: Path, from_: Convention | None) -> Source:
         a = read_adapter(path, path.stem)
@@ -80,11 +69,26 @@ class GgufCodec(Codec):
         return [f"wrote {n} tensors ({st['outtype']}) with adapter.lora.alpha = {st['alpha']:.10g}"]
 
     def read_back(self, dest: Path, target: Convention, name: str, opts: PlanOptions) -> SourceAdapter:
-        if not self.claim(dest):
+        if not is_adapter(dest):
             raise VerificationFailed(f"{dest}: the written file is not a GGUF adapter")
         a = read_adapter(dest, name)
         set_heads(a, opts.base_config)
         return a
+
+
+def is_adapter(path: Path) -> bool:
+    """GGUF magic, and general.type = adapter (what llama.cpp requires of a LoRA file)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != _MAGIC:
+                return False
+    except OSError:
+        return False
+    store = GgufTensors(path)
+    try:
+        return store.field("general.type") == "adapter"
+    finally:
+        store.close()
 
 
 def read_adapter(path: Path, name: str) -> SourceAdapter:
