@@ -273,7 +273,7 @@ def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed
     ]
     ok = not failed
     if failed:
-        notes.insert(0, "; ".join(failed) + f" (scales {s1:g} / {s2:g}, {ranks})")
+        notes.insert(0, "; ".join(failed) + f" (scales {s1:g} / {s2:g}, {ranks})" + _only_scale(src, out))
     return ModuleCheck(
         module=module,
         status="ok" if ok else "mismatch",
@@ -285,6 +285,23 @@ def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed
         ok=ok,
         detail="; ".join(notes),
     )
+
+
+def _only_scale(src: ModuleDelta, out: ModuleDelta) -> str:
+    """Why a module failed, when both sides hold the same factors and only the effective scale differs: the ratio,
+    and when it is √r the usual cause (one side reads alpha/√r, rsLoRA, the other alpha/r)."""
+    A1, B1 = src.factors()
+    A2, B2 = out.factors()
+    same = all(x is not None and y is not None and x.shape == y.shape and torch.equal(x.to(y.dtype), y)
+               for x, y in ((A1, A2), (B1, B2)))
+    if not same or src.scale == out.scale or out.scale == 0:
+        return ""
+    k, r = src.scale / out.scale, A1.shape[0]
+    why = ""
+    if r > 1 and abs(k - math.sqrt(r)) <= 1e-6 * k:
+        why = (f" = √r: the source scales by alpha/√r (rsLoRA), the output by alpha/r with the same alpha "
+               f"(write alpha·√r = {out.scale * r * k:.6g} instead)")
+    return f"; same factors, only the scale differs: source/output = {k:.6g}{why}"
 
 
 def verify(

@@ -231,4 +231,16 @@ def test_convert_lora_to_gguf_rslora_output_fails_the_check_by_the_rslora_factor
     for e in src.modules:
         c = compare(src.load(e), theirs.load(by[e.module]))
         assert not c.ok and c.rel_fro == pytest.approx(1 - 1 / math.sqrt(8), rel=1e-6)
+        assert "same factors, only the scale differs: source/output = 2.82843 = √r" in c.detail
+        assert "rsLoRA" in c.detail
+    theirs.store.close()
+
+
+def test_convert_lora_to_gguf_patterns_output_fails_where_alpha_pattern_was_lost():
+    theirs = GGUF_CODEC.open(GOLD / "llama_patterns" / "llamacpp-f32.gguf", None).adapters[0]
+    GGUF_CODEC.prepare(theirs, PlanOptions(base_config=base_model_config(BASE["llama"])))
+    src = open_source(GOLD / "llama_patterns" / "adapter").adapters[0]
+    by = {e.module: e for e in theirs.modules}
+    bad = {e.module.split(".")[-1] for e in src.modules if not compare(src.load(e), theirs.load(by[e.module])).ok}
+    assert bad == {"v_proj", "up_proj"}  # the alpha_pattern modules; rank_pattern survives (rank per tensor)
     theirs.store.close()
