@@ -302,7 +302,9 @@ def render_conventions(conventions) -> str:
     for c in conventions:
         lines.append(f"{c.name:26} {c.library} {c.versions}")
         lines.append(f"{'':26} scale: {c.scaling_notes}")
-        lines.append(f"{'':26} writes: {c.config_file} + {c.weights_write} (version {c.version_to_write!r})")
+        files = " + ".join(f for f in (c.config_file, c.weights_write) if f)
+        version = f" (version {c.version_to_write!r})" if c.version_to_write else ""
+        lines.append(f"{'':26} writes: {files}{version}")
         if c.aliases:
             lines.append(f"{'':26} also: {', '.join(c.aliases[:6])}{' …' if len(c.aliases) > 6 else ''}")
     return "".join(line + "\n" for line in lines)

@@ -108,7 +108,7 @@ GGUF = Convention(
     scaling_notes="alpha/r per pair, r = lora_b ne[0] (llama-adapter.h get_scale); alpha 0 means scale 1; "
                   "no rsLoRA and no alpha patterns (rewritten exactly: one alpha, or folded into B)",
     config_file="",
-    weights_write="adapter.gguf",
+    weights_write="OUT.gguf (one file: metadata + lora_a/lora_b tensors)",
     features=frozenset({"lora", "embedding", "rslora", "patterns"}),
 )
 
