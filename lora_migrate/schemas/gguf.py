@@ -109,7 +109,8 @@ GGUF = Convention(
                   "no rsLoRA and no alpha patterns (rewritten exactly: one alpha, or folded into B)",
     config_file="",
     weights_write="OUT.gguf (one file: metadata + lora_a/lora_b tensors)",
-    features=frozenset({"lora", "embedding", "rslora", "patterns"}),
+    # saved_embeddings: the codec leaves frozen base-layer copies out and refuses other full tensors
+    features=frozenset({"lora", "embedding", "rslora", "patterns", "saved_embeddings"}),
 )
 
 CONVENTIONS = (GGUF,)

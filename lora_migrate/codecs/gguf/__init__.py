@@ -29,6 +29,7 @@ class GgufCodec(Codec):
     display = "a llama.cpp GGUF"
     output = "file"
     file_suffix = ".gguf"
+    reads_base_config = True
 
     # -------------------------------------------------------------------------------------------- reading
 
