@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
 
+import lora_migrate  # noqa: E402
 from lora_migrate.check.compare import compare  # noqa: E402
-from lora_migrate.check.written import WriteCheck  # noqa: E402
 from lora_migrate.codecs.base import PlanOptions  # noqa: E402
 from lora_migrate.codecs.gguf import GGUF_CODEC  # noqa: E402
 from lora_migrate.codecs.gguf.format import permute_rows, q8_0_roundtrip, unpermute_rows  # noqa: E402
@@ -28,26 +28,16 @@ from lora_migrate.source import base_model_config  # noqa: E402
 GOLD = Path(__file__).resolve().parents[3] / "golden" / "gguf" / "llamacpp"
 BASE = {"llama": GOLD / "_base" / "llama", "qwen2": GOLD / "_base" / "qwen2"}
 TARGET = get_convention("gguf")
+CLI = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "lora-migrate"
 HEADS = {"llama": (4, 2)}  # the tiny Llama's num_attention_heads, num_key_value_heads (golden/families/tiny_decoders)
 
 
 def convert(case: str, out: Path, arch: str = "llama", outtype: str | None = None, base: bool = True,
             model_type: str | None = None) -> tuple:
-    """PEFT golden → .gguf through the codec (plan, checked write, read back, confirm); returns (report, plan)."""
-    from lora_migrate.api import _checked_deltas
-
-    src = open_source(GOLD / case / "adapter").adapters[0]
-    opts = PlanOptions(outtype=outtype, base_model=str(BASE[arch]) if base else None, model_type=model_type,
-                       base_config=base_model_config(BASE[arch]) if base else None)
-    GGUF_CODEC.check_options(TARGET, opts)
-    ex = GGUF_CODEC.plan(src, TARGET, opts, [], out.name)
-    check = WriteCheck()
-    GGUF_CODEC.write(ex, out, _checked_deltas(ex, check, False, []))
-    back = GGUF_CODEC.read_back(out, TARGET, src.info.name, opts)
-    try:
-        return check.confirm(back), ex.plan
-    finally:
-        back.store.close()
+    """PEFT golden → .gguf through the API (plan, checked write, read back, confirm); returns (report, plan)."""
+    r = lora_migrate.convert(GOLD / case / "adapter", out, to="gguf", outtype=outtype, model_type=model_type,
+                             base_model=BASE[arch] if base else None)
+    return r.adapters[0].verify, r.adapters[0].plan
 
 
 def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
@@ -244,3 +234,27 @@ def test_convert_lora_to_gguf_patterns_output_fails_where_alpha_pattern_was_lost
     bad = {e.module.split(".")[-1] for e in src.modules if not compare(src.load(e), theirs.load(by[e.module])).ok}
     assert bad == {"v_proj", "up_proj"}  # the alpha_pattern modules; rank_pattern survives (rank per tensor)
     theirs.store.close()
+
+
+def test_cli_exit_codes_refusal_and_failed_verify(tmp_path):
+    """A refusal: exit 2, one line, nothing written; llama.cpp's converter's rsLoRA file against its PEFT source:
+    exit 1 naming the cause; our own output: exit 0."""
+    import subprocess
+
+    def run(*args):
+        p = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True)
+        return p.returncode, p.stderr.strip() or p.stdout.strip()
+
+    code, msg = run("convert", GOLD / "llama_dora" / "adapter", tmp_path / "d.gguf", "--to", "gguf",
+                    "--base-model", BASE["llama"])
+    assert code == 2 and len(msg.splitlines()) == 1 and "DoRA" in msg and not (tmp_path / "d.gguf").exists()
+    code, msg = run("convert", GOLD / "llama_plain" / "adapter", tmp_path / "p.safetensors", "--to", "gguf")
+    assert code == 2 and "must end in .gguf" in msg
+    code, msg = run("verify", GOLD / "llama_rslora" / "adapter", GOLD / "llama_rslora" / "llamacpp-f32.gguf",
+                    "--base-model", BASE["llama"])
+    assert code == 1 and "= √r: the source scales by alpha/√r (rsLoRA)" in msg
+    out = tmp_path / "ours.gguf"
+    assert run("convert", GOLD / "llama_rslora" / "adapter", out, "--to", "gguf", "--base-model", BASE["llama"])[0] == 0
+    assert run("verify", GOLD / "llama_rslora" / "adapter", out, "--base-model", BASE["llama"])[0] == 0
+    code, msg = run("verify", GOLD / "llama_rslora" / "adapter", out)  # q/k heads unknown
+    assert code == 2 and "--base-model" in msg and len(msg.splitlines()) == 1
