@@ -137,8 +137,9 @@ def read_adapter(path: Path, name: str) -> SourceAdapter:
                 if qk_heads(e.keys["b"].removesuffix(".lora_b"), (1, 1)):
                     store.pending[e.keys["b"]] = REFUSALS["unknown_heads"].format(model_type=model_type)
         ranks = Counter(e.rank for e in modules)
-        ai = AdapterInfo(name=name, convention=GGUF.name, r=ranks.most_common(1)[0][0], alpha=alpha,
-                         model_type=model_type, task_type="CAUSAL_LM")
+        # no rank key in the file: the rank is each pair's own (an r only where all agree)
+        ai = AdapterInfo(name=name, convention=GGUF.name, r=next(iter(ranks)) if len(ranks) == 1 else None,
+                         alpha=alpha, model_type=model_type, task_type="CAUSAL_LM")
         return SourceAdapter(info=ai, convention=GGUF, store=store, modules=modules, files=[path], features=features)
     except BaseException:
         store.close()
