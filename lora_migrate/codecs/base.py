@@ -97,6 +97,10 @@ class Codec:
     # --base-model serves it for any adapter, not only for rebuilding a PiSSA-style initial adapter
     reads_base_config: ClassVar[bool] = False
 
+    def output_path(self, folder: Path, name: str) -> Path:
+        """Where an output named ``name`` goes inside ``folder``: a subfolder, or ``<name><file_suffix>``."""
+        return folder / (name + (self.file_suffix or "") if self.output == "file" else name)
+
     @property
     def conventions(self) -> tuple[Convention, ...]:
         return tuple(c for c in CONVENTIONS if c.family == self.id)
