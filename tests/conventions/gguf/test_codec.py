@@ -258,3 +258,18 @@ def test_cli_exit_codes_refusal_and_failed_verify(tmp_path):
     assert run("verify", GOLD / "llama_rslora" / "adapter", out, "--base-model", BASE["llama"])[0] == 0
     code, msg = run("verify", GOLD / "llama_rslora" / "adapter", out)  # q/k heads unknown
     assert code == 2 and "--base-model" in msg and len(msg.splitlines()) == 1
+
+
+def test_claim_only_gguf_adapters_and_no_other_codec_claims_them(tmp_path):
+    from lora_migrate.codecs import CODECS
+
+    ours = GOLD / "llama_plain" / "llamacpp-f32.gguf"
+    assert GGUF_CODEC.claim(ours) is not None
+    assert all(c.claim(ours) is None for c in CODECS if c is not GGUF_CODEC)
+    assert GGUF_CODEC.claim(BASE["llama"] / "base-f32.gguf") is None  # a model GGUF: general.type = model
+    assert GGUF_CODEC.claim(GOLD / "llama_plain" / "adapter") is None
+    fake = tmp_path / "x.gguf"
+    fake.write_bytes(b"not a gguf")
+    assert GGUF_CODEC.claim(fake) is None
+    code = lora_migrate.inspect(ours)
+    assert code.convention == "gguf" and code.adapters[0].modules == 4
