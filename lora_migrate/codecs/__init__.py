@@ -8,12 +8,14 @@ from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
 from .diffusers import DIFFUSERS
+from .gguf import GGUF_CODEC
 from .peft import PEFT
 
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
     DIFFUSERS,
+    GGUF_CODEC,
 )
 
 
