@@ -259,5 +259,63 @@ def report(job):
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------------------ load_check
+
+
+def rows_tol(ref, noise):
+    """tests/tolerance.py's model for float32 logits: 192 units of roundoff of the largest logit + 4·noise."""
+    return 192 * 2.0**-24 * max_abs(ref) + 4 * noise
+
+
+def load_one(item, data_dir, scratch):
+    """One ACCEPTANCE row: the converted OUT loaded by mlx-lm (and fused by ``mlx_lm fuse``) or by peft, its logits
+    against the row's reference logits of the source case."""
+    from mlx_lm import load
+    from safetensors.numpy import load_file
+    row, out = item["row"], Path(item["out"])
+    arch = row["arch"]
+    base = Path(data_dir) / "mlxlm0322" / "_base" / arch
+    stored = load_file(str(Path(item["case_dir"]) / "logits.safetensors"))
+    ref = stored[row["ref"]]
+    res = {"adapter": "default", "load": row["load"]}
+    if row["load"] == "mlx":
+        model, _ = load(str(base), adapter_path=str(out))
+        got = mlx_logits(model)
+        base_model, _ = load(str(base))
+        res["noise"] = fmt(maxdiff(mlx_logits(base_model), stored["base_logits"]))
+        fused = fuse_check(base, out, scratch, arch, ref)
+        res["fuse_vs_ref"] = fused.get("transformers_vs_peft", fused.get("error"))
+    else:
+        from peft import PeftModel
+        pm = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), str(out)).eval()
+        got = hf_logits(pm, C.INPUT_IDS)
+        res["noise"] = fmt(maxdiff(hf_logits(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), C.INPUT_IDS),
+                                   stored["base_logits"]))
+    d = maxdiff(got, ref)
+    res.update(max_abs_diff=fmt(d), max_abs_logit=max_abs(ref), tol=fmt(rows_tol(ref, res["noise"])))
+    if d > rows_tol(ref, res["noise"]):
+        res["error"] = f"logits off by {fmt(d)} > tolerance {res['tol']}"
+    fuse = res.get("fuse_vs_ref")
+    if isinstance(fuse, float) and fuse > rows_tol(ref, res["noise"]):
+        res["error"] = f"mlx_lm fuse of the output off by {fuse} > tolerance {res['tol']}"
+    elif fuse is not None and not isinstance(fuse, float):
+        res["error"] = f"mlx_lm fuse failed: {fuse}"
+    return res
+
+
+def task_load_check(job):
+    out = []
+    for i, item in enumerate(job["items"]):
+        print(f"mlx load_check {item['row']['case']} -> {item['row']['target']}", flush=True)
+        try:
+            res = load_one(item, job["data_dir"], Path(job["work"]) / "scratch" / "mlx" / f"accept{i:02d}")
+        except Exception as e:  # noqa: BLE001 - the loader's refusal is the result
+            res = {"adapter": "default", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+        out.append([res])
+    return {"items": out}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["load_check"]:
+    write_json(sys.argv[3], task_load_check(json.loads(Path(sys.argv[2]).read_text())))
+elif __name__ == "__main__":
     run_main({"generate": task_generate}, {"base": task_base}, report, lambda env: versions(VERSIONS))
