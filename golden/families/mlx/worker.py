@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+from worker_util import (acceptance_lines, close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
                          report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
@@ -256,6 +256,7 @@ def report(job):
             what = (f"loads; logits vs the same adapter without `alpha`: {v['logits_vs_scale_only']} (alpha ignored)"
                     if v.get("loads") else f"refused: `{v.get('error')}`")
             lines.append(f"- {k}, `lora_parameters` with {label.replace('_', ' ')}: {what}")
+    lines += acceptance_lines(job, [("`mlx_lm fuse` → transformers", "fuse_vs_ref")])
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
 

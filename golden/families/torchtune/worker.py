@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+from worker_util import (acceptance_lines, close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
                          report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
@@ -307,6 +307,7 @@ def report(job):
             lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}; the output folder "
                          f"(merged model + adapter files) in transformers' `from_pretrained`: "
                          f"{r.get('merged_from_pretrained')}")
+    lines += acceptance_lines(job, ())
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
 
