@@ -57,8 +57,8 @@ REFUSALS = {
 }
 
 TORCHTUNE = Convention(
-    name="torchtune", family=FAMILY, library="torchtune", versions=">=0.2.0", aliases=("torchtune-0.6",),
-    summary="torchtune adapter_model.pt: layers.N.attn.q_proj.lora_a.weight … (PEFT orientation), scale alpha/rank",
+    name="torchtune", family=FAMILY, library="torchtune", versions=">=0.6.0", aliases=("torchtune-0.6",),
+    summary="torchtune ≥ 0.6 (checked with 0.6.1) adapter_model.pt: layers.N.attn.q_proj.lora_a.weight … (PEFT orientation), scale alpha/rank",
     keys=TT_KEYS,
     scaling={"linear": Scaling.ALPHA_OVER_R},
     scaling_notes="alpha/rank, one rank and alpha for the model (modules/peft/lora.py); q/k lora_b in Meta row "
