@@ -144,6 +144,14 @@ class MlxLmCodec(Codec):
         if "alpha" in lp and lp["alpha"] != lp.get("rank") and a.convention.name != "mlx-lm-2024-03":
             out.append(f"lora_parameters.alpha={lp['alpha']} is ignored by mlx-lm ≥ 0.14.2 (scale alone applies); "
                        f"mlx-lm 0.2.0–0.14.1 would apply scale·alpha/rank = {lp['scale'] * lp['alpha'] / lp['rank']:g}")
+        keys = lp.get("keys")
+        if isinstance(keys, list):
+            blocks = Blocks.of([e.module for e in a.modules])
+            stray = sorted({r for v in blocks.per_block.values() for r in v} - set(keys)) + \
+                [m for m in blocks.top if m not in keys]
+            if stray:
+                out.append(f"tensors for modules lora_parameters.keys does not select ({', '.join(stray)}): mlx-lm "
+                           "refuses the file (\"not an adapter parameter in the model\")")
         if "keys" not in lp:
             out.append("no lora_parameters.keys: the modules mlx-lm adapts by default changed (model-type defaults "
                        "q_proj/v_proj before 0.25, every Linear in 0.32); the tensors in the file are what counts")

@@ -165,3 +165,10 @@ def test_mlx_round_trip_bit_for_bit(tmp_path):
     _, out, _ = convert(src, "mlx-lm", tmp_path)
     w = load_file(str(out / "adapters.safetensors"))
     assert set(w) == set(sd) and all(torch.equal(w[k], sd[k]) for k in sd)
+
+
+def test_finding_tensors_outside_keys(tmp_path):
+    folder, _ = mlx_folder(tmp_path / "m", {"rank": 4, "scale": 2.0, "keys": ["self_attn.q_proj"]},
+                           fine_tune_type="lora", num_layers=2)
+    a = C.open(folder, None).adapters[0]
+    assert any("does not select (self_attn.v_proj)" in f for f in C.findings(a))
