@@ -33,6 +33,7 @@ class StoredSource(SourceAdapter):
     "magnitude"). The entries' metas already hold the canonical shapes."""
 
     transform: Callable[[ModuleEntry, str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    codec_state: dict = field(default_factory=dict)  # what the reading codec needs for ``transform``
 
     def load(self, e: ModuleEntry) -> ModuleDelta:
         d = super().load(e)

@@ -146,8 +146,8 @@ class TorchtuneCodec(Codec):
         feats = {"dora"} if any("magnitude" in e.keys for e in entries) else set()
         a = StoredSource(info=info, convention=conv, store=store, modules=entries, files=[weights], features=feats)
         layout = cfg.get(LAYOUT_FIELD)
-        a.codec_layout = layout if isinstance(layout, dict) else None
-        a.codec_why = None if a.codec_layout else "the model type is not known (pass --model-type or --base-model)"
+        a.codec_state["layout"] = layout if isinstance(layout, dict) else None
+        a.codec_state["why"] = "the model type is not known (pass --model-type or --base-model)"
         a.transform = lambda e, p, t: _unpermute(a, e, p, t)
         return a
 
@@ -158,7 +158,8 @@ class TorchtuneCodec(Codec):
         mt = opts.model_type or (cfg or {}).get("model_type")
         if mt:
             a.info.model_type = mt
-            a.codec_layout, a.codec_why = qk_layout(mt, cfg, "--base-model" if opts.base_config else "config.json")
+            a.codec_state["layout"], a.codec_state["why"] = qk_layout(mt, cfg, "--base-model" if opts.base_config
+                                                                      else "config.json")
 
     def findings(self, a) -> list:
         """What torchtune's own PEFT export beside the adapter computes (it permutes q/k lora_B for every model)."""
@@ -172,7 +173,7 @@ class TorchtuneCodec(Codec):
             key = f"base_model.model.{q.module}.lora_B.weight" if q else None
             if key and key in f:
                 same = bool((f.get(key) == a.store.get(q.keys["b"])).all())
-                layout = getattr(a, "codec_layout", None)
+                layout = a.codec_state.get("layout")
                 if not same and layout and not layout["permuted"]:
                     out.append(f"{S.WEIGHTS_ST} (torchtune's PEFT export) has q/k lora_B rows permuted by tune_to_hf, "
                                f"but torchtune's {layout['model_type']} is not permuted: PEFT loading the export "
@@ -283,7 +284,8 @@ def heads(layout: dict | None, module: str) -> int | None:
 def _unpermute(a, e: ModuleEntry, param: str, t):
     if param == "a" or not e.module.endswith((".q_proj", ".k_proj")):
         return t
-    if a.codec_layout is None:
-        raise UnsupportedFeature(f"{e.module}: reading torchtune q/k LoRA: {a.codec_why}")
-    n = heads(a.codec_layout, e.module)
+    layout = a.codec_state.get("layout")
+    if layout is None:
+        raise UnsupportedFeature(f"{e.module}: reading torchtune q/k LoRA: {a.codec_state['why']}")
+    n = heads(layout, e.module)
     return rope_rows_deinterleave(t, n) if n else t
