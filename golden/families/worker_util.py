@@ -143,7 +143,7 @@ def acceptance_lines(job, extra=()):
     """FINDINGS lines for results/<family>.json "acceptance" (``accept``'s rows): one table row per conversion,
     with ``extra`` = [(column title, record key)] after the logits difference."""
     acc = job["results"].get("acceptance")
-    if not acc:
+    if not acc or not acc.get("records"):
         return []
     rows = [[r["case"], r["source"], r["target"], r["env"], r["expect"], r["exit_code"], r.get("max_abs_diff"),
              *(r.get(k) for _, k in extra), r.get("tol"), r["status"] + (f": {r['message'][:90]}" if r.get("message")

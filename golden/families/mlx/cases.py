@@ -47,6 +47,10 @@ CASES = {
     "mlxlm0322/qwen2_qkv": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": 2,
                   "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 10.0,
                                       "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}},
+    "mlxlm0322/llama_lm_head": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
+                                "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 3.0,
+                                                    "keys": ["self_attn.q_proj", "lm_head"]},
+                                "note": "a full-path key selects a module outside the blocks (lm_head)"},
     "mlxlm0322/qwen2_all": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
 }
@@ -76,9 +80,9 @@ ACCEPTANCE = (
             note="the 2024-06 era's config (alpha = rank, lora_layers, use_dora) loads in 0.32.2 too")]
     + [_row(_GGUF + c, "mlx-lm", "mlx", "logits", expect="refused", note=why) for c, why in _REFUSED.items()]
     + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits_peft", source="peft_equivalent")
-       for c in ("llama_all_last1", "qwen2_qkv", "llama_dora")]
+       for c in ("llama_all_last1", "qwen2_qkv", "llama_dora", "llama_lm_head")]
     + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
-       for c in ("llama_qv", "llama_all_last1", "llama_dora", "qwen2_qkv", "qwen2_all")]
+       for c in ("llama_qv", "llama_all_last1", "llama_dora", "llama_lm_head", "qwen2_qkv", "qwen2_all")]
     + [_row("mlxlm0322/llama_dora", "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
