@@ -64,9 +64,11 @@ class ConvertResult(BaseModel):
 
 
 @contextmanager
-def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None):
+def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None,
+              reads_config=lambda a: False):
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
-    (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
+    (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after.
+    ``reads_config(a)``: a codec reads the base model's config.json for ``a`` (then ``base_model`` is for that)."""
     from .initial import open_base, rebuilt_initial, saved_initial
 
     if initial_adapter is not None and base_model is not None:
@@ -83,7 +85,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
                 refuse_overlap(x.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base is not None and (a.init_mutates or "embedding" not in a.features):
+            if base is not None and (a.init_mutates or not ("embedding" in a.features or reads_config(a))):
                 return rebuilt_initial(a, base)
             if initial is None:
                 return None
@@ -218,7 +220,8 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     try:
         for a in source.adapters:  # what the user supplied that the source's own codec needs (embedding scales)
             codec_for(a.convention).prepare(a, opts)
-        with _initials(initial_adapter, base_model, out) as initial_for:
+        reads = lambda a: codec.uses_base_config(a, target) or codec_for(a.convention).uses_base_config(a, target)  # noqa: E731
+        with _initials(initial_adapter, base_model, out, reads) as initial_for:
             execs = _plans(source, target, adapter, opts, initial_for)
             if codec.output == "file" and len(execs) > 1:
                 raise LoraMigrateError(f"{target.name} holds one adapter per file, and {src} has "
@@ -292,6 +295,10 @@ def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: st
     try:
         b = open_source(resolve_source(out), to)
         try:
+            opts = PlanOptions(base_model=None if base_model is None else str(base_model),
+                               base_config=base_model_config(resolve_source(base_model)) if base_model else None)
+            for x in (*a.adapters, *b.adapters):  # what the user supplied that each side's codec needs
+                codec_for(x.convention).prepare(x, opts)
             names_a = {x.info.name: x for x in a.adapters}
             names_b = {x.info.name: x for x in b.adapters}
             if len(names_a) == 1 and len(names_b) == 1:
@@ -301,7 +308,9 @@ def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: st
                     raise LoraMigrateError(f"the two sides hold different adapters: {sorted(names_a)} vs "
                                            f"{sorted(names_b)}")
                 pairs = [(names_a[n], names_b[n]) for n in sorted(names_a)]
-            with _initials(initial_adapter, base_model) as initial_for:
+            reads = lambda x: any(codec_for(c).uses_base_config(x, b.convention)  # noqa: E731
+                                  for c in (x.convention, b.convention))
+            with _initials(initial_adapter, base_model, reads_config=reads) as initial_for:
                 reports = {x.info.name: verify_adapters(x, y, initial=initial_for(x)) for x, y in pairs}
             return VerifyResult(source=str(src), output=str(out), source_convention=a.convention.name,
                                 output_convention=b.convention.name, adapters=reports)

@@ -7,11 +7,15 @@ from ..errors import LoraMigrateError
 from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
+from .mlx_lm import MLX_LM
 from .peft import PEFT
+from .torchtune import TORCHTUNE
 
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
+    MLX_LM,
+    TORCHTUNE,
 )
 
 

@@ -114,6 +114,12 @@ class Codec:
         """Complete a source adapter this codec read with what the user supplied (e.g. the base model's config:
         embedding scales, head counts). Default: nothing."""
 
+    def uses_base_config(self, a: "SourceAdapter", target: Convention) -> bool:
+        """Whether this codec (as ``a``'s reader or as the target's writer) reads ``--base-model``'s config.json
+        for ``a`` (e.g. head counts for a q/k row permutation); then ``--base-model`` is not a mistake for an
+        adapter whose init left the base weights alone. Default: no."""
+        return False
+
     def as_loaded(self, a: "SourceAdapter") -> list["LoadCheck"]:
         """For each other convention that would load this file as it is (same files, no conversion): what it
         computes, derived by reading the file as that convention reads it. Default: none."""

@@ -14,10 +14,9 @@ import torch
 
 from ..adapter import ModuleDelta, ScaleProvenance
 from ..errors import UnsupportedFeature
-from ..execution import AdapterPlan, Execution, ModuleOut, Step, meta_delta, mode, rescale_steps
+from ..execution import AdapterPlan, Execution, ModuleOut, Step, mode, rescale_steps
 from ..io import TensorMeta
 from ..rules import describe
-from ..rules.refuse import refuse_features, refuse_gated, refuse_kinds
 from ..rules.scale import SAME
 from ..schemas import Convention
 from ..source import ModuleEntry, SourceAdapter
@@ -34,6 +33,10 @@ class StoredSource(SourceAdapter):
 
     transform: Callable[[ModuleEntry, str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     codec_state: dict = field(default_factory=dict)  # what the reading codec needs for ``transform``
+
+    @property
+    def stores_canonical(self) -> bool:
+        return self.transform is None
 
     def load(self, e: ModuleEntry) -> ModuleDelta:
         d = super().load(e)
@@ -95,11 +98,9 @@ def layer_count(a: SourceAdapter, base_config: dict | None) -> tuple[int | None,
     return None, ""
 
 
-def refuse_source(src: SourceAdapter, target: Convention, allowed: set[str]) -> None:
-    """The generic refusals for a target that holds plain LoRA (plus ``allowed`` features such as DoRA)."""
-    refuse_gated(src.info.name, src.gated)
-    refuse_kinds(src.info.name, {e.kind for e in src.modules}, target)
-    refuse_features(src.info.name, set(src.features) - allowed, target)
+def refuse_fused(src: SourceAdapter, target: Convention) -> None:
+    """Fused-QKV LoRA (AdapterHub's ``LoRAMergedLinear``) has no module of these runtimes' trees to go to (the
+    planner has already refused gated LoRA and the kinds and features the target's schema lacks)."""
     fused = [e.module for e in src.modules if e.fused is not None]
     if fused:
         raise UnsupportedFeature(f"{src.info.name}: {target.name} cannot hold fused-QKV LoRA ({fused[0]})")
@@ -130,22 +131,15 @@ def one_rank_one_scale(src: SourceAdapter, target: Convention, steps: list[Step]
 def execution(src: SourceAdapter, target: Convention, out: dict[str, ModuleOut], steps: list[Step], output: str,
               files: list[str], r: int, alpha_out: float, config: dict, notes: list[str] | None = None,
               codec_state: dict | None = None) -> Execution:
-    """The Execution of a one-rank-one-scale plan, with its output tensor list from meta tensors."""
+    """The Execution of a one-rank-one-scale plan (the planner adds the output tensor list)."""
     scales_in, scales_out = {}, {}
     for e in src.modules:
         scales_in.setdefault(e.kind, e.scale)
         scales_out.setdefault(e.kind, out[e.module].scale)
     rescaled = sum(abs(e.scale / out[e.module].scale - 1) > SAME for e in src.modules)
-    steps.append(Step(rule="verify", what="compare every module's ΔW = s·B·A in the written output (read back as "
-                                          "the target) with the source's"))
     plan = AdapterPlan(adapter=src.info.name, source_convention=src.convention.name, target_convention=target.name,
                        output=output, files=files, modules=len(src.modules), r=r, alpha_in=src.info.alpha,
                        alpha_out=alpha_out, scales_in=scales_in, scales_out=scales_out, rescaled=rescaled,
                        steps=steps, notes=list(notes or []) + list(src.notes))
-    ex = Execution(plan=plan, source=src, target=target, out=out, config=config, codec_state=dict(codec_state or {}))
-    for e in ex.entries():
-        d = ex.apply(meta_delta(e), e)
-        for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
-            if t is not None:
-                ex.tensors.append((d.module, d.kind, p, tuple(t.shape), t.dtype))
-    return ex
+    return Execution(plan=plan, source=src, target=target, out=out, config=config,
+                     codec_state=dict(codec_state or {}))

@@ -14,12 +14,13 @@ from pathlib import Path
 from ...adapter import AdapterInfo, ScaleProvenance
 from ...errors import DetectionError, LoraMigrateError, UnsupportedFeature, VerificationFailed
 from ...execution import Step
+from ...findings import Finding
 from ...io import BackgroundWriter, SafetensorsWriter
 from ...schemas import Convention, get_convention
 from ...schemas import mlx_lm as S
 from ...source import ModuleEntry, Source, TensorStore, read_json
 from ..base import Claim, Codec, PlanOptions
-from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, one_rank_one_scale, refuse_source
+from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, one_rank_one_scale, refuse_fused
 
 
 def _config(path: Path) -> dict | None:
@@ -50,6 +51,7 @@ def eras_for(cfg: dict) -> tuple[list[Convention], list[str]]:
 
 class MlxLmCodec(Codec):
     id = S.FAMILY
+    display = "an mlx-lm"
     output = "folder"
 
     # ------------------------------------------------------------------------------------------------ reading
@@ -138,30 +140,40 @@ class MlxLmCodec(Codec):
             metas["magnitude"] = store.meta(keys["magnitude"])
         return ModuleEntry(module=module, kind="linear", keys=keys, metas=metas, scale=s, provenance=prov)
 
-    def findings(self, a) -> list:
+    def findings(self, a) -> list[Finding]:
         lp = a.info.config.get("lora_parameters", {})
+
+        def warn(code, message):
+            return Finding(level="warning", code=code, adapter=a.info.name, message=message)
+
         out = []
         if "alpha" in lp and lp["alpha"] != lp.get("rank") and a.convention.name != "mlx-lm-2024-03":
-            out.append(f"lora_parameters.alpha={lp['alpha']} is ignored by mlx-lm ≥ 0.14.2 (scale alone applies); "
-                       f"mlx-lm 0.2.0–0.14.1 would apply scale·alpha/rank = {lp['scale'] * lp['alpha'] / lp['rank']:g}")
+            out.append(warn("alpha-ignored", f"lora_parameters.alpha={lp['alpha']} is ignored by mlx-lm ≥ 0.14.2 "
+                            f"(scale alone applies); mlx-lm 0.2.0–0.14.1 would apply scale·alpha/rank = "
+                            f"{lp['scale'] * lp['alpha'] / lp['rank']:g}"))
         keys = lp.get("keys")
         if isinstance(keys, list):
             blocks = Blocks.of([e.module for e in a.modules])
             stray = sorted({r for v in blocks.per_block.values() for r in v} - set(keys)) + \
                 [m for m in blocks.top if m not in keys]
             if stray:
-                out.append(f"tensors for modules lora_parameters.keys does not select ({', '.join(stray)}): mlx-lm "
-                           "refuses the file (\"not an adapter parameter in the model\")")
+                out.append(Finding(level="error", code="unselected-modules", adapter=a.info.name, message=(
+                    f"tensors for modules lora_parameters.keys does not select ({', '.join(stray)}): mlx-lm "
+                    "refuses the file (\"not an adapter parameter in the model\")")))
         if "keys" not in lp:
-            out.append("no lora_parameters.keys: the modules mlx-lm adapts by default changed (model-type defaults "
-                       "q_proj/v_proj before 0.25, every Linear in 0.32); the tensors in the file are what counts")
+            out.append(warn("default-keys", "no lora_parameters.keys: the modules mlx-lm adapts by default changed "
+                            "(model-type defaults q_proj/v_proj before 0.25, every Linear in 0.32); the tensors in "
+                            "the file are what counts"))
         return out
 
     # ------------------------------------------------------------------------------------------------ writing
 
+    def uses_base_config(self, a, target: Convention) -> bool:
+        """The base model's block count, to check that num_layers counts to its last block."""
+        return target.family == self.id
+
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
-        allowed = {"rslora", "patterns"} | ({"dora"} if "dora" in target.features else set())
-        refuse_source(src, target, allowed)
+        refuse_fused(src, target)
         name = src.info.name
         blocks = Blocks.of([e.module for e in src.modules])
         why = blocks.uneven()
@@ -249,3 +261,6 @@ def era_scale(conv: Convention, lp: dict) -> tuple[float, ScaleProvenance]:
 def _from_mlx(e: ModuleEntry, param: str, t):
     """mlx's stored factors → canonical: lora_a = Aᵀ, lora_b = Bᵀ; m as it is."""
     return t.T.contiguous() if param in ("a", "b") else t
+
+
+MLX_LM = MlxLmCodec()

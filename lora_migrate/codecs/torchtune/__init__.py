@@ -16,13 +16,14 @@ from pathlib import Path
 from ...adapter import AdapterInfo, ScaleProvenance
 from ...errors import DetectionError, LoraMigrateError, UnsupportedFeature
 from ...execution import Step
+from ...findings import Finding
 from ...io import BackgroundWriter, BinWriter, open_tensors
 from ...rules.shape import rope_rows_deinterleave, rope_rows_interleave
 from ...schemas import Convention
 from ...schemas import torchtune as S
 from ...source import ModuleEntry, Source, TensorStore, json_number, read_json
 from ..base import Claim, Codec, PlanOptions
-from ..shared import Blocks, StoredSource, execution, layer_count, one_rank_one_scale, refuse_source
+from ..shared import Blocks, StoredSource, execution, layer_count, one_rank_one_scale, refuse_fused
 
 TT_KEY = re.compile(r"^(?P<module>layers\.\d+\.(?:attn|mlp)\.\w+|output)\.(?P<leaf>lora_a\.weight|lora_b\.weight|"
                     r"magnitude)$")
@@ -79,6 +80,7 @@ def qk_layout(model_type: str | None, cfg: dict | None, where: str) -> tuple[dic
 
 class TorchtuneCodec(Codec):
     id = S.FAMILY
+    display = "a torchtune"
     output = "folder"
 
     # ------------------------------------------------------------------------------------------------ reading
@@ -88,12 +90,13 @@ class TorchtuneCodec(Codec):
         if path.is_file() and path.name not in S.TORCHTUNE.weights_read:
             return None
         w = _weights(folder)
-        if w is None:
+        if w is None or (path.is_file() and w != path):
             return None
         beside = " (beside its PEFT export, which is derived from it)" if w.suffix == ".pt" and \
             (folder / S.WEIGHTS_ST).is_file() else ""
-        return Claim(why=f"{w.name} with torchtune keys layers.N.attn|mlp.<name>.lora_a.weight{beside}",
-                     strength=3 if beside else 2)
+        # 3: the file names torchtune's own module tree, which no other library writes; its adapter_config.json
+        # has peft_type (torchtune writes the PEFT export's config), which the PEFT codec claims with 2
+        return Claim(why=f"{w.name} with torchtune keys layers.N.attn|mlp.<name>.lora_a.weight{beside}", strength=3)
 
     def open(self, path: Path, from_: Convention | None) -> Source:
         folder = path.parent if path.is_file() else path
@@ -161,7 +164,12 @@ class TorchtuneCodec(Codec):
             a.codec_state["layout"], a.codec_state["why"] = qk_layout(mt, cfg, "--base-model" if opts.base_config
                                                                       else "config.json")
 
-    def findings(self, a) -> list:
+    def uses_base_config(self, a, target: Convention) -> bool:
+        """The head counts of a q/k row permutation, reading torchtune's files or writing them."""
+        mine = a.convention.family == self.id or target.family == self.id
+        return mine and any(e.module.endswith((".q_proj", ".k_proj")) for e in a.modules)
+
+    def findings(self, a) -> list[Finding]:
         """What torchtune's own PEFT export beside the adapter computes (it permutes q/k lora_B for every model)."""
         folder = a.files[0].parent
         export = folder / S.WEIGHTS_ST
@@ -175,22 +183,25 @@ class TorchtuneCodec(Codec):
                 same = bool((f.get(key) == a.store.get(q.keys["b"])).all())
                 layout = a.codec_state.get("layout")
                 if not same and layout and not layout["permuted"]:
-                    out.append(f"{S.WEIGHTS_ST} (torchtune's PEFT export) has q/k lora_B rows permuted by tune_to_hf, "
-                               f"but torchtune's {layout['model_type']} is not permuted: PEFT loading the export "
-                               "computes scrambled q/k updates (measured for Qwen2: 3.95 logits off); convert "
-                               f"{S.WEIGHTS_PT} instead")
+                    out.append(Finding(level="error", code="export-scrambled", adapter=a.info.name, message=(
+                        f"{S.WEIGHTS_ST} (torchtune's PEFT export) has q/k lora_B rows permuted by tune_to_hf, but "
+                        f"torchtune's {layout['model_type']} is not permuted: PEFT loading the export computes "
+                        f"scrambled q/k updates (measured for Qwen2: 3.95 logits off); convert {S.WEIGHTS_PT} "
+                        "instead")))
                 elif not same and not layout:
-                    out.append(f"{S.WEIGHTS_ST} (torchtune's PEFT export) permutes q/k lora_B rows: right for Llama, "
-                               "wrong for Qwen2/Qwen3 (pass --model-type to know which)")
+                    out.append(Finding(level="warning", code="export-permuted", adapter=a.info.name, message=(
+                        f"{S.WEIGHTS_ST} (torchtune's PEFT export) permutes q/k lora_B rows: right for Llama, wrong "
+                        "for Qwen2/Qwen3 (the files do not name the model type)")))
             if "dora" in a.features and not read_json(folder / S.CONFIG).get("use_dora"):
-                out.append(f"{S.CONFIG} has no use_dora although the adapter is DoRA: PEFT loads torchtune's export as "
-                           "plain LoRA (and its q/k magnitudes are not permuted)")
+                out.append(Finding(level="error", code="export-dora", adapter=a.info.name, message=(
+                    f"{S.CONFIG} has no use_dora although the adapter is DoRA: PEFT loads torchtune's export as "
+                    "plain LoRA (and its q/k magnitudes are not permuted)")))
         return out
 
     # ------------------------------------------------------------------------------------------------ writing
 
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
-        refuse_source(src, target, {"rslora", "patterns", "dora"})
+        refuse_fused(src, target)
         name = src.info.name
         tt = {}
         for e in src.modules:
@@ -289,3 +300,6 @@ def _unpermute(a, e: ModuleEntry, param: str, t):
         raise UnsupportedFeature(f"{e.module}: reading torchtune q/k LoRA: {a.codec_state['why']}")
     n = heads(layout, e.module)
     return rope_rows_deinterleave(t, n) if n else t
+
+
+TORCHTUNE = TorchtuneCodec()

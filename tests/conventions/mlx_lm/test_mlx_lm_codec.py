@@ -15,7 +15,7 @@ from lora_migrate.codecs.base import PlanOptions
 from lora_migrate.codecs.mlx_lm import MlxLmCodec
 from lora_migrate.detect import open_source
 from lora_migrate.errors import DetectionError, UnsupportedFeature
-from lora_migrate.execution import Step
+from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 from tests.builders import LLAMA_CONFIG, LLAMA_DIMS, dense, peft_folder
 
@@ -42,7 +42,7 @@ def mlx_folder(folder, lp, rel=("self_attn.q_proj", "self_attn.v_proj"), layers=
 def convert(src, target, tmp_path, opts=None):
     target = get_convention(target)
     opts = opts or PlanOptions()
-    ex = C.plan(src, target, opts, [Step(rule="read", what="")], ".")
+    ex = plan_adapter(src, target, ".", opts)
     out = tmp_path / "out"
     C.write(ex, out, ex.deltas())
     return ex, out, C.read_back(out, target, src.info.name, opts)
@@ -87,7 +87,7 @@ def test_scale_eras(tmp_path):
     assert old.modules[0].scale == 10.0 * 16 / 4  # 2024-03: scale·alpha/rank
     mid = C.open(folder, get_convention("mlx-lm-2024-06")).adapters[0]
     assert mid.modules[0].scale == 10.0  # from 0.14.2: scale alone
-    assert any("ignored by mlx-lm ≥ 0.14.2" in f for f in C.findings(mid))
+    assert any("ignored by mlx-lm ≥ 0.14.2" in f.message for f in C.findings(mid))
     dated, _ = mlx_folder(tmp_path / "dated", lp, num_layers=2, fine_tune_type="lora")
     src = C.open(dated, None)
     assert src.convention.name == "mlx-lm-2024-06" and src.adapters[0].modules[0].scale == 10.0
@@ -171,4 +171,4 @@ def test_finding_tensors_outside_keys(tmp_path):
     folder, _ = mlx_folder(tmp_path / "m", {"rank": 4, "scale": 2.0, "keys": ["self_attn.q_proj"]},
                            fine_tune_type="lora", num_layers=2)
     a = C.open(folder, None).adapters[0]
-    assert any("does not select (self_attn.v_proj)" in f for f in C.findings(a))
+    assert any("does not select (self_attn.v_proj)" in f.message for f in C.findings(a))

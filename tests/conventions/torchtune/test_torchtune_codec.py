@@ -14,7 +14,7 @@ from lora_migrate.codecs.base import PlanOptions
 from lora_migrate.codecs.torchtune import TorchtuneCodec
 from lora_migrate.detect import open_source
 from lora_migrate.errors import LoraMigrateError, UnsupportedFeature
-from lora_migrate.execution import Step
+from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 from tests.builders import LLAMA_CONFIG, dense, lora_pair, peft_folder
 
@@ -56,7 +56,7 @@ def read(folder, opts=PlanOptions()):
 
 def convert(src, tmp_path, opts):
     target = get_convention("torchtune")
-    ex = C.plan(src, target, opts, [Step(rule="read", what="")], ".")
+    ex = plan_adapter(src, target, ".", opts)
     out = tmp_path / "out"
     C.write(ex, out, ex.deltas())
     return ex, out, C.read_back(out, target, src.info.name, opts)
@@ -64,10 +64,12 @@ def convert(src, tmp_path, opts):
 
 def test_claim(tmp_path):
     folder, sd = tt_folder(tmp_path / "t")
-    assert C.claim(folder).strength == 2
+    assert C.claim(folder).strength == 3  # above PEFT's 2 for the adapter_config.json (peft_type) beside it
     assert C.claim(peft_folder(tmp_path / "p")) is None
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(1, 1)}, str(folder / "adapter_model.safetensors"))
-    assert C.claim(folder).strength == 3  # torchtune's own state dict beside its PEFT export wins
+    assert "beside its PEFT export" in C.claim(folder).why
+    assert C.claim(folder / "adapter_model.safetensors") is None  # the export itself is PEFT's file
+    assert open_source(folder).convention.name == "torchtune"
 
 
 def test_read_pt_weights_only_names_and_scale(tmp_path):
@@ -173,5 +175,5 @@ def test_finding_scrambled_qwen2_export(tmp_path):
               meta_rows(sd[f"layers.{n}.attn.{p}.lora_b.weight"], 4 if p == "q_proj" else 2).contiguous()
               for n in (0, 1) for p in ("q_proj", "k_proj")}
     save_file(export, str(folder / "adapter_model.safetensors"))
-    assert any("scrambled" in f for f in C.findings(read(folder, PlanOptions(base_config=QWEN2_CONFIG))))
-    assert not any("scrambled" in f for f in C.findings(read(folder, PlanOptions(base_config=LLAMA_CONFIG))))
+    assert [f.code for f in C.findings(read(folder, PlanOptions(base_config=QWEN2_CONFIG)))] == ["export-scrambled"]
+    assert C.findings(read(folder, PlanOptions(base_config=LLAMA_CONFIG))) == []
