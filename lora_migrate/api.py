@@ -74,19 +74,25 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
     if initial_adapter is not None and base_model is not None:
         raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
                                "pass one")
-    initial = base = None
+    initial = None
+    opened = []  # the base model's weights, opened when an adapter needs its initial adapter rebuilt
+
+    def base():
+        if not opened:
+            opened.append(open_base(base_model))
+            if out is not None:
+                refuse_overlap(opened[0].path, out)
+        return opened[0]
+
     try:
         if initial_adapter is not None:
             initial = open_source(resolve_source(initial_adapter))
-        if base_model is not None:
-            base = open_base(base_model)
-        for x in (initial, base):
-            if x is not None and out is not None:
-                refuse_overlap(x.path, out)
+            if out is not None:
+                refuse_overlap(initial.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base is not None and (a.init_mutates or not ("embedding" in a.features or reads_config(a))):
-                return rebuilt_initial(a, base)
+            if base_model is not None and (a.init_mutates or not ("embedding" in a.features or reads_config(a))):
+                return rebuilt_initial(a, base() if a.init_mutates else None)
             if initial is None:
                 return None
             by = {x.info.name: x for x in initial.adapters}
@@ -97,7 +103,7 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
 
         yield initial_for
     finally:
-        for x in (initial, base):
+        for x in (initial, *opened):
             if x is not None:
                 x.close()
 

@@ -172,3 +172,24 @@ def test_finding_tensors_outside_keys(tmp_path):
                            fine_tune_type="lora", num_layers=2)
     a = C.open(folder, None).adapters[0]
     assert any("does not select (self_attn.v_proj)" in f.message for f in C.findings(a))
+
+
+def test_cli_convert_verify_and_a_wrong_scale(tmp_path):
+    from click.testing import CliRunner
+
+    from lora_migrate.cli import main
+
+    def run(*args):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        return r.exit_code, r.output
+
+    src = peft_folder(tmp_path / "p", r=8, alpha=16, use_rslora=True)
+    code, out = run("convert", src, tmp_path / "m", "--to", "mlx-lm")
+    assert code == 0 and "OK" in out, out
+    code, out = run("verify", src, tmp_path / "m")
+    assert code == 0, out
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["scale"] = 16 / 8  # what a converter that ignores use_rslora writes (alpha/r)
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(cfg))
+    code, out = run("verify", src, tmp_path / "m")
+    assert code == 1, out

@@ -177,3 +177,28 @@ def test_finding_scrambled_qwen2_export(tmp_path):
     save_file(export, str(folder / "adapter_model.safetensors"))
     assert [f.code for f in C.findings(read(folder, PlanOptions(base_config=QWEN2_CONFIG)))] == ["export-scrambled"]
     assert C.findings(read(folder, PlanOptions(base_config=LLAMA_CONFIG))) == []
+
+
+def test_cli_convert_verify_and_back(tmp_path):
+    from click.testing import CliRunner
+
+    from lora_migrate.cli import main
+
+    def run(*args):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        return r.exit_code, r.output
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    src = peft_folder(tmp_path / "p", rel=("self_attn.q_proj", "self_attn.k_proj"))
+    code, out = run("convert", src, tmp_path / "tt", "--to", "torchtune")
+    assert code == 2 and "model type is not known" in out
+    code, out = run("convert", src, tmp_path / "tt", "--to", "torchtune", "--base-model", base)
+    assert code == 0 and "OK" in out, out
+    code, out = run("verify", src, tmp_path / "tt")  # our own config records the q/k layout
+    assert code == 0, out
+    code, out = run("convert", tmp_path / "tt", tmp_path / "back", "--to", "peft")
+    assert code == 0, out
+    code, out = run("verify", src, tmp_path / "back")
+    assert code == 0 and "max relative error 0 " in out, out
