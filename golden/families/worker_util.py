@@ -151,7 +151,7 @@ def acceptance_lines(job, extra=()):
             for r in acc["records"]]
     return ["", f"## Acceptance ({acc['date']}): `{acc['converter'].rsplit('/', 1)[-1]} convert SRC OUT --to T`, "
                 f"OUT loaded in the real library", "",
-            f"Summary: {acc['summary']}. `max |Δ|`: max |logit difference| against the source case's reference "
+            f"Summary: {acc['summary']}. `max abs Δ`: max |logit difference| against the source case's reference "
             "logits; `tol`: tests/tolerance.py's model (192·u·max|ref| + 4·noise) the worker checked it against.",
-            ""] + table(["case", "source", "target", "env", "expect", "exit", "max |Δ|", *(t for t, _ in extra), "tol",
+            ""] + table(["case", "source", "target", "env", "expect", "exit", "max abs Δ", *(t for t, _ in extra), "tol",
                          "status"], rows)

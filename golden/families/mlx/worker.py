@@ -138,7 +138,7 @@ def peft_equivalent(arch, base_dir, adapter_dir, args, out_dir):
             if m + ".m" in w:
                 layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(w[m + ".m"].copy()))
     logits = hf_logits(pm.eval(), C.INPUT_IDS)
-    pm.save_pretrained(str(out_dir))
+    pm.save_pretrained(str(out_dir), save_embedding_layers=False)  # the LoRA only (lm_head cases)
     return logits, {"r": lp["rank"], "lora_alpha": lp["scale"] * lp["rank"], "target_modules": mods,
                     "use_dora": cfg.use_dora}
 

@@ -82,10 +82,10 @@ ACCEPTANCE = (
     # torchtune's own adapter_model.pt → PEFT: q/k rows back to the HF layout for Llama, untouched for Qwen2
     [_row(_TT + c, "peft", "peft", "logits_torchtune", "base_logits_torchtune", source="torchtune")
      for c in ("llama_qv", "llama_qk", "llama_all", "llama_dora", "qwen2_qk", "qwen2_all")]
-    # torchtune's PEFT export read as PEFT → torchtune (for Qwen2 the export is scrambled: the output carries what
-    # PEFT computes from it, so torchtune must reproduce PEFT's logits of the export)
-    + [_row(_TT + c, "torchtune", "torchtune", ref, "base_logits_torchtune", source="torchtune",
-            args=("--from", "peft"))
+    # torchtune's PEFT export (SRC = the file: the folder is torchtune's) → torchtune (for Qwen2 the export is
+    # scrambled: the output carries what PEFT computes from it, so torchtune must reproduce PEFT's logits of it)
+    + [_row(_TT + c, "torchtune", "torchtune", ref, "base_logits_torchtune",
+            source="torchtune/adapter_model.safetensors")
        for c, ref in (("llama_qv", "logits_torchtune"), ("llama_qk", "logits_torchtune"),
                       ("llama_all", "logits_torchtune"), ("qwen2_qk", "logits_peft_export"),
                       ("qwen2_all", "logits_peft_export"))]
