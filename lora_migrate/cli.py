@@ -110,7 +110,8 @@ def inspect(path, from_, show_modules, as_json):
     for why in r.reasons:
         click.echo(f"  because {why}")
     for a in r.adapters:
-        click.echo(f"\nadapter {a.name!r}: r={a.r}, alpha={a.alpha:g}, {a.modules} modules "
+        alpha = "-" if a.alpha is None else f"{a.alpha:g}"  # a config without alpha (an absolute scale)
+        click.echo(f"\nadapter {a.name!r}: r={a.r}, alpha={alpha}, {a.modules} modules "
                    f"({', '.join(f'{n} {k}' for k, n in a.layer_kinds.items())}), {', '.join(a.dtypes)}, "
                    f"{a.bytes / 1e6:.2f} MB")
         for k, s in a.scales.items():

@@ -14,8 +14,8 @@ What ``scale`` means, by era (the config is read at load time by whatever mlx-lm
 - 2024-03 (#546, first in 0.2.0): ``self.scale = scale * (alpha / r)``; the CLI writes ``{"rank": 8, "alpha": 16,
   "dropout": 0.0, "scale": 10.0}``; the layer count is ``lora_layers``;
 - 2024-06 (c457a3f8, first in 0.14.2): ``self.scale = scale`` — absolute; ``alpha`` is still written by the CLI
-  (16) and ignored; ``use_dora`` (0.14.2 … 0.19), ``lora_layers`` → ``num_layers`` (0.19), ``fine_tune_type``
-  (0.20); with no ``keys`` only the model type's defaults (q_proj, v_proj for Llama) get LoRA;
+  (16) and ignored; ``lora_layers`` + ``use_dora`` until 0.19, where ``num_layers`` + ``fine_tune_type`` replace
+  them; with no ``keys`` only the model type's defaults (q_proj, v_proj for Llama) get LoRA;
 - 2025-06 (e673a97c, first in 0.25.1): the same formula; the CLI default scale 20 and no ``alpha``; with no
   ``keys`` every Linear of a block gets LoRA (0.32.2); ``keys`` may also name modules outside the blocks by their
   full path (the second loop over ``model.named_modules()``, in 0.21.0 and later).
@@ -48,8 +48,13 @@ SCALE_RULES = {
     "mlx-lm": "scale",
 }
 
-# config fields that date a file (first release that writes them)
-DATED_FIELDS = {"use_dora": "0.14.2", "num_layers": "0.19.0", "fine_tune_type": "0.20.1"}
+# config fields that date a file (first release that writes them; 0.15–0.18 not read)
+DATED_FIELDS = {"use_dora": "0.14.2", "num_layers": "0.19.0", "fine_tune_type": "0.19.0"}
+# what each era's load_adapters reads for the layer count and the DoRA switch (0.2.0/0.14.2: config.lora_layers,
+# getattr(config, "use_dora", False); 0.19.0 and later: config.num_layers, getattr(config, "fine_tune_type", "lora"))
+LAYER_COUNT_FIELDS = {"mlx-lm-2024-03": ("lora_layers",), "mlx-lm-2024-06": ("lora_layers", "num_layers"),
+                      "mlx-lm": ("num_layers",)}
+DORA_FIELDS = {"mlx-lm-2024-03": (), "mlx-lm-2024-06": ("use_dora", "fine_tune_type"), "mlx-lm": ("fine_tune_type",)}
 
 # what the writer puts in adapter_config.json besides lora_parameters, per target (the CLI's own defaults)
 CONFIG_BASE = {"adapter_path": "adapters", "batch_size": 4, "iters": 1000, "learning_rate": 1e-05,

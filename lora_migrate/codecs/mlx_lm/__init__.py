@@ -20,6 +20,7 @@ from ...schemas import Convention, get_convention
 from ...schemas import mlx_lm as S
 from ...source import ModuleEntry, Source, TensorStore, read_json
 from ..base import Claim, Codec, PlanOptions
+from .loaded import as_loaded
 from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, one_rank_one_scale, refuse_fused
 
 
@@ -139,6 +140,9 @@ class MlxLmCodec(Codec):
         if "magnitude" in keys:
             metas["magnitude"] = store.meta(keys["magnitude"])
         return ModuleEntry(module=module, kind="linear", keys=keys, metas=metas, scale=s, provenance=prov)
+
+    def as_loaded(self, a):
+        return as_loaded(a, self.conventions, era_scale)
 
     def findings(self, a) -> list[Finding]:
         lp = a.info.config.get("lora_parameters", {})

@@ -193,3 +193,15 @@ def test_cli_convert_verify_and_a_wrong_scale(tmp_path):
     (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(cfg))
     code, out = run("verify", src, tmp_path / "m")
     assert code == 1, out
+
+
+def test_loaded_as_is_by_the_other_eras(tmp_path):
+    lp = {"rank": 4, "alpha": 16, "scale": 10.0, "dropout": 0.0}
+    folder, _ = mlx_folder(tmp_path / "old", lp, lora_layers=2)
+    a = C.open(folder, get_convention("mlx-lm-2024-03")).adapters[0]
+    by = {x.convention: x for x in C.as_loaded(a)}
+    assert not by["mlx-lm-2024-06"].same and "scale 10 instead of 40" in by["mlx-lm-2024-06"].detail
+    assert "FAILS to load: it reads num_layers" in by["mlx-lm"].detail
+    dora, _ = mlx_folder(tmp_path / "dora", {"rank": 4, "scale": 2.0}, fine_tune_type="dora", num_layers=2)
+    by = {x.convention: x for x in C.as_loaded(C.open(dora, None).adapters[0])}
+    assert "DoRA's m is not applied by the releases that read use_dora" in by["mlx-lm-2024-06"].detail
