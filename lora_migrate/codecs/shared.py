@@ -107,11 +107,13 @@ def refuse_fused(src: SourceAdapter, target: Convention) -> None:
 
 
 def one_rank_one_scale(src: SourceAdapter, target: Convention, steps: list[Step], runtime: str,
-                       provenance: Callable[[float, int], ScaleProvenance]) -> tuple[int, float, dict[str, ModuleOut]]:
+                       provenance: Callable[[float, int], ScaleProvenance], doubled: bool = False
+                       ) -> tuple[int, float, dict[str, ModuleOut]]:
     """Plan a target with one rank R and one effective scale s for every module: R = the largest rank (others
     padded with zeros, exact); s = the scale most modules have (their B untouched); every other module gets its
-    scale folded into B (B' = (s_m/s)·B, one rounding, named in the steps)."""
-    ranks = {e.module: e.rank for e in src.modules}
+    scale folded into B (B' = (s_m/s)·B, one rounding, named in the steps). ``doubled``: a PiSSA-style source,
+    re-expressed at rank 2r against the original weights."""
+    ranks = {e.module: e.rank * (2 if doubled else 1) for e in src.modules}
     R = max(ranks.values())
     if len(set(ranks.values())) > 1:
         steps.append(Step(rule="pad_rank", what=f"ranks {sorted(set(ranks.values()))} → {R} ({runtime} holds one "

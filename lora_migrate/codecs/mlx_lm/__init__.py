@@ -201,7 +201,7 @@ class MlxLmCodec(Codec):
                                      "modules only inside the last num_layers blocks (full-path keys need mlx-lm ≥ "
                                      "0.21, target mlx-lm)")
         R, s, out = one_rank_one_scale(src, target, steps, "mlx-lm", lambda s, r: ScaleProvenance(
-            alpha=s, r=r, rule="scale (absolute)", convention=target.name))
+            alpha=s, r=r, rule="scale (absolute)", convention=target.name), opts.doubled)
         keys = sorted(next(iter(blocks.per_block.values()), set())) + blocks.top
         config = self._config(src, target, R, s, len(idx), keys)
         steps.append(Step(rule="write", what=f"write {S.WEIGHTS} with keys <module>.lora_a = Aᵀ (in, r) and .lora_b "

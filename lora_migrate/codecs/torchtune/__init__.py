@@ -240,7 +240,7 @@ class TorchtuneCodec(Codec):
                 f"(and DoRA magnitudes) permuted per head (q {layout['num_heads']}, k {layout['num_kv_heads']} heads)"
                 if layout["permuted"] else f"torchtune's {layout['model_type']} keeps the HF q/k row order: copied")))
         R, s, out = one_rank_one_scale(src, target, steps, "torchtune", lambda s, r: ScaleProvenance(
-            alpha=s * r, r=r, rule="alpha/r", convention=target.name))
+            alpha=s * r, r=r, rule="alpha/r", convention=target.name), opts.doubled)
         alpha = s * R
         attn = sorted(S.ATTN_OPTION[HF_TO_TT[r]] for r in rel if HF_TO_TT[r] in S.ATTN_OPTION)
         recipe = {"lora_attn_modules": attn, "apply_lora_to_mlp": bool(mlp), "apply_lora_to_output": "lm_head" in tt,
