@@ -7,6 +7,7 @@ from ..errors import LoraMigrateError
 from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
+from .diffusers import DIFFUSERS
 from .mlx_lm import MLX_LM
 from .peft import PEFT
 from .torchtune import TORCHTUNE
@@ -14,6 +15,7 @@ from .torchtune import TORCHTUNE
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
+    DIFFUSERS,
     MLX_LM,
     TORCHTUNE,
 )
