@@ -115,7 +115,7 @@ class MlxLmCodec(Codec):
         except BaseException:
             store.close()
             raise
-        info = AdapterInfo(name="default", convention=conv.name, r=rank, alpha=prov.alpha, config=cfg,  # the alpha its scale came from
+        info = AdapterInfo(name="default", convention=conv.name, r=rank, alpha=prov.alpha, config=cfg,
                            base_model=cfg.get("model") if isinstance(cfg.get("model"), str) else None,
                            dropout=lp.get("dropout"))
         feats = {"dora"} if dora else set()

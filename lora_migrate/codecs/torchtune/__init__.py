@@ -73,7 +73,8 @@ def qk_layout(model_type: str | None, cfg: dict | None, where: str) -> tuple[dic
         return {"model_type": model_type, "permuted": False}, None
     heads = (cfg or {}).get("num_attention_heads")
     if not isinstance(heads, int):
-        return None, f"torchtune's {model_type} permutes q/k rows per head: the head counts are needed (pass --base-model)"
+        return None, (f"torchtune's {model_type} permutes q/k rows per head: the head counts are needed (pass "
+                      "--base-model)")
     kv = (cfg or {}).get("num_key_value_heads") or heads
     return {"model_type": model_type, "permuted": True, "num_heads": heads, "num_kv_heads": kv, "from": where}, None
 
