@@ -100,6 +100,10 @@ class SourceAdapter:
     peft: object | None = None  # native: the validated config of the codec that read it (only it looks inside)
     base_config: dict | None = None  # the base model's config.json, where it was found (PEFT sources)
 
+    # the stored tensors are the canonical factors as they are (a reader that transposes or permutes says False:
+    # then the check digests what load() returns instead of the file's bytes)
+    stores_canonical = True
+
     def load(self, e: ModuleEntry) -> ModuleDelta:
         def get(p):
             return self.store.get(e.keys[p]) if p in e.keys else None

@@ -91,3 +91,38 @@ def codec_write(src: Path, target: str, dest: Path) -> None:
         codec_for(conv).write(ex, dest, ex.deltas())
     finally:
         s.close()
+
+
+# ------------------------------------------------------------------------------ decoder-LLM adapters (no library)
+
+LLAMA_DIMS = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_attn.v_proj": (64, 32),
+              "self_attn.o_proj": (64, 64), "mlp.gate_proj": (64, 128), "mlp.up_proj": (64, 128),
+              "mlp.down_proj": (128, 64)}  # (in, out): 4 heads of 16, 2 kv heads
+LLAMA_CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "hidden_size": 64, "intermediate_size": 128}
+
+
+def lora_pair(in_f, out_f, r, g):
+    return torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
+
+
+def peft_folder(folder: Path, rel=("self_attn.q_proj", "self_attn.v_proj"), layers=(0, 1), r=4, alpha=8, seed=0,
+                ranks=None, alphas=None, **config) -> Path:
+    """A PEFT LoRA folder on the tiny Llama's modules ``model.layers.N.<rel>`` as PEFT saves it (written without
+    the library): ``ranks``/``alphas`` map full module names to rank_pattern/alpha_pattern entries."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    sd = {}
+    for n in layers:
+        for p in rel:
+            m = f"model.layers.{n}.{p}"
+            A, B = lora_pair(*LLAMA_DIMS[p], (ranks or {}).get(m, r), g)
+            sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"] = A, B
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "base_model_name_or_path": None,
+           "target_modules": sorted({p.rsplit(".", 1)[-1] for p in rel}), "lora_dropout": 0.0, "bias": "none",
+           "rank_pattern": dict(ranks or {}), "alpha_pattern": dict(alphas or {}), "use_rslora": False,
+           "use_dora": False, "peft_version": "0.21.2", **config}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+    save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder

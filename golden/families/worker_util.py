@@ -137,3 +137,21 @@ def run_main(case_tasks, base_tasks=None, report=None, versions=None):
                                          base_dir=str(case_dir.parent / "_base" / d["arch"]),
                                          scratch=str(scratch / cid)))
     return write_json(sys.argv[3], {"measured": out})
+
+
+def acceptance_lines(job, extra=()):
+    """FINDINGS lines for results/<family>.json "acceptance" (``accept``'s rows): one table row per conversion,
+    with ``extra`` = [(column title, record key)] after the logits difference."""
+    acc = job["results"].get("acceptance")
+    if not acc or not acc.get("records"):
+        return []
+    rows = [[r["case"], r["source"], r["target"], r["env"], r["expect"], r["exit_code"], r.get("max_abs_diff"),
+             *(r.get(k) for _, k in extra), r.get("tol"), r["status"] + (f": {r['message'][:90]}" if r.get("message")
+                                                                         else "")]
+            for r in acc["records"]]
+    return ["", f"## Acceptance ({acc['date']}): `{acc['converter'].rsplit('/', 1)[-1]} convert SRC OUT --to T`, "
+                f"OUT loaded in the real library", "",
+            f"Summary: {acc['summary']}. `max abs Δ`: max |logit difference| against the source case's reference "
+            "logits; `tol`: tests/tolerance.py's model (192·u·max|ref| + 4·noise) the worker checked it against.",
+            ""] + table(["case", "source", "target", "env", "expect", "exit", "max abs Δ", *(t for t, _ in extra), "tol",
+                         "status"], rows)

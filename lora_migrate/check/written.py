@@ -148,6 +148,8 @@ def stored_fingerprint(adapter, entry) -> tuple:
     as they come from the file (:meth:`TensorFile.stream`: one reused buffer, no tensor built)."""
     from ..adapter import delta_kind
 
+    if not adapter.stores_canonical:  # its reader rewrites the stored tensors (a transpose, a row permutation)
+        return _fingerprint(adapter.load(entry))
     fused = None if entry.fused is None else entry.fused.groups
     prints = []
     for param in ("a", "b", "bias", "magnitude"):  # ModuleDelta's A, B, bias, magnitude (SourceAdapter.load)

@@ -9,13 +9,17 @@ from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
 from .diffusers import DIFFUSERS
 from .gguf import GGUF_CODEC
+from .mlx_lm import MLX_LM
 from .peft import PEFT
+from .torchtune import TORCHTUNE
 
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
     DIFFUSERS,
     GGUF_CODEC,
+    MLX_LM,
+    TORCHTUNE,
 )
 
 

@@ -93,9 +93,6 @@ class Codec:
     display: ClassVar[str]  # in messages: "a PEFT", "an AdapterHub"
     output: ClassVar[Literal["folder", "file"]] = "folder"
     file_suffix: ClassVar[str | None] = None  # for file outputs: the suffix OUT must have
-    # the target's layout needs the base model's config.json (GGUF: architecture, q/k heads, tied embeddings), so
-    # --base-model serves it for any adapter, not only for rebuilding a PiSSA-style initial adapter
-    reads_base_config: ClassVar[bool] = False
 
     def output_path(self, folder: Path, name: str) -> Path:
         """Where an output named ``name`` goes inside ``folder``: a subfolder, or ``<name><file_suffix>``."""
@@ -120,6 +117,12 @@ class Codec:
     def prepare(self, a: "SourceAdapter", opts: PlanOptions) -> None:
         """Complete a source adapter this codec read with what the user supplied (e.g. the base model's config:
         embedding scales, head counts). Default: nothing."""
+
+    def uses_base_config(self, a: "SourceAdapter", target: Convention) -> bool:
+        """Whether this codec (as ``a``'s reader or as the target's writer) reads ``--base-model``'s config.json
+        for ``a`` (e.g. head counts for a q/k row permutation); then ``--base-model`` is not a mistake for an
+        adapter whose init left the base weights alone. Default: no."""
+        return False
 
     def as_loaded(self, a: "SourceAdapter") -> list["LoadCheck"]:
         """For each other convention that would load this file as it is (same files, no conversion): what it

@@ -71,3 +71,28 @@ def pissa_to_lora(d: ModuleDelta, init: ModuleDelta) -> ModuleDelta:
     A = torch.cat([d.A, init.A.to(d.A.dtype)], dim=0)
     B = torch.cat([d.B, -init.B.to(d.B.dtype)], dim=1)
     return d.replace(A=A, B=B)
+
+
+@rule("rope_rows_interleave")
+def rope_rows_interleave(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k output (B (out, r), or a magnitude (out,)) from the HF rotary layout (per head: the first halves
+    of the rotated pairs, then the second halves) to the interleaved one (checkpoints whose rotary embedding pairs adjacent rows):
+    ``view(n, 2, hd/2, …).transpose(1, 2)``. A row permutation P, so P·(B·A) = (P·B)·A: A is unchanged and ΔW'
+    = P·ΔW exactly (only copies)."""
+    return _per_head(t, n_heads, (2, -1))
+
+
+@rule("rope_rows_deinterleave")
+def rope_rows_deinterleave(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``rope_rows_interleave``: interleaved rows → HF layout, ``view(n, hd/2, 2, …).transpose(1,
+    2)``. Exact (only copies)."""
+    return _per_head(t, n_heads, (-1, 2))
+
+
+def _per_head(t: torch.Tensor, n: int, split: tuple[int, int]) -> torch.Tensor:
+    out = t.shape[0]
+    if n <= 0 or out % n or (out // n) % 2:
+        raise LoraMigrateError(f"cannot permute {out} rows per head over {n} heads (head size must be even)")
+    hd = out // n
+    a, b = (2, hd // 2) if split[0] == 2 else (hd // 2, 2)
+    return t.reshape(n, a, b, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()

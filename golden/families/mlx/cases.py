@@ -47,11 +47,47 @@ CASES = {
     "mlxlm0322/qwen2_qkv": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": 2,
                   "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 10.0,
                                       "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}},
+    "mlxlm0322/llama_lm_head": {"stages": STAGES, "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
+                                "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 3.0,
+                                                    "keys": ["self_attn.q_proj", "lm_head"]},
+                                "note": "a full-path key selects a module outside the blocks (lm_head)"},
     "mlxlm0322/qwen2_all": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
 }
 
-ACCEPTANCE = []
+# ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
+# and ``mlx_lm fuse`` of OUT in transformers) or in peft 0.21.2 (same env), against the reference logits of the
+# source case. Sources: PEFT adapters written by real peft on the same tiny bases (the gguf family's cases), this
+# family's PEFT equivalents and mlx-lm's own adapters. Each row: "load" (mlx | peft) and "ref" (the key of the
+# case's logits.safetensors the output must reproduce; "base_logits" there is the base, for the noise floor).
+_GGUF = "llamacpp/"
+_TO_MLX = ["llama_plain", "llama_rslora", "llama_patterns", "llama_all_linear", "llama_dora", "qwen2_plain",
+           "qwen2_rslora", "qwen2_patterns", "qwen2_all_linear"]
+_REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven against PEFT's",
+            "llama_lora_bias": "lora_B.bias: mlx-lm's LoRA layers have no bias"}
+
+
+def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None):
+    arch = case.split("/")[-1].split("_")[0]
+    row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
+           "load": load, "ref": ref}
+    return dict(row, note=note) if note else row
+
+
+ACCEPTANCE = (
+    [_row(_GGUF + c, "mlx-lm", "mlx", "logits") for c in _TO_MLX]
+    + [_row(_GGUF + "llama_plain", "mlx-lm-2024-06", "mlx", "logits",
+            note="the 2024-06 era's config (alpha = rank, lora_layers, use_dora) loads in 0.32.2 too")]
+    + [_row(_GGUF + c, "mlx-lm", "mlx", "logits", expect="refused", note=why) for c, why in _REFUSED.items()]
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits_peft", source="peft_equivalent")
+       for c in ("llama_all_last1", "qwen2_qkv", "llama_dora", "llama_lm_head")]
+    + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
+       for c in ("llama_qv", "llama_all_last1", "llama_dora", "llama_lm_head", "qwen2_qkv", "qwen2_all")]
+    + [_row("mlxlm0322/llama_dora", "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")]
+)
+# the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
+# 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5
+TOL = 1e-4
 
 # a result "matches" when max |logit diff| <= REL_TOL[dtype] * max |reference logit| (float32: ~80 ulps of the
 # largest logit; the tiny models' logits reach ~5-10, the LoRA effects 1-4)

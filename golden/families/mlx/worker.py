@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+from worker_util import (acceptance_lines, close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
                          report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
@@ -138,7 +138,7 @@ def peft_equivalent(arch, base_dir, adapter_dir, args, out_dir):
             if m + ".m" in w:
                 layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(w[m + ".m"].copy()))
     logits = hf_logits(pm.eval(), C.INPUT_IDS)
-    pm.save_pretrained(str(out_dir))
+    pm.save_pretrained(str(out_dir), save_embedding_layers=False)  # the LoRA only (lm_head cases)
     return logits, {"r": lp["rank"], "lora_alpha": lp["scale"] * lp["rank"], "target_modules": mods,
                     "use_dora": cfg.use_dora}
 
@@ -256,8 +256,67 @@ def report(job):
             what = (f"loads; logits vs the same adapter without `alpha`: {v['logits_vs_scale_only']} (alpha ignored)"
                     if v.get("loads") else f"refused: `{v.get('error')}`")
             lines.append(f"- {k}, `lora_parameters` with {label.replace('_', ' ')}: {what}")
+    lines += acceptance_lines(job, [("`mlx_lm fuse` → transformers", "fuse_vs_ref")])
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------------------ load_check
+
+
+def rows_tol(ref, noise):
+    """tests/tolerance.py's model for float32 logits: 192 units of roundoff of the largest logit + 4·noise."""
+    return 192 * 2.0**-24 * max_abs(ref) + 4 * noise
+
+
+def load_one(item, data_dir, scratch):
+    """One ACCEPTANCE row: the converted OUT loaded by mlx-lm (and fused by ``mlx_lm fuse``) or by peft, its logits
+    against the row's reference logits of the source case."""
+    from mlx_lm import load
+    from safetensors.numpy import load_file
+    row, out = item["row"], Path(item["out"])
+    arch = row["arch"]
+    base = Path(data_dir) / "mlxlm0322" / "_base" / arch
+    stored = load_file(str(Path(item["case_dir"]) / "logits.safetensors"))
+    ref = stored[row["ref"]]
+    res = {"adapter": "default", "load": row["load"]}
+    if row["load"] == "mlx":
+        model, _ = load(str(base), adapter_path=str(out))
+        got = mlx_logits(model)
+        base_model, _ = load(str(base))
+        res["noise"] = fmt(maxdiff(mlx_logits(base_model), stored["base_logits"]))
+        fused = fuse_check(base, out, scratch, arch, ref)
+        res["fuse_vs_ref"] = fused.get("transformers_vs_peft", fused.get("error"))
+    else:
+        from peft import PeftModel
+        pm = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), str(out)).eval()
+        got = hf_logits(pm, C.INPUT_IDS)
+        res["noise"] = fmt(maxdiff(hf_logits(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), C.INPUT_IDS),
+                                   stored["base_logits"]))
+    d = maxdiff(got, ref)
+    res.update(max_abs_diff=fmt(d), max_abs_logit=max_abs(ref), tol=fmt(rows_tol(ref, res["noise"])))
+    if d > rows_tol(ref, res["noise"]):
+        res["error"] = f"logits off by {fmt(d)} > tolerance {res['tol']}"
+    fuse = res.get("fuse_vs_ref")
+    if isinstance(fuse, float) and fuse > rows_tol(ref, res["noise"]):
+        res["error"] = f"mlx_lm fuse of the output off by {fuse} > tolerance {res['tol']}"
+    elif fuse is not None and not isinstance(fuse, float):
+        res["error"] = f"mlx_lm fuse failed: {fuse}"
+    return res
+
+
+def task_load_check(job):
+    out = []
+    for i, item in enumerate(job["items"]):
+        print(f"mlx load_check {item['row']['case']} -> {item['row']['target']}", flush=True)
+        try:
+            res = load_one(item, job["data_dir"], Path(job["work"]) / "scratch" / "mlx" / f"accept{i:02d}")
+        except Exception as e:  # noqa: BLE001 - the loader's refusal is the result
+            res = {"adapter": "default", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+        out.append([res])
+    return {"items": out}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["load_check"]:
+    write_json(sys.argv[3], task_load_check(json.loads(Path(sys.argv[2]).read_text())))
+elif __name__ == "__main__":
     run_main({"generate": task_generate}, {"base": task_base}, report, lambda env: versions(VERSIONS))

@@ -60,7 +60,51 @@ CASES = {f"torchtune061/{name}": case for name, case in {
     "qwen2_all": _case("qwen2", ALL_ATTN, mlp=True, rank=4, alpha=8.0),
 }.items()}
 
-ACCEPTANCE = []
+# ACCEPTANCE: conversions by the landed CLI loaded back in the real libraries: into torchtune through its
+# checkpointer (FullModelHFCheckpointer resuming with adapter_checkpoint, the recipe's load_state_dict and
+# validate_missing_and_unexpected_for_lora) in torchtune061, into PEFT with PeftModel.from_pretrained in pf21.
+# "ref": the key of the source case's logits.safetensors the output must reproduce; "ref_base": its base logits
+# (the noise floor). Bases: the source case's own <case>/../_base/<arch> (HF config.json + model.safetensors).
+_BASE = ["--base-model", "{case}/../_base/"]
+
+
+def _row(case, target, load, ref, ref_base, *, source="adapter", expect="ok", args=(), note=None):
+    arch = case.split("/")[-1].split("_")[0]
+    row = {"case": case, "source": source, "target": target, "expect": expect, "arch": arch, "load": load,
+           "env": "torchtune061" if load == "torchtune" else "pf21", "ref": ref, "ref_base": ref_base,
+           "extra_args": [*args, _BASE[0], _BASE[1] + arch]}
+    return dict(row, note=note) if note else row
+
+
+_TT = "torchtune061/"
+_GGUF = "llamacpp/"  # PEFT adapters written by real peft 0.21.2 (the gguf family's cases)
+ACCEPTANCE = (
+    # torchtune's own adapter_model.pt → PEFT: q/k rows back to the HF layout for Llama, untouched for Qwen2
+    [_row(_TT + c, "peft", "peft", "logits_torchtune", "base_logits_torchtune", source="torchtune")
+     for c in ("llama_qv", "llama_qk", "llama_all", "llama_dora", "qwen2_qk", "qwen2_all")]
+    # torchtune's PEFT export (SRC = the file: the folder is torchtune's) → torchtune (for Qwen2 the export is
+    # scrambled: the output carries what PEFT computes from it, so torchtune must reproduce PEFT's logits of it)
+    + [_row(_TT + c, "torchtune", "torchtune", ref, "base_logits_torchtune",
+            source="torchtune/adapter_model.safetensors")
+       for c, ref in (("llama_qv", "logits_torchtune"), ("llama_qk", "logits_torchtune"),
+                      ("llama_all", "logits_torchtune"), ("qwen2_qk", "logits_peft_export"),
+                      ("qwen2_all", "logits_peft_export"))]
+    + [_row(_TT + "llama_dora", "torchtune", "torchtune", "logits_torchtune", "base_logits_torchtune",
+            source="torchtune", note="torchtune → torchtune (DoRA, q/k permuted both ways)")]
+    # PEFT goldens (rsLoRA, rank/alpha patterns, all-linear, DoRA) → torchtune
+    + [_row(_GGUF + c, "torchtune", "torchtune", "logits", "base_logits")
+       for c in ("llama_plain", "llama_rslora", "llama_patterns", "llama_all_linear", "llama_dora", "qwen2_plain",
+                 "qwen2_rslora", "qwen2_patterns", "qwen2_all_linear")]
+    + [_row(_GGUF + "llama_embed", "torchtune", "torchtune", "logits", "base_logits", expect="refused",
+            note="embedding LoRA: torchtune has none"),
+       _row(_GGUF + "llama_lora_bias", "torchtune", "torchtune", "logits", "base_logits", expect="refused",
+            note="lora_B.bias: torchtune's LoRALinear has none"),
+       _row("mlxlm0322/llama_all_last1", "torchtune", "torchtune", "logits_peft", "base_logits",
+            source="peft_equivalent", expect="refused", note="LoRA on the last block only: torchtune's builders "
+            "adapt every layer")]
+)
+# the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker
+TOL = 1e-4
 
 # max |logit diff| <= REL_TOL * max |reference logit| (float32, ~80 ulps of the largest logit)
 REL_TOL = {"f32": 1e-5}

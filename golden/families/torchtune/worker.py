@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker_util import (close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
+from worker_util import (acceptance_lines, close, fmt, hf_logits, hf_model, load_cases, max_abs, maxdiff,  # noqa: E402
                          report_head, run_main, save_hf_base, table, versions, write_json)
 
 C = load_cases(__file__)
@@ -171,10 +171,11 @@ def dora_variants(arch, base_dir, export, scratch, ref):
 # --------------------------------------------------------------------------------------- torchtune env task
 
 
-def tt_model(arch, lora):
+def tt_model(arch, lora, cfg=None):
+    """torchtune's LoRA builder for ``arch`` with the dims of ``cfg`` (an HF config; default the family's own)."""
     import importlib
     a = C.ARCHS[arch]
-    cfg = a["config"]
+    cfg = cfg or a["config"]
     mod, fn = a["tt_builder"].rsplit(".", 1)
     builder = getattr(importlib.import_module(mod), fn)
     kw = dict(vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
@@ -306,9 +307,98 @@ def report(job):
             lines.append(f"- {k}: peft reads the export's config as {r['peft_config_loaded']}; the output folder "
                          f"(merged model + adapter files) in transformers' `from_pretrained`: "
                          f"{r.get('merged_from_pretrained')}")
+    lines += acceptance_lines(job, ())
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
 
-if __name__ == "__main__":
+# -------------------------------------------------------------------------------------------- load_check
+
+
+def rows_tol(ref, noise):
+    """tests/tolerance.py's model for float32 logits: 192 units of roundoff of the largest logit + 4·noise."""
+    return 192 * 2.0**-24 * max_abs(ref) + 4 * noise
+
+
+def load_torchtune(row, out, base, scratch, ref_base):
+    """OUT through torchtune's own loading path: FullModelHFCheckpointer resuming with ``adapter_checkpoint`` (the
+    base from checkpoint_dir, adapter_model.pt from the output dir; a dummy recipe_state.pt, which resuming needs),
+    the LoRA model built from the base's config.json with the recipe settings OUT's config names, then
+    load_state_dict + validate_missing_and_unexpected_for_lora as recipes/lora_finetune_single_device.py does."""
+    from torchtune import training
+    from torchtune.modules.peft import validate_missing_and_unexpected_for_lora
+    from torchtune.training import FullModelHFCheckpointer
+    resume = Path(scratch) / "resume"
+    shutil.rmtree(resume, ignore_errors=True)
+    shutil.copytree(out, resume)
+    torch.save({}, resume / "recipe_state.pt")
+    arch = row["arch"]
+    ck = FullModelHFCheckpointer(checkpoint_dir=str(base), checkpoint_files=["model.safetensors"],
+                                 model_type=C.ARCHS[arch]["tt_model_type"], output_dir=str(resume),
+                                 adapter_checkpoint="adapter_model.pt", recipe_checkpoint="recipe_state.pt",
+                                 should_load_recipe_state=True)
+    sd = ck.load_checkpoint()
+    recipe = json.loads((Path(out) / "adapter_config.json").read_text())["recipe"]
+    lora = {k: recipe[k] for k in ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank",
+                                   "lora_alpha")}
+    lora["use_dora"] = bool(recipe.get("use_dora"))
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    model = tt_model(arch, lora, cfg)
+    base_missing, base_unexpected = model.load_state_dict(sd[training.MODEL_KEY], strict=False)
+    for m in model.modules():
+        if hasattr(m, "initialize_dora_magnitude"):
+            m.initialize_dora_magnitude()
+    tokens = torch.tensor([C.INPUT_IDS])
+    model.eval()
+    with torch.no_grad():
+        base_logits = model(tokens)[0].float().numpy()
+    lora_missing, lora_unexpected = model.load_state_dict(sd[training.ADAPTER_KEY], strict=False)
+    validate_missing_and_unexpected_for_lora(
+        lora_attn_modules=lora["lora_attn_modules"], apply_lora_to_mlp=lora["apply_lora_to_mlp"],
+        apply_lora_to_output=lora["apply_lora_to_output"], base_missing=base_missing,
+        base_unexpected=base_unexpected, lora_missing=lora_missing, lora_unexpected=lora_unexpected)
+    with torch.no_grad():
+        got = model(tokens)[0].float().numpy()
+    return got, maxdiff(base_logits, ref_base), {"recipe": recipe}
+
+
+def load_peft(row, out, base, ref_base):
+    from peft import PeftModel
+    arch = row["arch"]
+    pm = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), str(out)).eval()
+    noise = maxdiff(hf_logits(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), C.INPUT_IDS), ref_base)
+    return hf_logits(pm, C.INPUT_IDS), noise, {}
+
+
+def task_load_check(job):
+    from safetensors.numpy import load_file
+    out = []
+    for i, item in enumerate(job["items"]):
+        row = item["row"]
+        print(f"torchtune load_check {row['case']} -> {row['target']} ({row['load']})", flush=True)
+        case_dir = Path(item["case_dir"])
+        base = case_dir.parent / "_base" / row["arch"]
+        stored = load_file(str(case_dir / "logits.safetensors"))
+        ref = stored[row["ref"]]
+        res = {"adapter": "default", "load": row["load"]}
+        try:
+            if row["load"] == "torchtune":
+                got, noise, extra = load_torchtune(row, item["out"], base, Path(job["work"]) / "scratch" /
+                                                   "torchtune" / f"accept{i:02d}", stored[row["ref_base"]])
+            else:
+                got, noise, extra = load_peft(row, item["out"], base, stored[row["ref_base"]])
+            d = maxdiff(got, ref)
+            res.update(extra, max_abs_diff=fmt(d), noise=fmt(noise), max_abs_logit=max_abs(ref),
+                       tol=fmt(rows_tol(ref, noise)))
+            if d > rows_tol(ref, noise):
+                res["error"] = f"logits off by {fmt(d)} > tolerance {res['tol']}"
+        except Exception as e:  # noqa: BLE001 - the loader's refusal is the result
+            res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        out.append([res])
+    return {"items": out}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["load_check"]:
+    write_json(sys.argv[3], task_load_check(json.loads(Path(sys.argv[2]).read_text())))
+elif __name__ == "__main__":
     run_main({"generate": task_generate, "peft_load": task_peft_load}, {"base": task_base}, report,
              lambda env: versions(TT_VERSIONS if env == "torchtune061" else PF21_VERSIONS))

@@ -29,7 +29,6 @@ class GgufCodec(Codec):
     display = "a llama.cpp GGUF"
     output = "file"
     file_suffix = ".gguf"
-    reads_base_config = True
 
     # -------------------------------------------------------------------------------------------- reading
 
@@ -42,6 +41,11 @@ class GgufCodec(Codec):
         a = read_adapter(path, path.stem)
         return Source(path, GGUF, "adapter", [a], [f"{path.name}: GGUF, general.type = adapter, "
                                                    f"general.architecture = {a.store.field('general.architecture')}"])
+
+    def uses_base_config(self, a: SourceAdapter, target: Convention) -> bool:
+        """GGUF's layout needs the base model's config.json (architecture, q/k heads, tied embeddings), reading
+        a GGUF or writing one, whatever the adapter's init."""
+        return a.convention.family == self.id or target.family == self.id
 
     def prepare(self, a: SourceAdapter, opts: PlanOptions) -> None:
         """The q/k rows of a permuting architecture need the base model's head counts (its config.json)."""

@@ -1,0 +1,39 @@
+"""What each mlx-lm era computes loading an mlx-lm adapter folder as it is (``inspect``'s "loaded as is"), derived by
+reading the config as that era's ``load_adapters`` reads it (schema: :mod:`lora_migrate.schemas.mlx_lm`)."""
+
+from __future__ import annotations
+
+from ...findings import LoadCheck
+from ...schemas import mlx_lm as S
+
+
+def as_loaded(a, conventions, era_scale) -> list[LoadCheck]:
+    """One LoadCheck per other era in ``conventions``; ``era_scale(conv, lora_parameters)`` → (scale, provenance)."""
+    cfg = a.info.config
+    lp = cfg.get("lora_parameters", {})
+    mine, _ = era_scale(a.convention, lp)
+    dora = "dora" in a.features
+    out = []
+    for c in (c for c in conventions if c is not a.convention):
+        need = S.LAYER_COUNT_FIELDS[c.name]
+        lacks = [f for f in need if f not in cfg]
+        if len(lacks) == len(need):
+            out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                 detail=f"FAILS to load: it reads {' or '.join(need)}, which the config lacks; "
+                                        f"convert with --to {c.name}"))
+            continue
+        problems = [f"the releases that read {f} fail to load it (no {f})" for f in lacks]
+        switch = S.DORA_FIELDS[c.name]
+        off = [f for f in switch if cfg.get(f) not in (True, "dora")]
+        if dora and (not switch or off):
+            problems.append("DoRA's m is not applied" + (f" by the releases that read {' / '.join(off)}"
+                                                          if switch else " (no DoRA in these releases)"))
+        if "alpha" not in lp and S.SCALE_RULES[c.name] == "scale·alpha/rank":
+            problems.append("it raises KeyError: no lora_parameters.alpha")
+        else:
+            s, _ = era_scale(c, lp)
+            if s != mine:
+                problems.append(f"scale {s:g} instead of {mine:g} ({S.SCALE_RULES[c.name]})")
+        out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not problems,
+                             detail="; ".join(problems) if problems else "the same ΔW"))
+    return out

@@ -1,0 +1,97 @@
+"""The mlx-lm family: ``adapters.safetensors`` + ``adapter_config.json`` (the whole ``mlx_lm lora`` args dict), by era.
+
+Source: ../shared/reference/ecosystem.md §5 and §15, mlx-lm wheels 0.2.0, 0.14.2, 0.14.3, 0.19.0, 0.20.1, 0.21.0,
+0.25.0, 0.25.1 read from PyPI, and mlx-lm 0.32.2 measured (golden/results/FINDINGS_MLX.md).
+
+Layout in every era: keys are the mlx model's parameter paths without ``.weight`` (``model.layers.N.self_attn.
+q_proj.lora_a``); ``lora_a`` is (in, r) = Aᵀ and ``lora_b`` (r, out) = Bᵀ (``LoRALinear``: y = W x + scale·(x @
+lora_a) @ lora_b); DoRA adds ``.m`` (out,), which computes what PEFT's ``lora_magnitude_vector`` does (measured:
+2.3e-6 logits against PEFT; ``DoRALinear.__call__`` reads the same in 0.14.2, its first release). One ``rank``
+for the whole adapter: ``load_adapters`` rejects any other shape.
+
+What ``scale`` means, by era (the config is read at load time by whatever mlx-lm loads it):
+
+- 2024-03 (#546, first in 0.2.0): ``self.scale = scale * (alpha / r)``; the CLI writes ``{"rank": 8, "alpha": 16,
+  "dropout": 0.0, "scale": 10.0}``; the layer count is ``lora_layers``;
+- 2024-06 (c457a3f8, first in 0.14.2): ``self.scale = scale`` — absolute; ``alpha`` is still written by the CLI
+  (16) and ignored; ``lora_layers`` + ``use_dora`` until 0.19, where ``num_layers`` + ``fine_tune_type`` replace
+  them; with no ``keys`` only the model type's defaults (q_proj, v_proj for Llama) get LoRA;
+- 2025-06 (e673a97c, first in 0.25.1): the same formula; the CLI default scale 20 and no ``alpha``; with no
+  ``keys`` every Linear of a block gets LoRA (0.32.2); ``keys`` may also name modules outside the blocks by their
+  full path (the second loop over ``model.named_modules()``, in 0.21.0 and later).
+
+A config with ``alpha`` ≠ ``rank`` and no field that dates it is therefore read two ways (scale·alpha/rank before
+0.14.2, scale after): detection asks for ``--from``. Writers always write explicit ``keys`` (the no-keys default
+changed) and, for the 2024-06 era, ``alpha = rank`` (so a 2024-03 loader computes scale·rank/rank = scale as well)
+and every spelling of the layer count and the DoRA switch.
+"""
+
+from __future__ import annotations
+
+from .base import Convention, KeyTemplates, Scaling
+
+FAMILY = "mlx-lm"
+WEIGHTS = "adapters.safetensors"
+CONFIG = "adapter_config.json"
+
+MLX_KEYS = KeyTemplates(a="{module}.lora_a", b="{module}.lora_b", magnitude="{module}.m")
+
+# the parameter-leaf names mlx-lm's load_adapters accepts ("m": DoRA)
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+# mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors
+SWITCH_MARKERS = ("switch_mlp", "switch_glu")
+
+# the scale each era applies, from lora_parameters (see the module docstring)
+SCALE_RULES = {
+    "mlx-lm-2024-03": "scale·alpha/rank",
+    "mlx-lm-2024-06": "scale",
+    "mlx-lm": "scale",
+}
+
+# config fields that date a file (first release that writes them; 0.15–0.18 not read)
+DATED_FIELDS = {"use_dora": "0.14.2", "num_layers": "0.19.0", "fine_tune_type": "0.19.0"}
+# what each era's load_adapters reads for the layer count and the DoRA switch (0.2.0/0.14.2: config.lora_layers,
+# getattr(config, "use_dora", False); 0.19.0 and later: config.num_layers, getattr(config, "fine_tune_type", "lora"))
+LAYER_COUNT_FIELDS = {"mlx-lm-2024-03": ("lora_layers",), "mlx-lm-2024-06": ("lora_layers", "num_layers"),
+                      "mlx-lm": ("num_layers",)}
+DORA_FIELDS = {"mlx-lm-2024-03": (), "mlx-lm-2024-06": ("use_dora", "fine_tune_type"), "mlx-lm": ("fine_tune_type",)}
+
+# what the writer puts in adapter_config.json besides lora_parameters, per target (the CLI's own defaults)
+CONFIG_BASE = {"adapter_path": "adapters", "batch_size": 4, "iters": 1000, "learning_rate": 1e-05,
+               "max_seq_length": 2048, "seed": 0, "train": False, "test": False}
+
+REFUSALS = {
+    "switch": "mlx-lm's LoRASwitchLinear holds stacked per-expert factors (E, r, in)/(E, out, r) under its own "
+              "sanitized switch_mlp names; the canonical form has no per-expert module mapped to the base model's "
+              "expert layout, so no equivalent has been proven",
+    "embedding": "mlx-lm's LoRAEmbedding has not been checked against PEFT's embedding LoRA here",
+    "full": "fine_tune_type \"full\" saves full trained weights, not a LoRA adapter",
+    "lora_bias": "mlx-lm's LoRA layers have no bias on B",
+    "modules_to_save": "mlx-lm adapters hold only lora_a/lora_b/m, not full module copies",
+}
+
+_COMMON = dict(family=FAMILY, library="mlx-lm", config_file=CONFIG, keys=MLX_KEYS,
+               weights_read=(WEIGHTS,), weights_write=WEIGHTS)
+
+MLX_LM_2024_03 = Convention(
+    name="mlx-lm-2024-03", versions=">=0.2.0,<0.14.2", aliases=("mlx-lm@0.2", "mlx-lm-0.2"),
+    summary="mlx-lm 0.2.0–0.14.1: adapters.safetensors + adapter_config.json; effective scale = scale·alpha/rank",
+    scaling={"linear": Scaling.ALPHA},
+    scaling_notes="scale·alpha/rank with lora_parameters {rank, alpha, scale} (mlx-examples #546, 2024-03)",
+    features=frozenset(), **_COMMON)
+
+MLX_LM_2024_06 = Convention(
+    name="mlx-lm-2024-06", versions=">=0.14.2,<0.25.1", aliases=("mlx-lm-0.14", "mlx-lm-0.20"),
+    summary="mlx-lm 0.14.2–0.25.0: scale absolute, alpha written but ignored; lora_layers/num_layers, use_dora",
+    scaling={"linear": Scaling.ALPHA},
+    scaling_notes="scale absolute (alpha ignored; c457a3f8, 2024-06); the CLI still writes alpha 16, scale 10",
+    features=frozenset({"dora"}), **_COMMON)
+
+MLX_LM = Convention(
+    name="mlx-lm", versions=">=0.25.1", aliases=("mlx-lm-2025-06", "mlx_lm", "mlx"),
+    summary="mlx-lm ≥ 0.25.1: adapters.safetensors (lora_a = Aᵀ, lora_b = Bᵀ) + adapter_config.json, scale absolute",
+    scaling={"linear": Scaling.ALPHA},
+    scaling_notes="y = W x + scale·(x @ lora_a) @ lora_b, scale absolute (PEFT alpha = scale·r; measured in 0.32.2)",
+    features=frozenset({"dora", "top_level_keys"}), **_COMMON)
+
+CONVENTIONS = (MLX_LM_2024_03, MLX_LM_2024_06, MLX_LM)
