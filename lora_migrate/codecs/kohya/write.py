@@ -66,6 +66,10 @@ def locate(module: str, family: str | None) -> tuple[str, int, int, str | None] 
         if fp is None:
             return "no Flux BFL module holds it"
         return f"{S.UNET_PREFIX}_{N.underscored(fp.bfl)}", fp.index, len(fp.parts), fp.split
+    if comp == "unet" and family is None:  # diffusers names: sd-scripts, diffusers and ComfyUI read them for both
+        if not _grammar_ok(path, "unet_diffusers"):
+            return "not a U-Net layer sd-scripts' network holds"
+        return f"{S.UNET_PREFIX}_{N.underscored(path)}", 0, 1, None
     if family is None:
         return "the model family is unknown (keys and shapes cannot tell SD1 from SDXL): pass --model-type"
     spec = S.FAMILIES[family]
@@ -104,8 +108,11 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     family = opts.model_type or src.info.model_type
     if family is not None and family not in S.FAMILIES:
         raise LoraMigrateError(f"--model-type {family}: kohya knows {', '.join(S.FAMILIES)}")
-    if family is None and any(e.module.startswith("transformer.") for e in src.modules):
+    comps = {e.module.partition(".")[0] for e in src.modules}
+    if family is None and "transformer" in comps:
         family = "flux"
+    elif family is None and comps >= {"unet", "text_encoder_2"}:
+        family = "sdxl"
     for e in src.modules:
         if e.kind not in ("linear", "conv") or set(e.keys) - {"a", "b"} or e.fused is not None:
             what = {"bias": "a LoRA bias (lora_B.bias)", "magnitude": "DoRA (lora_magnitude_vector)"}
@@ -130,6 +137,10 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     by_mod = {e.module: e for e in src.modules}
     src.modules[:] = sorted((by_mod[m] for m in where), key=lambda e: where[e.module])  # write order: names
     notes = [f"dropped (--drop): {m} ({why})" for m, why in dropped]
+    if family is None:
+        notes.append("model family unknown: U-Net layers written with diffusers names (sd-scripts, diffusers and "
+                     "ComfyUI read them for SD1 and SDXL); --model-type gives SAI names for SDXL and "
+                     "ss_base_model_version")
     out: dict[str, ModuleOut] = {}
     for o in outs.values():
         _plan_module(o, [by_mod[o.parts[i]] for i in sorted(o.parts)], src, out, notes)
