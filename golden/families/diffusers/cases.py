@@ -177,4 +177,37 @@ _CASES = {
 # case id = <env of its first step>/<name>
 CASES = {f"{c['stages'][1][1]}/{name}": c for name, c in _CASES.items()}
 
-ACCEPTANCE = []   # filled when the image-model codecs exist
+# ---- acceptance: conversions by the CLI, loaded back in the real libraries (worker task load_check) ----
+# The converter writes OUT + ".safetensors" (kohya's OUT is one file); the worker loads it in the row's env:
+# ``diffusers`` = pipe.load_lora_weights, ``sdscripts`` = sd-scripts' own create_network_from_weights (where
+# diffusers' kohya loader skips layers or cannot split them). ``reference`` = the outputs the converted file must
+# reproduce: ``live`` (the network as trained), ``kohya`` (the source file as sd-scripts reads it) or ``loaded``
+# (as diffusers reads it) — for traps whose file means something other than what was trained (dropped .alpha,
+# swapped text encoders), the conversion keeps what the FILE says. The worker applies tests/tolerance.py's model
+# per output; TOL is the harness's flat backstop above it.
+TOL = 1e-4
+_KOHYA_ARGS = ["convert", "{src}", "{out}.safetensors", "--to", "{target}", "--json"]
+
+
+def _row(case, target, env, reference="live", extra=(), note=None):
+    r = {"case": f"sdscripts/{case}", "source": "lora.safetensors", "target": target, "env": env,
+         "expect": "ok", "args": _KOHYA_ARGS + list(extra), "out_suffix": ".safetensors", "reference": reference}
+    return {**r, "note": note} if note else r
+
+
+ACCEPTANCE = [
+    *[_row(c, "kohya", env) for c in ("sd1_kohya", "sd1_kohya_locon", "sdxl_kohya", "sdxl_kohya_locon_dfnames",
+                                      "flux_kohya") for env in ("diffusers", "sdscripts")],
+    _row("flux_kohya_globals", "kohya", "sdscripts",
+         note="diffusers' kohya loader skips the global layers (finding layers-diffusers-skips); sd-scripts loads them"),
+    _row("flux_kohya_linear1", "kohya", "sdscripts",
+         note="diffusers' kohya loader splits linear1 at Flux-dev's sizes only (finding linear1-not-flux-dev)"),
+    *[_row(c, "kohya", env, "kohya", note="the file's own meaning: no .alpha = scale 1 (finding missing-alpha)")
+      for c in ("sd1_kohya_noalpha", "sdxl_kohya_noalpha") for env in ("diffusers", "sdscripts")],
+    _row("flux_kohya_noalpha", "kohya", "diffusers", "loaded",
+         note="sd-scripts' own reader raises KeyError on this file; diffusers reads it at scale 1"),
+    _row("sd1_kohya_sai", "kohya", "diffusers", extra=["--model-type", "sd1"],
+         note="SAI-named SD1 U-Net: written with diffusers names, StableDiffusionPipeline loads it (it refused the source)"),
+    _row("sdxl_kohya_te_swap", "kohya", "diffusers", "kohya",
+         note="te1/te2 of equal width cannot be told apart: the file's own (swapped) meaning is kept"),
+]
