@@ -47,6 +47,15 @@ class KohyaCodec(Codec):
                                        f"{', '.join(S.FAMILIES)}")
             a.info.model_type = opts.model_type
 
+    def as_loaded(self, a) -> list:
+        """What diffusers' kohya loader (0.42.1, measured: ecosystem.md §15) computes from this file as it is."""
+        from ...findings import LoadCheck
+
+        codes = {code: msg for _, code, msg in findings_of(a)}
+        wrong = [codes[c] for c in ("layers-diffusers-skips", "linear1-not-flux-dev", "sai-names-sd1") if c in codes]
+        return [LoadCheck(convention="diffusers (kohya loader)", library="diffusers", versions="0.42.1",
+                          same=not wrong, detail="; ".join(wrong) or "reads every module at alpha/r, as sd-scripts")]
+
     def findings(self, a) -> list:
         from ...findings import Finding
 

@@ -259,23 +259,22 @@ def fuse(o: OutModule, deltas) -> tuple[torch.Tensor, torch.Tensor]:
         return d.A, B
     idx = sorted(o.parts)
     by = dict(zip(idx, deltas))
-    bounds = [sum(o.rows[:i]) for i in range(o.n_parts + 1)]
     first = deltas[0]
-    if o.compact:
+    if o.compact:  # the ups stacked (zero rows for a part the source lacks): one memcpy each
         if any(not torch.equal(first.A, d.A) for d in deltas[1:]):
             raise AssertionError(f"{o.name}: the parts' A differ after planning them shared")
-        up = torch.zeros(bounds[-1], o.r, dtype=o.dtype)
-        for i, d in by.items():
-            up[bounds[i]:bounds[i + 1]] = d.B
-        return first.A, up
+        return first.A, torch.cat([by[i].B if i in by else torch.zeros(o.rows[i], o.r, dtype=o.dtype)
+                                   for i in range(o.n_parts)])
     down = torch.cat([by[i].A for i in idx])
-    up = torch.zeros(bounds[-1], o.r, dtype=o.dtype)
-    c = 0
-    for i in idx:
-        r = by[i].A.shape[0]
-        up[bounds[i]:bounds[i + 1], c:c + r] = by[i].B
+    blocks, c = [], 0  # block-diagonal: part i's B in its rows and its own rank columns
+    for i in range(o.n_parts):
+        r = by[i].A.shape[0] if i in by else 0
+        row = torch.zeros(o.rows[i], o.r, dtype=o.dtype)
+        if i in by:
+            row[:, c:c + r] = by[i].B
+        blocks.append(row)
         c += r
-    return down, up
+    return down, torch.cat(blocks)
 
 
 def write_kohya(ex: Execution, dest, deltas) -> list[str]:
