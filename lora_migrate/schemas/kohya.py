@@ -155,7 +155,8 @@ FLUX_MLP_RATIO = 4.0
 # Flux layers diffusers' kohya loader (_convert_kohya_flux_lora_to_diffusers, 0.42.1) converts to keys without the
 # ``transformer.`` prefix and then skips with nothing logged (measured: off by 0.14; ecosystem.md §15)
 DIFFUSERS_SKIPS_FLUX = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-# what sd-scripts' own Flux network never builds (create_network_from_weights: in_dims only)
+# what sd-scripts' own Flux network never builds (create_network_from_weights: blocks and in_dims layers only):
+# read from a kohya file (ComfyUI applies them), refused when writing one unless --drop names them
 SDSCRIPTS_SKIPS_FLUX = ("final_layer.",)
 
 # ------------------------------------------------------------------------------------------------ metadata

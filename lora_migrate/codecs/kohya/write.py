@@ -56,8 +56,9 @@ def _grammar_ok(path: str, grammar: str) -> bool:
     return re.fullmatch(S.GRAMMARS[grammar], path) is not None
 
 
-def locate(module: str, family: str | None) -> tuple[str, int, int, str | None] | str:
-    """(kohya module name, part index, number of parts, split) of a canonical module, or why it has none."""
+def locate(module: str, family: str | None, from_kohya: bool = False) -> tuple[str, int, int, str | None] | str:
+    """(kohya module name, part index, number of parts, split) of a canonical module, or why it has none.
+    ``from_kohya``: the source is a kohya file, whose layers every kohya loader treats as it did before."""
     comp, _, path = module.partition(".")
     if comp == "transformer":
         if family not in (None, "flux"):
@@ -65,6 +66,9 @@ def locate(module: str, family: str | None) -> tuple[str, int, int, str | None] 
         fp = N.diffusers_to_flux(path)
         if fp is None:
             return "no Flux BFL module holds it"
+        if fp.bfl.startswith(S.SDSCRIPTS_SKIPS_FLUX) and not from_kohya:
+            return f"kohya name {N.underscored(fp.bfl)}: sd-scripts' Flux network never builds it (nor does " \
+                   "diffusers' kohya loader), so it would be skipped without a word"
         return f"{S.UNET_PREFIX}_{N.underscored(fp.bfl)}", fp.index, len(fp.parts), fp.split
     if comp == "unet" and family is None:  # diffusers names: sd-scripts, diffusers and ComfyUI read them for both
         if not _grammar_ok(path, "unet_diffusers"):
@@ -122,7 +126,7 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     where: dict[str, tuple[str, int]] = {}
     dropped, refused = [], []
     for e in src.modules:
-        loc = locate(e.module, family)
+        loc = locate(e.module, family, src.convention.family == "kohya")
         if isinstance(loc, str):
             (dropped if _dropped(e.module, opts.drop) else refused).append((e.module, loc))
             continue

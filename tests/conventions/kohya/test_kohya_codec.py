@@ -197,27 +197,33 @@ def test_shared_a_fuses_compact_and_missing_mlp_is_zero_rows(tmp_path):
 
 
 def test_alpha_written_exactly_in_the_factor_dtype_when_it_can(tmp_path):
-    src = canonical_source(tmp_path, {"transformer.proj_out": (rnd(4, 8, dtype=torch.bfloat16),
-                                                               rnd(8, 4, dtype=torch.bfloat16), 1 / 3)})
+    lin2 = "transformer.single_transformer_blocks.0.proj_out"
+    src = canonical_source(tmp_path, {lin2: (rnd(4, 8, dtype=torch.bfloat16), rnd(8, 4, dtype=torch.bfloat16), 1 / 3)})
     ex, out, notes, back = convert(src, tmp_path)
     with safe_open(str(out), "pt") as s:
-        alpha = s.get_tensor("lora_unet_final_layer_linear.alpha")
+        alpha = s.get_tensor("lora_unet_single_blocks_0_linear2.alpha")
     assert alpha.dtype == torch.float32 and alpha.item() == pytest.approx(4 / 3, rel=1e-7)
-    src2 = canonical_source(tmp_path, {"transformer.proj_out": (rnd(4, 8, dtype=torch.bfloat16),
-                                                                rnd(8, 4, dtype=torch.bfloat16), 0.5)})
+    src2 = canonical_source(tmp_path, {lin2: (rnd(4, 8, dtype=torch.bfloat16), rnd(8, 4, dtype=torch.bfloat16), 0.5)})
     _, out2, _, _ = convert(src2, tmp_path)
     with safe_open(str(out2), "pt") as s:
-        assert s.get_tensor("lora_unet_final_layer_linear.alpha").dtype == torch.bfloat16  # as save_weights
+        assert s.get_tensor("lora_unet_single_blocks_0_linear2.alpha").dtype == torch.bfloat16  # as save_weights
 
 
 def test_unmapped_layer_refused_unless_dropped(tmp_path):
-    src = canonical_source(tmp_path, {"transformer.proj_out": (rnd(2, 8), rnd(8, 2), 1.0),
-                                      "transformer.pos_embed.proj": (rnd(2, 8), rnd(8, 2), 1.0)})
-    with pytest.raises(UnsupportedFeature, match=r"transformer.pos_embed.proj: kohya cannot hold it .*--drop"):
+    lin2 = "transformer.single_transformer_blocks.0.proj_out"
+    src = canonical_source(tmp_path, {lin2: (rnd(2, 8), rnd(8, 2), 1.0),
+                                      "transformer.pos_embed.proj": (rnd(2, 8), rnd(8, 2), 1.0),
+                                      "transformer.proj_out": (rnd(2, 8), rnd(8, 2), 1.0)})
+    with pytest.raises(UnsupportedFeature, match=r"transformer.pos_embed.proj: kohya cannot hold it .*\(\+1 more\)"
+                                                 r".*--drop"):
         CODEC.plan(src, KOHYA, PlanOptions(), [], "o")
-    ex, _, _, back = convert(src, tmp_path, drop=("transformer.pos_embed",))
-    assert [e.module for e in back.modules] == ["transformer.proj_out"]
+    # final_layer_linear: a kohya name, but sd-scripts' network never builds it (diffusers' loader skips it too)
+    with pytest.raises(UnsupportedFeature, match=r"transformer.proj_out: .*final_layer_linear: sd-scripts' Flux"):
+        CODEC.plan(src, KOHYA, PlanOptions(drop=("transformer.pos_embed",)), [], "o")
+    ex, _, _, back = convert(src, tmp_path, drop=("transformer.pos_embed", "transformer.proj_out"))
+    assert [e.module for e in back.modules] == [lin2]
     assert any("dropped (--drop): transformer.pos_embed.proj" in n for n in ex.plan.notes)
+    assert any("dropped (--drop): transformer.proj_out" in n for n in ex.plan.notes)
 
 
 def test_unet_only_family_unknown_needs_model_type(tmp_path):
