@@ -155,6 +155,11 @@ FLUX_MLP_RATIO = 4.0
 # Flux layers diffusers' kohya loader (_convert_kohya_flux_lora_to_diffusers, 0.42.1) converts to keys without the
 # ``transformer.`` prefix and then skips with nothing logged (measured: off by 0.14; ecosystem.md §15)
 DIFFUSERS_SKIPS_FLUX = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+# SD1/SDXL U-Net attention projections whose per-module alpha diffusers' kohya loader (0.42.1) loses when it differs
+# from the file's most common U-Net alpha: _get_alpha_name keeps the "processor.to_q_lora.down.weight" form in the
+# alpha_pattern keys, which match no PEFT module (measured on the golden conversions: off by 0.077 and 1.74, while
+# sd-scripts' own loader reads the same files exactly)
+DIFFUSERS_ALPHA_LOST = (".to_q", ".to_k", ".to_v", ".to_out.0")
 # what sd-scripts' own Flux network never builds (create_network_from_weights: blocks and in_dims layers only):
 # read from a kohya file (ComfyUI applies them), refused when writing one unless --drop names them
 SDSCRIPTS_SKIPS_FLUX = ("final_layer.",)

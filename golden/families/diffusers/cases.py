@@ -124,6 +124,17 @@ _CASES = {
                        "lora": {"transformer": {"r": 4, "lora_alpha": 8, "target_modules": _FLUX_T,
                                                 "rank_pattern": {"proj_mlp": 2}, "alpha_pattern": {"to_k": 1}},
                                 "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T}}},
+    # kohya's fuse from separate parts (the kohya helper's acceptance source): q/k/v with different alphas, add_q/k/v
+    # with different ranks and alphas, proj_mlp at another rank; no top-level proj_out (sd-scripts has no place
+    # for final_layer), the single blocks' proj_out (linear2) by full path
+    "flux_diffusers_fuse": {
+        "family": "flux", "kind": "diffusers", "stages": [BASE, ("diffusers_write", "diffusers")],
+        "lora": {"transformer": {"r": 4, "lora_alpha": 8,
+                                 "target_modules": [t for t in _FLUX_T if t != "proj_out"] + [
+                                     "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"],
+                                 "rank_pattern": {"proj_mlp": 2, "add_v_proj": 3},
+                                 "alpha_pattern": {"to_k": 1, "add_q_proj": 6}},
+                 "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T}}},
     # ---- diffusers traps ----
     "sd1_diffusers_nometa": {"family": "sd1", "kind": "diffusers_trap", "source": "sd1_diffusers_patterns",
                              "edit": "drop_metadata", "stages": [BASE, ("diffusers_trap", "diffusers")]},
@@ -189,9 +200,12 @@ TOL = 1e-4
 _KOHYA_ARGS = ["convert", "{src}", "{out}.safetensors", "--to", "{target}", "--json"]
 
 
-def _row(case, target, env, reference="live", extra=(), note=None):
-    r = {"case": f"sdscripts/{case}", "source": "lora.safetensors", "target": target, "env": env,
-         "expect": "ok", "args": _KOHYA_ARGS + list(extra), "out_suffix": ".safetensors", "reference": reference}
+def _row(case, target, env, reference="live", extra=(), note=None, expect="ok"):
+    src = "lora.safetensors" if case in _CASES and _CASES[case]["kind"].startswith("kohya") else \
+        "pytorch_lora_weights.safetensors"
+    cid = next(c for c in CASES if c.rsplit("/", 1)[1] == case)
+    r = {"case": cid, "source": src, "target": target, "env": env, "expect": expect,
+         "args": _KOHYA_ARGS + list(extra), "out_suffix": ".safetensors", "reference": reference}
     return {**r, "note": note} if note else r
 
 
@@ -210,4 +224,19 @@ ACCEPTANCE = [
          note="SAI-named SD1 U-Net: written with diffusers names, StableDiffusionPipeline loads it (it refused the source)"),
     _row("sdxl_kohya_te_swap", "kohya", "diffusers", "kohya",
          note="te1/te2 of equal width cannot be told apart: the file's own (swapped) meaning is kept"),
+    # diffusers format → kohya (per-module alphas from lora_adapter_metadata's patterns; LoCon conv; SAI names for
+    # SDXL; Flux q/k/v and linear1 parts fused block-diagonally with one common scale per fused module)
+    # Loaded with sd-scripts; with diffusers too where its kohya loader can read them. It cannot for three, whose
+    # outputs sd-scripts reads exactly: sd1_diffusers_patterns and sdxl_diffusers keep per-module alphas on
+    # attention layers that diffusers' kohya loader replaces by the most common one (measured: off by 1.74 and
+    # 0.077; finding alpha-diffusers-ignores), and flux_diffusers_fuse's linear1 is not at Flux-dev's sizes
+    # (AssertionError; finding linear1-not-flux-dev).
+    *[_row(c, "kohya", env, extra=mt) for c, mt in (("sd1_diffusers", ["--model-type", "sd1"]),
+                                                    ("sd1_diffusers_alpha", ["--model-type", "sd1"]))
+      for env in ("diffusers", "sdscripts")],
+    *[_row(c, "kohya", "sdscripts", extra=mt) for c, mt in (("sd1_diffusers_patterns", ["--model-type", "sd1"]),
+                                                            ("sdxl_diffusers", []), ("flux_diffusers_fuse", []))],
+    _row("flux_diffusers", "kohya", "diffusers", expect="refused",
+         note="transformer.proj_out is Flux's final_layer.linear: sd-scripts never builds it, diffusers' kohya "
+              "loader skips it; refused unless --drop names it"),
 ]

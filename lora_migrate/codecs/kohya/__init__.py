@@ -4,6 +4,7 @@ writing in ``write.py``, sd-scripts' hashes in ``hashes.py``; docs/families/kohy
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from ...errors import LoraMigrateError, VerificationFailed
@@ -52,7 +53,8 @@ class KohyaCodec(Codec):
         from ...findings import LoadCheck
 
         codes = {code: msg for _, code, msg in findings_of(a)}
-        wrong = [codes[c] for c in ("layers-diffusers-skips", "linear1-not-flux-dev", "sai-names-sd1") if c in codes]
+        wrong = [codes[c] for c in ("layers-diffusers-skips", "linear1-not-flux-dev", "sai-names-sd1",
+                                    "alpha-diffusers-ignores") if c in codes]
         return [LoadCheck(convention="diffusers (kohya loader)", library="diffusers", versions="0.42.1",
                           same=not wrong, detail="; ".join(wrong) or "reads every module at alpha/r, as sd-scripts")]
 
@@ -112,6 +114,15 @@ def findings_of(a) -> list[tuple[str, str, str]]:
         out.append(("warning", "sai-names-sd1", "SD1 U-Net layers under SAI (sgm) names: diffusers' "
                                                 "StableDiffusionPipeline refuses them (NoMatchingPeftModuleError); "
                                                 "converting to kohya writes diffusers names"))
+    if a.naming.get("unet") in ("sai", "diffusers"):
+        unet = [e for e in a.modules if e.module.startswith("unet.") and e.alpha is not None]
+        common = Counter(e.alpha for e in unet).most_common(1)[0][0] if unet else None
+        odd = [e.module for e in unet if e.alpha != common and e.module.endswith(S.DIFFUSERS_ALPHA_LOST)]
+        if odd:
+            out.append(("warning", "alpha-diffusers-ignores",
+                        f"{len(odd)} U-Net attention modules (e.g. {odd[0]}) have an alpha other than the most common "
+                        f"({common:g}): diffusers' kohya loader applies {common:g} to them (its alpha_pattern keys "
+                        "keep the processor.to_q_lora form and match nothing); sd-scripts and ComfyUI read them right"))
     if fam == "flux":
         skips = sorted({a.kohya_names[e.module] for e in a.modules
                         if a.kohya_names[e.module].startswith(S.UNET_PREFIX) and

@@ -97,6 +97,15 @@ def locate(module: str, family: str | None, from_kohya: bool = False) -> tuple[s
     return f"{family} has no component {comp!r} in kohya's key space"
 
 
+def _family_from_widths(src) -> str | None:
+    """SD1/SD2/SDXL from the U-Net's cross-attention width (attn2.to_k in-features), where it is a real model's."""
+    ctx = {spec["context_dim"]: fam for fam, spec in S.FAMILIES.items() if "context_dim" in spec}
+    for e in src.modules:
+        if e.module.startswith("unet.") and e.module.endswith("attn2.to_k"):
+            return ctx.get(e.metas["a"].shape[1])
+    return None
+
+
 def _dropped(module: str, drop: tuple[str, ...]) -> bool:
     return any(module == d or module.startswith(d + ".") or fnmatch.fnmatchcase(module, d) for d in drop)
 
@@ -117,6 +126,8 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
         family = "flux"
     elif family is None and comps >= {"unet", "text_encoder_2"}:
         family = "sdxl"
+    elif family is None:
+        family = _family_from_widths(src)
     for e in src.modules:
         if e.kind not in ("linear", "conv") or set(e.keys) - {"a", "b"} or e.fused is not None:
             what = {"bias": "a LoRA bias (lora_B.bias)", "magnitude": "DoRA (lora_magnitude_vector)"}
@@ -148,6 +159,13 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     out: dict[str, ModuleOut] = {}
     for o in outs.values():
         _plan_module(o, [by_mod[o.parts[i]] for i in sorted(o.parts)], src, out, notes)
+    unet = [(o.name, o.alpha, m) for o in outs.values() for m in o.parts.values() if m.startswith("unet.")]
+    common = Counter(al for _, al, _ in unet).most_common(1)[0][0] if unet else None
+    odd = [m for _, al, m in unet if al != common and m.endswith(S.DIFFUSERS_ALPHA_LOST)]
+    if odd:
+        notes.append(f"{len(odd)} U-Net attention modules keep their own alpha (≠ the most common {common:g}), e.g. "
+                     f"{odd[0]}: exact for sd-scripts and ComfyUI; diffusers' kohya loader applies {common:g} to "
+                     "them (finding alpha-diffusers-ignores) — for diffusers, convert to its own format")
     kind_of = {e.module: e.kind for e in src.modules}
     rescale_steps(steps, src, kind_of, out)
     steps.append(Step(rule="kohya_names", what=f"module paths → kohya names ({family or 'family from keys'}; "

@@ -280,3 +280,17 @@ def test_written_file_carries_the_hashes_of_its_own_tensors(tmp_path):
     assert md["ss_output_name"] == "x" and md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "4.0"
     assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == sdscripts_hashes(tensors, md)
     assert md["sshs_legacy_hash"] != "e3b0c442"  # the window holds data
+
+
+def test_attention_alpha_off_the_common_one_is_found(tmp_path):
+    """diffusers' kohya loader applies the most common U-Net alpha to attention layers (measured in the goldens)."""
+    att = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"
+    f = kohya_file(tmp_path / "p.safetensors", {att + "to_q": (rnd(2, 8), rnd(8, 2), 1.0),
+                                                att + "to_k": (rnd(2, 8), rnd(8, 2), 1.0),
+                                                att + "to_v": (rnd(2, 8), rnd(8, 2), 4.0), TE: (rnd(2, 8), rnd(8, 2), 3.0)})
+    a = CODEC.open(f).adapters[0]
+    (_, _, msg), = [x for x in findings_of(a) if x[1] == "alpha-diffusers-ignores"]
+    assert msg.startswith("1 U-Net attention modules (e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0."
+                          "attn1.to_v)") and "(1)" in msg
+    ex = CODEC.plan(a, KOHYA, PlanOptions(), [], "o")
+    assert any("keep their own alpha" in n for n in ex.plan.notes)
