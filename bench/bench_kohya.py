@@ -41,18 +41,19 @@ elif mode == "convert":
     from pathlib import Path
     from lora_migrate.codecs.kohya import CODEC
     from lora_migrate.codecs.base import PlanOptions
-    from lora_migrate.io._common import release_memory
-    assert CODEC.claim(Path(src)) is not None
-    a = CODEC.open(Path(src)).adapters[0]
-    ex = CODEC.plan(a, CODEC.conventions[0], PlanOptions(), [], "out.safetensors")
-    CODEC.write(ex, Path(out), ex.deltas())
-    t1 = time.perf_counter()
-    back = CODEC.read_back(Path(out), CODEC.conventions[0], "out", PlanOptions())
-    by = {e.module: e for e in back.modules}
-    for e in a.modules:   # the check: same factors and scale, module by module
-        d1, d2 = a.load(e), back.load(by[e.module])
-        assert d1.scale == d2.scale and torch.equal(d1.A, d2.A) and torch.equal(d1.B, d2.B), e.module
-        release_memory()
+    from lora_migrate.io._common import few_threads, release_memory
+    with few_threads():   # as the API runs a conversion
+        assert CODEC.claim(Path(src)) is not None
+        a = CODEC.open(Path(src)).adapters[0]
+        ex = CODEC.plan(a, CODEC.conventions[0], PlanOptions(), [], "out.safetensors")
+        CODEC.write(ex, Path(out), ex.deltas())
+        t1 = time.perf_counter()
+        back = CODEC.read_back(Path(out), CODEC.conventions[0], "out", PlanOptions())
+        by = {e.module: e for e in back.modules}
+        for e in a.modules:   # the check: same factors and scale, module by module
+            d1, d2 = a.load(e), back.load(by[e.module])
+            assert d1.scale == d2.scale and torch.equal(d1.A, d2.A) and torch.equal(d1.B, d2.B), e.module
+            release_memory()
     print(json.dumps({"write_seconds": t1 - t0}), file=sys.stderr)
 elif mode == "baseline":
     pass

@@ -45,7 +45,8 @@ class OutModule:
     in_shape: tuple = ()
     alpha: float = 0.0
     alpha_dtype: torch.dtype = torch.float32
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # of the up (B) factor
+    dtype_a: torch.dtype = torch.float32  # of the down (A) factor
     conv: bool = False
 
     def keys(self) -> tuple[str, str, str]:
@@ -152,6 +153,10 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     by_mod = {e.module: e for e in src.modules}
     src.modules[:] = sorted((by_mod[m] for m in where), key=lambda e: where[e.module])  # write order: names
     notes = [f"dropped (--drop): {m} ({why})" for m, why in dropped]
+    lost = getattr(src, "missing_alpha", [])
+    if lost:
+        notes.append(f"{len(lost)} modules had no .alpha (e.g. {lost[0]}): written with alpha = r, the scale 1 "
+                     "every kohya loader used for them")
     if family is None:
         notes.append("model family unknown: U-Net layers written with diffusers names (sd-scripts, diffusers and "
                      "ComfyUI read them for SD1 and SDXL); --model-type gives SAI names for SDXL and "
@@ -194,7 +199,7 @@ def _plan_module(o: OutModule, parts, src, out: dict[str, ModuleOut], notes: lis
     ma = [e.metas["a"] for e in parts]
     o.conv = parts[0].kind == "conv"
     o.in_shape = tuple(ma[0].shape[1:])
-    o.dtype = parts[0].metas["b"].dtype
+    o.dtype, o.dtype_a = parts[0].metas["b"].dtype, ma[0].dtype
     scales = [e.scale for e in parts]
     s = Counter(scales).most_common(1)[0][0]
     if s == 0 or not math.isfinite(s):
@@ -247,7 +252,7 @@ def _shapes(o: OutModule):
     k_alpha, k_a, k_b = o.keys()
     rows = sum(o.rows)
     tail = (1, 1) if o.conv else ()
-    return [(k_alpha, (), o.alpha_dtype), (k_a, (o.r, *o.in_shape), o.dtype), (k_b, (rows, o.r, *tail), o.dtype)]
+    return [(k_alpha, (), o.alpha_dtype), (k_a, (o.r, *o.in_shape), o.dtype_a), (k_b, (rows, o.r, *tail), o.dtype)]
 
 
 def _metadata(src, family, outs: dict[str, OutModule]) -> dict[str, str]:

@@ -294,3 +294,16 @@ def test_attention_alpha_off_the_common_one_is_found(tmp_path):
                           "attn1.to_v)") and "(1)" in msg
     ex = CODEC.plan(a, KOHYA, PlanOptions(), [], "o")
     assert any("keep their own alpha" in n for n in ex.plan.notes)
+
+
+def test_factors_of_different_dtypes_keep_them(tmp_path):
+    src = canonical_source(tmp_path, {"unet.mid_block.attentions.0.proj_out": (rnd(2, 8), rnd(8, 2).half(), 1.0)})
+    _, out, _, back = convert(src, tmp_path, model_type="sd1")
+    with safe_open(str(out), "pt") as s:
+        k = "lora_unet_mid_block_attentions_0_proj_out"
+        assert (s.get_tensor(k + ".lora_down.weight").dtype, s.get_tensor(k + ".lora_up.weight").dtype) == \
+            (torch.float32, torch.float16)
+        md = s.metadata()
+        tensors = {k: s.get_tensor(k) for k in s.keys()}
+    assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == sdscripts_hashes(tensors, md)  # written out of order
+    same_updates(src, back)
