@@ -129,3 +129,4 @@ class AdapterInfo:
     fan_in_fan_out: bool = False  # the base layers store W transposed (GPT-2 Conv1D): factors are still A (r, in)
     components: tuple[str, ...] = ()  # image models: unet, text_encoder, text_encoder_2, transformer
     dropout: float | None = None  # training-only; carried where the target's config has the field
+    coverage_unproven: str | None = None  # why the config does not prove each layer type covers every layer

@@ -30,11 +30,9 @@ from .errors import LoraMigrateError, UnsupportedFeature, VerificationFailed
 from .io import BinWriter, SafetensorsWriter, atomic_output, open_tensors, refuse_overlap
 from .io._common import release_memory
 from .schemas import get_convention
+from .schemas.base import CONV1D_MODEL_TYPES
 from .source import ModuleEntry, SourceAdapter, read_json
 from .check.report import tolerance_for
-
-#: conventions whose merge added lora_B.bias unscaled (peft.md §2)
-UNSCALED_BIAS_MERGE = {"peft-0.14", "peft-0.15"}
 
 WEIGHT_SETS = (("model.safetensors.index.json", "model.safetensors"),
                ("pytorch_model.bin.index.json", "pytorch_model.bin"))
@@ -179,7 +177,7 @@ def _unit(a: SourceAdapter, f: _Fix) -> torch.Tensor:
     return (f.coef * m).reshape(f.shape)
 
 
-def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with: str, scale_used: float | None,
+def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with, scale_used: float | None,
                 fan_in_fan_out: bool, metas: dict, notes: list[str]) -> list[_Fix]:
     used_by = {e.module: e for e in used.modules} if used is not None else {}
     fixes = []
@@ -194,7 +192,7 @@ def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with:
             s_w = used_by[e.module].scale
         else:
             s_w = s_true
-        s_b = 1.0 if merged_with in UNSCALED_BIAS_MERGE else s_w
+        s_b = 1.0 if merged_with.merges_bias_unscaled else s_w
         transpose = fan_in_fan_out and e.kind != "embedding" and e.kind != "conv"
         if not math.isclose(s_true, s_w, rel_tol=1e-12, abs_tol=0.0):
             if "magnitude" in e.keys:
@@ -326,13 +324,13 @@ def fix_merged(merged: str | Path, out: str | Path, *, adapter: str | Path, merg
             if used.modules and any(x.scale != y.scale for x, y in zip(a.modules, used.modules)):
                 notes.append(f"{conv.name} scales this adapter as {used.modules[0].provenance.describe()}, "
                              f"not {a.modules[0].provenance.describe()}")
-        fan = bool(getattr(a.peft, "fan_in_fan_out", False)) or config.get("model_type") == "gpt2"
+        fan = a.info.fan_in_fan_out or config.get("model_type") in CONV1D_MODEL_TYPES
         for shards in sets:
             opened.append(open_set(shards))
         check_keys = {}
         for files in opened:
             metas = {k: f.meta(k) for f in files for k in f.keys()}
-            fixes = _plan_fixes(a, used, conv.name, scale_used, fan, metas, notes)
+            fixes = _plan_fixes(a, used, conv, scale_used, fan, metas, notes)
             check_keys = {f.key: f for f in fixes}
         if not check_keys:
             why = (f"{conv.name} merges this adapter at its own scale" if scale_used is None

@@ -3,35 +3,26 @@
 It fails (``CheckResult.ok`` is False, the CLI exits 1) when the convention is ambiguous or mis-declared, when
 ranks or shapes are inconsistent or values are NaN/Inf, and when a declared conversion fails its numeric check.
 
-The convention-specific checks are data: :data:`CONFIG_CHECKS` look at a raw config file before anything is read
-(a version string no release wrote, ...), :data:`ADAPTER_CHECKS` at a read adapter (alpha its library silently
-ignores, ...). Each entry names the families or conventions it applies to, so another family adds its own entries
-(:func:`adapter_check` / :func:`config_check`) without touching the runner.
+The checks that hold for every convention are :data:`ADAPTER_CHECKS` (ranks and shapes, NaN/Inf, an alpha the
+adapter's own library ignores); each codec adds its own (:meth:`Codec.config_findings` on the raw files before
+anything is read, :meth:`Codec.findings` on a read adapter, :meth:`Codec.expect_findings` for ``--expect``), so a
+new convention adds its findings without touching the runner.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, computed_field
 
 from .errors import DetectionError, LoraMigrateError, VerificationFailed
+from .findings import Finding
 from .resolve import resolve_source
-
-
-class Finding(BaseModel):
-    level: Literal["error", "warning"]
-    code: str  # stable, for scripts: convention, unknown-version, alpha-ignored, unclaimed-keys, nonfinite, ...
-    message: str
-    adapter: str | None = None
-    module: str | None = None
 
 
 class ConversionCheck(BaseModel):
@@ -61,42 +52,18 @@ class CheckResult(BaseModel):
 
 @dataclass(frozen=True)
 class AdapterCheck:
-    """A check on one read adapter (a :class:`~lora_migrate.source.SourceAdapter`)."""
+    """A check on one read adapter (a :class:`~lora_migrate.source.SourceAdapter`), whatever its convention."""
 
     code: str
     fn: Callable  # (SourceAdapter) -> list[Finding]
-    families: tuple[str, ...] | None = None  # None: every family
-    conventions: tuple[str, ...] | None = None  # None: every convention of those families
-
-    def applies(self, conv) -> bool:
-        return ((self.families is None or conv.family in self.families)
-                and (self.conventions is None or conv.name in self.conventions))
-
-
-@dataclass(frozen=True)
-class ConfigCheck:
-    """A check on a raw config file (a parsed JSON object), before the adapter is read."""
-
-    code: str
-    file: str  # e.g. "adapter_config.json"
-    claims: Callable  # (dict) -> bool: is this config of the family this check knows?
-    fn: Callable  # (dict, Path) -> list[Finding]
 
 
 ADAPTER_CHECKS: list[AdapterCheck] = []
-CONFIG_CHECKS: list[ConfigCheck] = []
 
 
-def adapter_check(code: str, *, families=None, conventions=None):
+def adapter_check(code: str):
     def deco(fn):
-        ADAPTER_CHECKS.append(AdapterCheck(code, fn, families and tuple(families), conventions and tuple(conventions)))
-        return fn
-    return deco
-
-
-def config_check(code: str, *, file: str, claims):
-    def deco(fn):
-        CONFIG_CHECKS.append(ConfigCheck(code, file, claims, fn))
+        ADAPTER_CHECKS.append(AdapterCheck(code, fn))
         return fn
     return deco
 
@@ -105,25 +72,7 @@ def _err(code, message, adapter=None, module=None) -> Finding:
     return Finding(level="error", code=code, message=message, adapter=adapter, module=module)
 
 
-# ------------------------------------------------------------------------------------ checks: AdapterHub
-
-
-def _is_adapterhub_wrapper(raw: dict) -> bool:
-    return "peft_type" not in raw and isinstance(raw.get("config"), dict) and "name" in raw
-
-
-@config_check("unknown-version", file="adapter_config.json", claims=_is_adapterhub_wrapper)
-def _adapterhub_version(raw: dict, path: Path) -> list[Finding]:
-    from .formats.adapterhub import conventions_for_version
-
-    v = raw.get("version")
-    if v is None:
-        return [_err("unknown-version", f"{path}: no \"version\"; the scaling convention cannot be told",
-                     raw.get("name"))]
-    if not conventions_for_version(str(v)):
-        return [_err("unknown-version", f"{path}: version {v!r} is not one any AdapterHub release wrote",
-                     raw.get("name"))]
-    return []
+# ------------------------------------------------------------------------------------ checks: every family
 
 
 @adapter_check("alpha-ignored")
@@ -151,50 +100,6 @@ def _alpha_ignored(a) -> list[Finding]:
                             f"×{o.scale(kind, alpha, r):g}); make it explicit: lora-migrate convert --to {conv.name} "
                             f"folds the scale into B and writes alpha = r", a.info.name))
     return out
-
-
-# ------------------------------------------------------------------------------------ checks: PEFT
-
-
-def _served_findings(source, want) -> list[Finding]:
-    """``--expect lorax|vllm`` on PEFT files: what the server computes loading them as they are (the same
-    prediction as ``inspect``: ignored use_rslora, one global r and alpha, dropped DoRA/bias/modules_to_save)."""
-    from .api import _as_loaded_peft
-    from .plan import lorax_drops
-
-    out = []
-    for a in source.adapters:
-        row = next((c for c in _as_loaded_peft(a) if c.convention == want.name), None)
-        if row is not None and not row.same:
-            out.append(_err("misdeclared", f"{want.name} would not compute this adapter's ΔW: {row.detail}",
-                            a.info.name))
-        drops = lorax_drops(a) if want.serving and want.serving.drops_partial_layer_types else None
-        if drops is not None and not drops[0]:  # some layers by config: dropped unless the model has only those
-            out.append(Finding(level="warning", code="lorax-coverage", adapter=a.info.name,
-                               message=drops[1] + "; convert with --to lorax --num-layers N to fill the other layers "
-                                                  "with zero adapters"))
-    return out
-
-
-@adapter_check("rslora-unknown", families=("peft",))
-def _rslora_unknown(a) -> list[Finding]:
-    """use_rslora (PEFT ≥ 0.8, #1244) in a config whose peft_version predates it: that release does not apply
-    alpha/√r (0.6–0.7 even refuse the field)."""
-    from packaging.version import InvalidVersion, Version
-
-    cfg = a.peft
-    pv = (cfg.peft_version or "").split("@")[0] if cfg is not None else ""
-    try:
-        old = bool(pv) and Version(pv) < Version("0.8")
-    except InvalidVersion:
-        old = False
-    if cfg is not None and cfg.use_rslora and old:
-        return [_err("rslora-unknown", f"use_rslora=true, but peft_version {cfg.peft_version!r} predates rsLoRA "
-                                       "(PEFT 0.8): that release scales by alpha/r", a.info.name)]
-    return []
-
-
-# ------------------------------------------------------------------------------------ checks: every family
 
 
 @adapter_check("rank-shape")
@@ -241,29 +146,6 @@ def _nonfinite(a) -> list[Finding]:
 # ------------------------------------------------------------------------------------------------- runner
 
 
-def _config_files(path: Path) -> list[Path]:
-    names = {c.file for c in CONFIG_CHECKS}
-    found = [path / n for n in names if (path / n).is_file()]
-    if not found and path.is_dir():
-        found = [d / n for d in sorted(path.iterdir()) if d.is_dir() for n in names if (d / n).is_file()]
-    return found
-
-
-def _config_findings(path: Path) -> list[Finding]:
-    out = []
-    for f in _config_files(path):
-        try:
-            raw = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # reading the adapter reports it, with the reason
-        if not isinstance(raw, dict):
-            continue
-        for c in CONFIG_CHECKS:
-            if c.file == f.name and c.claims(raw):
-                out += c.fn(raw, f)
-    return out
-
-
 def _unclaimed_keys(source) -> list[Finding]:
     """Tensor keys that no schema of any family claims (readers refuse most; this names them whatever the reader)."""
     from .schemas import CONVENTIONS
@@ -289,6 +171,7 @@ def _classify_read_error(msg: str) -> str:
 def check(path: str | Path, *, expect: str | None = None, convert_to: str | None = None) -> CheckResult:
     """Gate PATH: the findings that make it unsafe to upload or commit, and (``convert_to``) whether converting it
     passes the numeric check. Bad usage (no such path, an unknown convention name) raises LoraMigrateError."""
+    from .codecs import CODECS, codec_for
     from .detect import open_source
     from .schemas import get_convention
 
@@ -297,12 +180,10 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
     local = Path(resolve_source(path))
     if not local.exists():
         raise LoraMigrateError(f"{shown}: no such file or folder")
-    if local.is_file():
-        local = local.parent
     want = get_convention(expect) if expect else None
     if convert_to:
         get_convention(convert_to)
-    findings = _config_findings(local)
+    findings = [f for c in CODECS for f in c.config_findings(local)]
     source = None
     try:
         source = open_source(local)
@@ -321,9 +202,10 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
         try:
             conv_name = source.convention.name
             adapters = [a.info.name for a in source.adapters]
-            served = want is not None and want.serving is not None and source.convention.family == "peft"
-            if served:  # a PEFT file meant for a server: does the server compute the same thing?
-                findings += _served_findings(source, want)
+            codec = codec_for(source.convention)
+            served = None if want is None else codec.expect_findings(source, want)
+            if served is not None:  # read as it is by ``want`` (a server of this codec's files): same ΔW?
+                findings += served
             elif want is not None and source.convention is not want and not any(f.code == "convention"
                                                                                   for f in findings):
                 findings.append(_err("expect-mismatch", f"expected {want.name} ({want.library} {want.versions}), "
@@ -334,8 +216,8 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
             for a in source.adapters:
                 n_mod += len(a.modules)
                 for c in ADAPTER_CHECKS:
-                    if c.applies(a.convention):
-                        findings += c.fn(a)
+                    findings += c.fn(a)
+                findings += codec.findings(a)
         finally:
             source.close()
         if convert_to and not any(f.level == "error" for f in findings):
@@ -349,10 +231,13 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
 
 def _conversion_check(path: Path, to: str, from_: str | None) -> ConversionCheck:
     from . import api
+    from .codecs import codec_for
+    from .schemas import get_convention
 
     with tempfile.TemporaryDirectory(prefix="lora-migrate-check-") as tmp:
         try:
-            r = api.convert(path, Path(tmp) / "out", to=to, from_=from_)
+            suffix = codec_for(get_convention(to)).file_suffix or ""
+            r = api.convert(path, Path(tmp) / f"out{suffix}", to=to, from_=from_)
         except VerificationFailed as e:
             return ConversionCheck(target=to, ok=False, summary=str(e))
         except LoraMigrateError as e:

@@ -21,7 +21,6 @@ from .fixmerged import weight_sets
 from .resolve import resolve_source
 from .rules import RULES
 from .rules.inits import olora_stored_init
-from .schemas.peft import mutating_init, not_rebuildable_reason, rebuild_rule
 from .source import ModuleEntry, SourceAdapter, TensorStore
 from .check.exact import all_finite
 
@@ -116,16 +115,16 @@ def rebuilt_initial(src: SourceAdapter, base: BaseWeights) -> RebuiltInitial:
     """The initial adapter of ``src`` from the original weights in ``base``; refused (nothing read but names,
     shapes and dtypes) when the init cannot be rebuilt or the base does not fit the adapter."""
     name, init = src.info.name, src.init
-    if not mutating_init(init):
-        shown = src.peft.init_lora_weights if src.peft is not None else init
+    if not src.init_mutates:
+        shown = init if init is not None else True
         raise LoraMigrateError(f"{name}: --base-model is for adapters whose init changed the base weights "
                                f"(PiSSA, OLoRA), but init_lora_weights={shown!r} did not; leave it out")
-    rule = rebuild_rule(init)
+    rule = src.init_rebuild
     if rule is None:
         raise UnsupportedFeature(f"{name}: init_lora_weights={init!r} cannot be rebuilt from the base weights "
-                                 f"({not_rebuildable_reason(init)}); it needs the saved initial adapter "
+                                 f"({src.init_why_not}); it needs the saved initial adapter "
                                  "(--initial-adapter)")
-    fan = bool(src.peft.fan_in_fan_out)
+    fan = src.info.fan_in_fan_out
     linear = [e for e in src.modules if e.kind == "linear"]  # the others are refused by the planner
     keys, how = base_weight_keys([e.module for e in linear], base.store.keys()) if linear else ({}, None)
     entries = []
@@ -163,6 +162,6 @@ def saved_initial(src: SourceAdapter, init: SourceAdapter) -> SourceAdapter:
     """The initial adapter saved before training (--initial-adapter), as the update of W that the init removed:
     itself, except for OLoRA on fan_in_fan_out layers (GPT-2 ``Conv1D``), where PEFT stored the factors of the
     transposed update (:func:`rules.inits.olora_stored_init`)."""
-    if rebuild_rule(src.init) == "rebuild_olora_init" and src.peft.fan_in_fan_out:
+    if src.init_rebuild == "rebuild_olora_init" and src.info.fan_in_fan_out:
         return StoredOLoRAInitial(**{f.name: getattr(init, f.name) for f in fields(SourceAdapter)})
     return init

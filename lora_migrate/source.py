@@ -92,8 +92,11 @@ class SourceAdapter:
     notes: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)  # non-LoRA tensor keys carried through as they are
     features: set[str] = field(default_factory=set)  # e.g. "rslora", "dora", "lora_bias", "modules_to_save"
-    init: str | None = None  # PEFT init_lora_weights when it is a string ("pissa", "olora", …)
-    peft: object | None = None  # the validated PEFT config (PeftLoraConfig) for PEFT sources
+    init: str | None = None  # the init's name when the library names one ("pissa", "olora", "gaussian", …)
+    init_mutates: bool = False  # the init rewrote the base weights: the adapter holds only on the residual model
+    init_rebuild: str | None = None  # the rule that recomputes (A₀, B₀) from the original weights, if one can
+    init_why_not: str | None = None  # why it cannot be recomputed, for a mutating init without a rule
+    peft: object | None = None  # native: the validated config of the codec that read it (only it looks inside)
     base_config: dict | None = None  # the base model's config.json, where it was found (PEFT sources)
 
     def load(self, e: ModuleEntry) -> ModuleDelta:

@@ -94,7 +94,7 @@ def test_declared_conversion_is_checked(tmp_path, monkeypatch):
     src = make_adapter(tmp_path / "a", version="3.1.0")
     r = lora_migrate.check(src, convert_to="adapters-1.0")
     assert r.ok and r.conversion.ok and "max relative error 0" in r.conversion.summary
-    from lora_migrate import plan as plan_mod
+    from lora_migrate import execution as plan_mod
 
     real = plan_mod.Execution.apply
     monkeypatch.setattr(plan_mod.Execution, "apply", lambda self, d, k: real(self, d, k).replace(

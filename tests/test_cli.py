@@ -84,7 +84,7 @@ def test_ambiguous_version_names_the_candidates(tmp_path):
 
 
 def test_verification_failure_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
-    from lora_migrate import plan as plan_mod
+    from lora_migrate import execution as plan_mod
 
     src = make_adapter(tmp_path / "src", version="3.1.0")
     real = plan_mod.Execution.apply

@@ -123,7 +123,7 @@ def test_exit_2_error_names_the_path(work, tmp_path):
 
 
 def test_exit_1_convert_prints_the_report_with_the_failing_modules(work, tmp_path, monkeypatch):
-    from lora_migrate import plan as plan_mod
+    from lora_migrate import execution as plan_mod
 
     real = plan_mod.Execution.apply
     monkeypatch.setattr(plan_mod.Execution, "apply", lambda self, d, kind: (lambda e: e.replace(B=e.B * 2))(

@@ -139,7 +139,7 @@ def test_push_dry_run_lists_files_and_contacts_nothing(tmp_path):
 def test_push_refuses_when_the_check_fails(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from lora_migrate import plan as plan_mod
+    from lora_migrate import execution as plan_mod
 
     src = make_adapter(tmp_path / "src", version="3.1.0")
     real = plan_mod.Execution.apply

@@ -1,7 +1,7 @@
 import pytest
 
 from lora_migrate.errors import LoraMigrateError
-from lora_migrate.formats.adapterhub import conventions_for_transformers, conventions_for_version
+from lora_migrate.codecs.adapterhub.format import conventions_for_transformers, conventions_for_version
 from lora_migrate.schemas import Scaling, get_convention
 from lora_migrate.schemas.adapterhub import LoRAConfig31, LoRAConfig11
 
@@ -86,7 +86,7 @@ def test_serving_profiles_are_declared_on_their_conventions():
 
 def test_peft_eras_tile_the_releases_without_gap_or_overlap():
     """Era boundaries are declared once, in each era's ``versions``; detection derives its table from them."""
-    from lora_migrate.formats.peft import _ERA_STARTS
+    from lora_migrate.codecs.peft.format import _ERA_STARTS
     from lora_migrate.schemas.peft import PEFT_ERAS
 
     bounds = [c.version_bounds() for c in PEFT_ERAS]

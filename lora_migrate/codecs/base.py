@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from ..errors import DetectionError
 from ..schemas import CONVENTIONS, Convention
 
 if TYPE_CHECKING:  # type names only: no import edge at run time
@@ -65,6 +66,22 @@ class PlanOptions:
     extra: dict = field(default_factory=dict)  # codec-specific options (documented by the codec)
 
 
+def pick(path: Path, cands: list[Convention], reasons: list[str], from_: Convention | None
+         ) -> tuple[Convention, list[str]]:
+    """The convention of ``path`` among the detected candidates ``cands`` (the first reason says what the files
+    are), or the one ``--from`` names (of the same codec: :func:`lora_migrate.detect.open_source` checks)."""
+    if from_ is not None:
+        if from_ not in cands:
+            reasons = [*reasons, f"--from {from_.name} overrides the detected {' / '.join(c.name for c in cands)}"]
+        else:
+            reasons = [*reasons, f"--from {from_.name} agrees"]
+        return from_, reasons
+    if len(cands) == 1:
+        return cands[0], reasons
+    raise DetectionError(f"{path}: cannot tell the convention: it could be {', '.join(c.name for c in cands)} "
+                         f"({'; '.join(reasons[1:])}); pass --from")
+
+
 class Codec:
     """The reader and writer of one convention family; subclasses set ``id`` and implement the methods.
 
@@ -73,6 +90,7 @@ class Codec:
     """
 
     id: ClassVar[str]
+    display: ClassVar[str]  # in messages: "a PEFT", "an AdapterHub"
     output: ClassVar[Literal["folder", "file"]] = "folder"
     file_suffix: ClassVar[str | None] = None  # for file outputs: the suffix OUT must have
 
@@ -102,8 +120,23 @@ class Codec:
         return []
 
     def findings(self, a: "SourceAdapter") -> list["Finding"]:
-        """``inspect``/``check`` findings on an adapter this codec read (codes as in docs/commands.md)."""
+        """``check`` findings on an adapter this codec read (codes as in docs/commands.md)."""
         return []
+
+    def config_findings(self, path: Path) -> list["Finding"]:
+        """``check`` findings on this codec's raw files under ``path`` (a file or folder), before anything is
+        read, so that they are reported even when reading fails. Default: none."""
+        return []
+
+    def expect_findings(self, source: "Source", want: Convention) -> list["Finding"] | None:
+        """``check --expect want`` where ``want`` reads this codec's files as they are (e.g. a server of PEFT
+        files): the findings where it computes another ΔW. None: ``want`` is not such a reader (then a
+        convention other than the detected one is a mismatch)."""
+        return None
+
+    def extras_to_check(self, src: "SourceAdapter", out: "SourceAdapter") -> list[str]:
+        """The source's non-LoRA tensor keys that ``out`` (written by this codec) must hold bit for bit."""
+        return list(src.extras)
 
     # -------------------------------------------------------------------------------------------- writing
 

@@ -6,7 +6,7 @@ Every failure a user can cause (bad file, existing output, full disk) is a one-l
 """
 
 from lora_migrate.io._common import OutOfSpace
-from lora_migrate.io.atomic import atomic_output, refuse_overlap
+from lora_migrate.io.atomic import atomic_file, atomic_output, refuse_overlap
 from lora_migrate.io.background import BackgroundWriter
 from lora_migrate.io.bin_writer import BinWriter
 from lora_migrate.io.safetensors_writer import SafetensorsWriter, safetensors_order
@@ -20,6 +20,7 @@ __all__ = [
     "SafetensorsWriter",
     "TensorFile",
     "TensorMeta",
+    "atomic_file",
     "atomic_output",
     "open_tensors",
     "refuse_overlap",

@@ -39,7 +39,21 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     A full disk inside the block becomes OutOfSpace("no space left on device while writing <out>"), a
     LoraMigrateError.
     """
+    with _atomic(Path(out), overwrite, file=False) as tmp:
+        yield tmp
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`atomic_output` for a one-file output: yields the path to write, ``<temp dir>/<out name>``; on
+    success that file becomes ``out`` (the same rename, exchange or move-aside), and the temp dir is deleted."""
     out = Path(out)
+    with _atomic(out, overwrite, file=True) as tmp:
+        yield tmp / out.name
+
+
+@contextmanager
+def _atomic(out: Path, overwrite: bool, file: bool) -> Iterator[Path]:
     if os.path.lexists(out) and not overwrite:
         raise LoraMigrateError(f"{out} already exists; pass --overwrite to replace it")
     parent = out.parent
@@ -55,7 +69,11 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         yield tmp
         finishing = True
         _fsync_tree(tmp)
-        _install(tmp, out, overwrite)
+        if file:
+            _install(tmp / out.name, out, overwrite)
+            _remove(tmp)
+        else:
+            _install(tmp, out, overwrite)
     except BaseException as exc:
         _remove(tmp)
         if is_out_of_space(exc):

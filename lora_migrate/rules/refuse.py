@@ -68,7 +68,7 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
     for f in sorted(features):
         if f in ("rslora", "patterns", "embedding", "conv"):
             continue  # rewritten exactly (alpha per module, padding) or refused by kind
-        if target.family == "peft" and serving is None:
+        if target.fields_checked_on_write:
             if f == "lora_bias" and "lora_bias" not in target.features:
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
                                          f"{target.name} would ignore it")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter import ModuleDelta
-from ..errors import LoraMigrateError
+from ..errors import LoraMigrateError, UnsupportedFeature
 from ..check.exact import all_finite
 from .registry import rule
 
@@ -43,3 +43,15 @@ def refuse_nonfinite(d: ModuleDelta, *, allow: bool = False) -> list[str]:
     if not allow:
         raise NonFiniteValues(msg + " (pass --allow-nonfinite to convert it as it is)")
     return [msg + " (passed through: --allow-nonfinite)"]
+
+
+@rule("refuse_overflow")
+def refuse_overflow(out: ModuleDelta, source_scale: float) -> None:
+    """A source whose factors are all finite must give an output whose factors are too. Folding a scale c into B
+    (B' = c·B) overflows the dtype when |c·B| exceeds its largest value (float32: 3.4e38, float16: 65504), e.g.
+    an alpha of 5e38; such a module cannot be held by the target in that dtype and is refused, not written as Inf."""
+    for label, t in (("lora_A", out.A), ("lora_B", out.B), ("bias", out.bias)):
+        if t is not None and not all_finite(t):
+            raise UnsupportedFeature(
+                f"module {out.module}: the source scale {source_scale:g} folded into {label} overflows "
+                f"{str(t.dtype).removeprefix('torch.')}; the target cannot hold it in that dtype")

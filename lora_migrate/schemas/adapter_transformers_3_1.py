@@ -4,12 +4,12 @@ Source: adapterhub.md §1 (``lora.py`` @ adapters3.1.0, line 46 ``self.scaling =
 byte-identical, 3.2.1 only adds a ctor arg). Files: adapter_config.json + pytorch_adapter.bin, never safetensors.
 """
 
-from .adapterhub import (DEFAULTS, FIELDS_31, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig31)
+from .adapterhub import (DEFAULTS, FAMILY, FIELDS_31, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig31)
 from .base import Convention, Scaling, VersionPattern
 
 ADAPTER_TRANSFORMERS_3_1 = Convention(
     name="adapter-transformers-3.1",
-    family="adapterhub",
+    family=FAMILY,
     library="adapter-transformers",
     versions=">=3.1.0,<3.3",
     aliases=("adapter-transformers-3", "adapter-transformers-3.2", "adapter-transformers@3.1.0",

@@ -21,6 +21,8 @@ class _Strict(BaseModel):
 
 # `<host path>.loras.<adapter>.lora_A` (r, in) / `.lora_B` (out, r); bare nn.Parameters, no `.weight` suffix.
 # Gated LoRA adds `gate.weight` (n_gates, in) and `gate.bias`. Same in every version (adapterhub.md §3).
+FAMILY = "adapterhub"  # the codec that reads and writes these conventions
+
 LORAS_KEYS = KeyTemplates(
     a="{module}.loras.{adapter}.lora_A",
     b="{module}.loras.{adapter}.lora_B",

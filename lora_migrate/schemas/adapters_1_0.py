@@ -11,12 +11,12 @@ LoRAMergedLinear (×alpha/r = 1), and ≥ 1.1 — whose load-time shim rewrites 
 configs (loading.py, PR #770) — all read the same ΔW.
 """
 
-from .adapterhub import (DEFAULTS, FIELDS_10, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig10)
+from .adapterhub import (DEFAULTS, FAMILY, FIELDS_10, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig10)
 from .base import Convention, Scaling, VersionPattern
 
 ADAPTERS_1_0 = Convention(
     name="adapters-1.0",
-    family="adapterhub",
+    family=FAMILY,
     library="adapters",
     versions=">=0.1.0,<1.1",
     aliases=("adapters-0", "adapters-0.1", "adapters-0.2", "adapters@0.1.0", "adapters@0.1.1", "adapters@0.1.2",

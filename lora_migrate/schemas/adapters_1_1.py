@@ -6,12 +6,12 @@ sets alpha := r when the config's version is ``adapters.<1.1.0`` and r ≠ alpha
 installed). ``dtype`` config field from 1.1.0 (#767). Post-fix main builds wrote ``adapters.1.1.0.dev0``.
 """
 
-from .adapterhub import (DEFAULTS, FIELDS_11, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig11)
+from .adapterhub import (DEFAULTS, FAMILY, FIELDS_11, HEAD_FILES, LORAS_KEYS, STRING_IDS, LoRAConfig11)
 from .base import Convention, LoadShim, Scaling, VersionPattern
 
 ADAPTERS_1_1 = Convention(
     name="adapters-1.1",
-    family="adapterhub",
+    family=FAMILY,
     library="adapters",
     versions=">=1.1.0",
     aliases=("adapters", "adapters-1.2", "adapters-1.3", "adapters@1.1.0", "adapters@1.1.1", "adapters@1.2.0",

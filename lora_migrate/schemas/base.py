@@ -16,6 +16,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, field_validator
 
+# transformers model types whose attention/MLP layers are ``Conv1D`` (weight stored (in, out), PEFT's
+# fan_in_fan_out); the LoRA factors are still A (r, in), B (out, r)
+CONV1D_MODEL_TYPES = ("gpt2",)
+
 LayerKind = Literal["linear", "fused_qkv", "ia3", "embedding", "conv"]
 
 
@@ -178,6 +182,11 @@ class Convention(Frozen):
     features: frozenset[str] = frozenset()
 
     serving: Serving | None = None  # PEFT files as a server reads them (one global scale, …)
+    # features outside ``features`` are not refused up front: its codec checks the config field by field when it
+    # writes one (PEFT eras: a field this era lacks is refused only when it is not at its default)
+    fields_checked_on_write: bool = False
+    # its merge adds lora_B.bias unscaled (b + l instead of b + s·l: PEFT 0.14–0.15.2, #2486), which fix-merged undoes
+    merges_bias_unscaled: bool = False
     # PEFT family: how rank_pattern / alpha_pattern keys match module names (peft.md §1.3)
     pattern_matching: Literal["combined", "split", "regex"] | None = None
     # PEFT family: True when this era's config loader raises TypeError on fields it does not know (peft.md §4.5)
@@ -189,10 +198,11 @@ class Convention(Frozen):
     @field_validator("keys")
     @classmethod
     def _templates_have_placeholders(cls, v: KeyTemplates, info) -> KeyTemplates:
-        need = ("{module}", "{adapter}") if info.data.get("family") == "adapterhub" else ("{module}",)
+        named = [tmpl for _, tmpl in v.items() if "{adapter}" in tmpl]
         for param, tmpl in v.items():
-            if any(p not in tmpl for p in need):
-                raise ValueError(f"key template {param}={tmpl!r} needs {' and '.join(need)}")
+            if "{module}" not in tmpl or (named and "{adapter}" not in tmpl):
+                need = "{module} and {adapter}" if named else "{module}"
+                raise ValueError(f"key template {param}={tmpl!r} needs {need}")
         return v
 
     def scale(self, kind: LayerKind, alpha: float, r: int) -> float:

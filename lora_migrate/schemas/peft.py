@@ -35,6 +35,7 @@ PEFT_KEYS = KeyTemplates(
     emb_b="base_model.model.{module}.lora_embedding_B",
     magnitude="base_model.model.{module}.lora_magnitude_vector",
 )
+FAMILY = "peft"  # the codec that reads and writes these conventions
 PEFT_PREFIX = "base_model.model."
 
 # LoraConfig fields and the first release that has them (peft.md §4.4). A config written by PEFT holds every
@@ -248,7 +249,7 @@ class PeftLoraConfig(BaseModel):
 
 _LORA = {"linear": Scaling.ALPHA_OVER_R, "embedding": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R}
 _COMMON = dict(
-    family="peft", library="peft", keys=PEFT_KEYS, scaling=_LORA, config_model=PeftLoraConfig,
+    family=FAMILY, library="peft", keys=PEFT_KEYS, scaling=_LORA, config_model=PeftLoraConfig,
     config_defaults=DEFAULTS, weights_read=("adapter_model.safetensors", "adapter_model.bin"),
     weights_write="adapter_model.safetensors", version_patterns=(),
 )
@@ -257,7 +258,7 @@ _FEATURES = {"lora", "embedding", "conv", "rslora", "dora", "patterns", "modules
 
 def _peft(name: str, versions: str, first: str, matching: str, **kw) -> Convention:
     feats = set(_FEATURES) | set(kw.pop("extra_features", ()))
-    return Convention(name=name, versions=versions, pattern_matching=matching,
+    return Convention(name=name, versions=versions, pattern_matching=matching, fields_checked_on_write=True,
                       config_write_fields=fields_of(first), features=frozenset(feats), **_COMMON, **kw)
 
 
@@ -273,13 +274,13 @@ PEFT_0_14 = _peft(
     "peft-0.14", ">=0.14,<0.15", "0.14", "split",
     summary="PEFT 0.14: lora_bias (#2237); separate rank/alpha suffix lookups; merges lora_B.bias unscaled",
     scaling_notes="alpha/r or alpha/√r; lora_B.bias scaled in the forward pass but merged unscaled (#2486)",
-    version_to_write="0.14.0", extra_features={"lora_bias"}, lora_embedding_scaled=False,
+    version_to_write="0.14.0", extra_features={"lora_bias"}, lora_embedding_scaled=False, merges_bias_unscaled=True,
 )
 PEFT_0_15 = _peft(
     "peft-0.15", ">=0.15,<0.16", "0.15", "regex",
     summary="PEFT 0.15.x: regex rank/alpha patterns (#2419); still merges lora_B.bias unscaled",
     scaling_notes="alpha/r or alpha/√r; lora_B.bias merged as b+l instead of b+s·l up to 0.15.2 (#2486, #2489)",
-    version_to_write="0.15.2", extra_features={"lora_bias"}, lora_embedding_scaled=False,
+    version_to_write="0.15.2", extra_features={"lora_bias"}, lora_embedding_scaled=False, merges_bias_unscaled=True,
 )
 PEFT_0_16 = _peft(
     "peft-0.16", ">=0.16,<0.18", "0.16", "regex", aliases=("peft-0.17",),

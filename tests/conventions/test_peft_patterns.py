@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_migrate.formats.peft import module_r_alpha, pattern_key_for
+from lora_migrate.codecs.peft.format import module_r_alpha, pattern_key_for
 
 peft_other = pytest.importorskip("peft.utils.other")
 

@@ -16,14 +16,16 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 from pydantic import ValidationError
 
-from ..adapter import AdapterInfo, ScaleProvenance
-from ..errors import LoraMigrateError, UnsupportedFeature
-from ..io import BackgroundWriter, BinWriter, SafetensorsWriter
-from ..schemas import Convention
-from ..schemas.base import Scaling
-from ..schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_ERAS, PEFT_PREFIX,
-                            PeftLoraConfig, embed_scale, saved_by_modules_to_save)
-from ..source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
+from ...adapter import AdapterInfo, ScaleProvenance
+from ...errors import LoraMigrateError, UnsupportedFeature
+from ...io import BackgroundWriter, BinWriter, SafetensorsWriter
+from ...schemas import Convention
+from ...schemas.base import Scaling
+from ...schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_ERAS, PEFT_PREFIX,
+                            PeftLoraConfig, embed_scale, mutating_init, not_rebuildable_reason, rebuild_rule,
+                            saved_by_modules_to_save)
+from ..base import pick
+from ...source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # First version of each era, in order, from the schemas' ``versions`` (the era spans up to the next one's first
@@ -42,9 +44,44 @@ def _raw_config(path: Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
-def is_peft_dir(path: Path) -> bool:
+def is_peft_config(path: Path) -> bool:
+    """``path/adapter_config.json`` is PEFT's (it has ``peft_type``)."""
     raw = _raw_config(path) if (path / "adapter_config.json").is_file() else None
-    return raw is not None and "peft_type" in raw and any((path / w).is_file() for w in WEIGHTS)
+    return raw is not None and "peft_type" in raw
+
+
+def is_peft_dir(path: Path) -> bool:
+    return is_peft_config(path) and any((path / w).is_file() for w in WEIGHTS)
+
+
+def read_peft_one(path: Path, from_: Convention | None, name: str = "default"):
+    cands, reasons, raw = detect_peft_dir(path)
+    conv, reasons = pick(path, cands, reasons, from_)
+    return read_peft_dir(path, conv, raw, name), reasons
+
+
+def read_peft_tree(path: Path, from_: Convention | None):
+    """PEFT's multi-adapter layout: the default adapter at the top (if any), every other one in a subfolder
+    named after it (``save_pretrained`` of several adapters, or a folder of adapter folders)."""
+    adapters, reasons = [], []
+    try:
+        if is_peft_dir(path):
+            a, why = read_peft_one(path, from_)
+            adapters.append(a)
+            extra = f" (+{len(a.extras)} non-LoRA tensors)" if a.extras else ""
+            reasons += why + [f"{sum(len(e.keys) for e in a.modules)} tensor keys are all claimed by "
+                              f"base_model.model.<module>.lora_A|lora_B…{extra}"]
+        for d in sorted(p for p in path.iterdir() if p.is_dir() and is_peft_dir(p)):
+            a, why = read_peft_one(d, from_, d.name)
+            adapters.append(a)
+            reasons.append(f"{d.name}/: {a.convention.name}: " + "; ".join(why[1:]))
+    except BaseException:
+        for a in adapters:
+            a.store.close()
+        raise
+    if len(adapters) > 1:
+        reasons.insert(0, f"{len(adapters)} PEFT adapters: " + ", ".join(a.info.name for a in adapters))
+    return adapters, reasons
 
 
 def eras_for(raw: dict) -> tuple[list[Convention], list[str]]:
@@ -285,15 +322,34 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
         if unknown_fields:
             notes.append(f"config fields no PEFT release we know has: {', '.join(unknown_fields)}")
         info = AdapterInfo(name=name, convention=conv.name, r=cfg.r, alpha=float(cfg.lora_alpha), config=raw,
-                           wrapper={"model_name": raw.get("base_model_name_or_path")})
+                           base_model=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"),
+                           fan_in_fan_out=bool(cfg.fan_in_fan_out), coverage_unproven=_coverage_unproven(raw),
+                           dropout=raw.get("lora_dropout"))
     except BaseException:
         store.close()
         raise
+    mutates = mutating_init(init)
     a = SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
-                      notes=notes, extras=extras, features=features, init=init, peft=cfg)
+                      notes=notes, extras=extras, features=features, init=init, init_mutates=mutates,
+                      init_rebuild=rebuild_rule(init) if mutates else None,
+                      init_why_not=not_rebuildable_reason(init) if mutates else None, peft=cfg)
     if "embedding" in features:
         set_embed_scales(a, model_config or base_model_config(raw.get("base_model_name_or_path")))
     return a
+
+
+def _coverage_unproven(cfg: dict) -> str | None:
+    """Why the config does not prove that each adapted layer type covers every layer of the model, or None when
+    it does: ``target_modules`` as a list of names (or "all-linear", or None: the model type's defaults), with no
+    ``layers_to_transform`` / ``exclude_modules``."""
+    # layers_pattern only matters with layers_to_transform (PEFT refuses it alone)
+    for f, what in (("layers_to_transform", "adapts only those layers"), ("exclude_modules", "leaves modules out")):
+        if cfg.get(f) not in (None, [], ""):
+            return f"{f}={cfg[f]!r} {what}"
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str) and tm != "all-linear":
+        return f"target_modules is a regex ({tm!r}), which may match only some layers"
+    return None
 
 
 def _plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:

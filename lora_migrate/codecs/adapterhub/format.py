@@ -13,15 +13,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..adapter import AdapterInfo, FusedQKV, ScaleProvenance
-from ..errors import DetectionError, LoraMigrateError
-from ..io import BackgroundWriter, BinWriter, SafetensorsWriter, open_tensors
-from ..schemas import CONVENTIONS, Convention
-from ..schemas.adapterhub import FUSED_QKV_MODULES, OTHER_METHOD_KEYS, AdapterHubWrapper
-from ..source import (HeadFiles, ModuleEntry, SourceAdapter, TensorStore, json_number, read_json,
+from ...adapter import AdapterInfo, FusedQKV, ScaleProvenance
+from ...errors import DetectionError, LoraMigrateError
+from ...io import BackgroundWriter, BinWriter, SafetensorsWriter, open_tensors
+from ...schemas import CONVENTIONS, Convention
+from ...schemas.base import CONV1D_MODEL_TYPES
+from ...schemas.adapterhub import FAMILY, FUSED_QKV_MODULES, OTHER_METHOD_KEYS, AdapterHubWrapper
+from ...source import (HeadFiles, ModuleEntry, SourceAdapter, TensorStore, json_number, read_json,
                       validation_message)
 
-ADAPTERHUB = tuple(c for c in CONVENTIONS if c.family == "adapterhub")
+ADAPTERHUB = tuple(c for c in CONVENTIONS if c.family == FAMILY)
 FULL_MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 FULL_MODEL_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -38,7 +39,7 @@ def conventions_for_version(version: str | None) -> list[Convention]:
 
 def conventions_for_transformers(version: str | None) -> list[Convention]:
     """Full-model checkpoints carry no adapter version: infer it from config.json's ``transformers_version``."""
-    from ..schemas.base import VersionPattern
+    from ...schemas.base import VersionPattern
 
     if not version:
         return []
@@ -195,6 +196,15 @@ def read_head(path: Path, conv: Convention) -> HeadFiles | None:
                      "which a static-head model saves with every adapter")
 
 
+def _typed(wrapper: dict, config) -> dict:
+    """The canonical adapter-level fields of an AdapterHub adapter (:class:`~lora_migrate.adapter.AdapterInfo`)."""
+    mt = wrapper.get("model_type")
+    leave_out = getattr(config, "leave_out", None)
+    return {"base_model": wrapper.get("model_name"), "model_type": mt,
+            "fan_in_fan_out": mt in CONV1D_MODEL_TYPES, "dropout": getattr(config, "dropout", None),
+            "coverage_unproven": f"leave_out={leave_out} leaves layers out" if leave_out else None}
+
+
 def read_adapter_dir(path: Path, conv: Convention, wrapper: AdapterHubWrapper) -> SourceAdapter:
     """One adapter folder written by ``save_adapter``."""
     cfg_path = path / "adapter_config.json"
@@ -223,7 +233,7 @@ def read_adapter_dir(path: Path, conv: Convention, wrapper: AdapterHubWrapper) -
                                       wrapper.model_type, str(weights))
         info = AdapterInfo(name=wrapper.name, convention=conv.name, r=int(config.r), alpha=float(config.alpha),
                            config=config.model_dump(exclude_unset=True),
-                           wrapper=wrapper.model_dump(exclude={"config"}))
+                           wrapper=wrapper.model_dump(exclude={"config"}), **_typed(wrapper.model_dump(), config))
         head = read_head(path, conv)
     except BaseException:
         store.close()
@@ -303,7 +313,8 @@ def read_full_model(path: Path, conv: Convention, cfg: dict) -> list[SourceAdapt
             entries, gated = plan_modules(conv, store, claimed[name], name, config, cfg.get("model_type"),
                                           f"{path}: adapter {name!r}")
             info = AdapterInfo(name=name, convention=conv.name, r=int(config.r), alpha=float(config.alpha),
-                               config=config.model_dump(exclude_unset=True), wrapper={**wrapper, "name": name})
+                               config=config.model_dump(exclude_unset=True), wrapper={**wrapper, "name": name},
+                               **_typed(wrapper, config))
             adapters.append(SourceAdapter(info=info, convention=conv, store=store, modules=entries, gated=gated,
                                           files=[path / "config.json", *files],
                                           notes=[f"{base} base-model tensors in the checkpoint are not part of "
@@ -348,7 +359,7 @@ def target_config(target: Convention, info: AdapterInfo, r: int, alpha: float) -
     return out, notes
 
 
-def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, r: int, alpha: float,
+def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, wrapper: dict, deltas, r: int, alpha: float,
                   planned: list[tuple[str, str, str, tuple, object]], *, safetensors: bool = False,
                   head: HeadFiles | None = None, keep_head: bool = False, config: dict | None = None) -> list[str]:
     """Write one adapter folder: adapter_config.json and the weights, streaming one module at a time.
@@ -361,7 +372,7 @@ def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, deltas, 
         config, notes = target_config(target, info, r, alpha)
     else:
         notes = []
-    wrapper = {k: v for k, v in info.wrapper.items() if k in AdapterHubWrapper.model_fields and k != "config_id"}
+    wrapper = {k: v for k, v in wrapper.items() if k in AdapterHubWrapper.model_fields and k != "config_id"}
     wrapper.update(config=config, name=info.name, version=target.version_to_write)
     for k in ("hidden_size", "model_class", "model_name", "model_type"):
         wrapper.setdefault(k, None)
