@@ -7,11 +7,13 @@ from ..errors import LoraMigrateError
 from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
+from .kohya import KOHYA
 from .peft import PEFT
 
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
+    KOHYA,
 )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .base import Convention, KeyTemplates, Scaling
 
+FAMILY = "kohya"  # the codec that reads and writes this convention
 KEYS = KeyTemplates(a="{module}.lora_down.weight", b="{module}.lora_up.weight")
 ALPHA_KEY = "{module}.alpha"
 SUFFIXES = {"a": ".lora_down.weight", "b": ".lora_up.weight", "alpha": ".alpha"}
@@ -29,7 +30,7 @@ SUFFIXES = {"a": ".lora_down.weight", "b": ".lora_up.weight", "alpha": ".alpha"}
 CONVENTIONS = (
     Convention(
         name="kohya",
-        family="kohya",
+        family=FAMILY,
         library="sd-scripts",
         # sd-scripts has no releases; the format has not changed since per-module .alpha arrived (Jan 2023): older
         # files without .alpha read as alpha = r, which is what sd-scripts itself does with them

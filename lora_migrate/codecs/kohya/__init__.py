@@ -15,12 +15,14 @@ from .write import plan_kohya, write_kohya
 
 
 class KohyaCodec(Codec):
-    id = "kohya"
+    id = S.FAMILY
+    display = "a kohya"
     output = "file"
     file_suffix = ".safetensors"
 
     def claim(self, path: Path) -> Claim | None:
-        if not (path.is_file() and path.suffix == ".safetensors"):
+        path = _lone_file(path)
+        if path is None:
             return None
         try:
             from ...io import open_tensors
@@ -39,7 +41,7 @@ class KohyaCodec(Codec):
                          f"(.lora_down/.lora_up/.alpha{', LyCORIS keys' if lycoris else ''})", strength=2)
 
     def open(self, path: Path, from_=None):
-        return R.open_source(Path(path), from_ or self.conventions[0])
+        return R.open_source(_lone_file(Path(path)) or Path(path), from_ or self.conventions[0])
 
     def prepare(self, a, opts: PlanOptions) -> None:
         if opts.model_type:
@@ -64,6 +66,19 @@ class KohyaCodec(Codec):
         return [Finding(level=lvl, code=code, message=msg, adapter=a.info.name) for lvl, code, msg in
                 findings_of(a)]
 
+    def config_findings(self, path: Path) -> list:
+        """LyCORIS keys in a kohya-space file (reading it refuses them, so they are reported from the header)."""
+        from ...findings import Finding
+        from ...io import open_tensors
+
+        if self.claim(path) is None:
+            return []
+        with open_tensors(_lone_file(path)) as tf:
+            keys = tf.keys()
+        hits = {(feature, why) for k in keys for suffix, feature, why in S.LYCORIS if k.endswith(suffix)}
+        return [Finding(level="error", code="lycoris", message=f"{feature} (LyCORIS) in the kohya key space: {why}; "
+                        "no conversion into a LoRA format is exact") for feature, why in sorted(hits)]
+
     def check_options(self, target, opts: PlanOptions) -> None:
         if opts.safetensors or opts.keep_head or opts.outtype:
             raise LoraMigrateError("kohya writes one .safetensors file: --safetensors, --keep-head and --outtype "
@@ -85,6 +100,14 @@ class KohyaCodec(Codec):
         if self.claim(Path(dest)) is None:
             raise VerificationFailed(f"{dest}: the written file is not read as kohya")
         return R.read_kohya(Path(dest), target, name)
+
+
+def _lone_file(path: Path) -> Path | None:
+    """The .safetensors file itself, or the only one in a folder (``check`` passes a file's folder), else None."""
+    if path.is_dir():
+        files = list(path.glob("*.safetensors"))
+        path = files[0] if len(files) == 1 else path
+    return path if path.is_file() and path.suffix == ".safetensors" else None
 
 
 def findings_of(a) -> list[tuple[str, str, str]]:
@@ -147,4 +170,4 @@ def _bfl(name: str) -> str:
     return dotted(name[len(S.UNET_PREFIX) + 1:], "flux_bfl") or ""
 
 
-CODEC = KohyaCodec()
+KOHYA = CODEC = KohyaCodec()

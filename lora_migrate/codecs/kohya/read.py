@@ -80,6 +80,16 @@ class KohyaAdapter(SourceAdapter):
                            kind="conv" if e.kind == "conv" else "lora")
 
 
+    def fingerprint(self, e: ModuleEntry) -> tuple | None:
+        """The check's fingerprint of a module that is a row block of a fused up (None: whole tensors, the
+        check streams them itself)."""
+        if e.module not in self.parts:
+            return None
+        from ...check.written import _fingerprint
+
+        return _fingerprint(self.load(e))
+
+
 def detect_family(names: dict[str, dict], store: TensorStore, metadata: dict) -> tuple[str | None, str]:
     """(model type, why) from prefixes, U-Net naming, ss_base_model_version and widths; None when nothing tells."""
     prefixes = Counter(prefix_of(n)[0] for n in names)

@@ -307,3 +307,24 @@ def test_factors_of_different_dtypes_keep_them(tmp_path):
         tensors = {k: s.get_tensor(k) for k in s.keys()}
     assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == sdscripts_hashes(tensors, md)  # written out of order
     same_updates(src, back)
+
+
+def test_cli_convert_and_check(tmp_path):
+    """Through the CLI once: convert (one file out, the check passes), a --drop'less refusal is exit 2 with one
+    line, and `check` on the file finds the missing alphas."""
+    import subprocess
+    import sys
+
+    f = kohya_file(tmp_path / "a.safetensors", {SD1: (rnd(4, 8), rnd(8, 4), 2.0), TE: (rnd(2, 8), rnd(8, 2), None)})
+    cli = [sys.executable, "-m", "lora_migrate.cli"]
+    p = subprocess.run([*cli, "convert", str(f), str(tmp_path / "o.safetensors"), "--to", "kohya"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "check: 2 modules" in p.stdout and ": OK" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([*cli, "check", str(f)], capture_output=True, text=True)
+    assert "warning [missing-alpha]" in p.stdout, p.stdout
+    lyc = tmp_path / "l" / "l.safetensors"
+    lyc.parent.mkdir()
+    save_file({SD1 + ".hada_w1_a": rnd(2, 2), SD1 + ".hada_w1_b": rnd(2, 2)}, str(lyc))
+    p = subprocess.run([*cli, "convert", str(lyc), str(tmp_path / "o2"), "--to", "peft"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "LoHa (LyCORIS)" in p.stderr
