@@ -240,6 +240,13 @@ def run_item(item: dict, out_dir: str, prev_key: str | None) -> dict:
     t0 = time.perf_counter()
     it = BatchItem.model_validate(item)
     out = Path(out_dir) / it.name
+    try:
+        from .codecs import codec_for
+        from .schemas import get_convention
+
+        out = codec_for(get_convention(it.to)).output_path(Path(out_dir), it.name)
+    except LoraMigrateError:
+        pass  # an unknown target: converting says so below, in the item's record
     rec = {"name": it.name, "source": it.source, "to": it.to, "status": "failed", "key": None, "output": str(out)}
     try:
         from .errors import VerificationFailed

@@ -101,6 +101,7 @@ def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str |
     :class:`LoraMigrateError` for bad input or a refused upload.
     """
     from . import api
+    from .codecs import codec_for
     from .schemas import get_convention
 
     if not REPO_RX.match(repo_id):
@@ -109,8 +110,10 @@ def push(src, repo_id: str, *, to: str, from_: str | None = None, adapter: str |
     tmp = Path(tempfile.mkdtemp(prefix="lora-migrate-push-"))
     try:
         out = tmp / "upload"
+        codec = codec_for(target)
+        dest = codec.output_path(out, repo_id.rsplit("/", 1)[-1]) if codec.output == "file" else out
         try:
-            result = api.convert(src, out, to=to, from_=from_, adapter=adapter, safetensors=safetensors,
+            result = api.convert(src, dest, to=to, from_=from_, adapter=adapter, safetensors=safetensors,
                                  keep_head=keep_head, initial_adapter=initial_adapter, base_model=base_model,
                                  model_type=model_type, num_layers=num_layers, allow_nonfinite=allow_nonfinite)
         except VerificationFailed as e:

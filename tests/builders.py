@@ -50,3 +50,20 @@ def dense(d: ModuleDelta) -> torch.Tensor:
     """ΔW = (s·B)·A formed in float64: the brute-force reference."""
     A, B = d.factors()
     return d.scale * B.double() @ A.double()
+
+
+def codec_write(src: Path, target: str, dest: Path) -> None:
+    """Read ``src``, plan it into ``target`` and write it at ``dest`` with the target's codec, unchecked (the
+    codec methods as the pipeline calls them, for codec unit tests)."""
+    from lora_migrate.codecs import PlanOptions, codec_for
+    from lora_migrate.detect import open_source
+    from lora_migrate.plan import plan_adapter
+    from lora_migrate.schemas import get_convention
+
+    conv = get_convention(target)
+    s = open_source(src)
+    try:
+        ex = plan_adapter(s.adapters[0], conv, ".", PlanOptions())
+        codec_for(conv).write(ex, dest, ex.deltas())
+    finally:
+        s.close()

@@ -94,6 +94,10 @@ class Codec:
     output: ClassVar[Literal["folder", "file"]] = "folder"
     file_suffix: ClassVar[str | None] = None  # for file outputs: the suffix OUT must have
 
+    def output_path(self, folder: Path, name: str) -> Path:
+        """Where an output named ``name`` goes inside ``folder``: a subfolder, or ``<name><file_suffix>``."""
+        return folder / (name + (self.file_suffix or "") if self.output == "file" else name)
+
     @property
     def conventions(self) -> tuple[Convention, ...]:
         return tuple(c for c in CONVENTIONS if c.family == self.id)

@@ -135,25 +135,32 @@ class AdapterHubCodec(Codec):
 
 
 def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
-    """For each other AdapterHub convention: the scales it would apply to this file, loaded as is."""
+    """For each other AdapterHub convention: the scales it computes loading this file as it is, found by reading
+    the file's modules as that convention reads them (its scaling table, after its load shim rewrote the config)."""
     version = a.info.wrapper.get("version")
     r, alpha = a.info.r, a.info.alpha
     out = []
     if a.gated or r is None or alpha is None:
         return out
-    true = {e.kind: e.scale for e in a.modules}
+    keys = [k for e in a.modules for k in e.keys.values()]
+    config = a.convention.config_model.model_validate(a.info.config)
     for c in CONVENTIONS:
         if c.family != a.convention.family or c is a.convention:
             continue
-        if any(k not in c.scaling for k in true):
+        if any(e.kind not in c.scaling for e in a.modules):
             continue
         shim = c.load_shim is not None and c.load_shim.applies(version, alpha, r)
-        used = float(r) if shim else alpha
-        wrong = [f"{k} ×{c.scale(k, used, r):g} instead of ×{s:g}" for k, s in sorted(true.items())
-                 if abs(c.scale(k, used, r) / s - 1) > 1e-12]
+        seen = config.model_copy(update={"alpha": float(r)}) if shim else config
+        read = {e.module: e for e in ah.plan_modules(c, a.store, keys, a.info.name, seen, a.info.model_type,
+                                                     str(a.files[0]))[0]}
+        wrong: dict[str, str] = {}
+        for e in a.modules:
+            s = read[e.module].scale
+            if abs(s / e.scale - 1) > 1e-12:
+                wrong.setdefault(e.kind, f"{e.kind} ×{s:g} instead of ×{e.scale:g}")
         why = f" (its load shim sets alpha := r for version {version!r})" if shim else ""
-        detail = ("same ΔW" + why) if not wrong else ("WRONG: " + ", ".join(wrong) + why +
-                                                      f"; convert with --to {c.name}")
+        detail = ("same ΔW" + why) if not wrong else ("WRONG: " + ", ".join(v for _, v in sorted(wrong.items()))
+                                                      + why + f"; convert with --to {c.name}")
         out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=not wrong,
                              detail=detail))
     return out

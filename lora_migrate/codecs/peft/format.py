@@ -289,7 +289,7 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
             raise LoraMigrateError(f"{weights}: holds no LoRA tensors")
         entries = []
         for module, params in by_module.items():
-            entries.append(_plan_module(conv, store, module, params, cfg, matching, str(weights), notes, features))
+            entries.append(plan_module(conv, store, module, params, cfg, matching, str(weights), notes, features))
         for param, flag, feature, key_name in (("magnitude", cfg.use_dora, "dora", "lora_magnitude_vector"),
                                                 ("bias", cfg.lora_bias, "lora_bias", "lora_B.bias")):
             if any(param in e.keys for e in entries):
@@ -352,7 +352,7 @@ def _coverage_unproven(cfg: dict) -> str | None:
     return None
 
 
-def _plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:
+def plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:
     metas = {p: store.meta(k) for p, k in params.items()}
     emb = "emb_a" in params or "emb_b" in params
     if emb:

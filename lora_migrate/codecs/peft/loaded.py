@@ -8,8 +8,24 @@ from ...findings import LoadCheck
 from ...schemas import CONVENTIONS, Scaling
 from ...schemas.peft import FAMILY, FIELDS_SINCE, conv_requirements, fields_of
 from ...source import SourceAdapter
-from .format import PEFT_ONLY, module_r_alpha
+from ...errors import LoraMigrateError
+from .format import PEFT_ONLY, module_r_alpha, plan_module
 from .plan import lorax_drops
+
+
+def read_as(c, a: SourceAdapter, e) -> tuple[int, float]:
+    """(r, scale) of module ``e`` of ``a`` as convention ``c`` reads it: the module read again by the reader with
+    ``c``'s pattern matching, scaling and serving profile (:func:`format.plan_module`); where ``c`` builds the
+    layer at another rank than the tensor's (its pattern keys match differently), that r and its scale."""
+    try:
+        got = plan_module(c, a.store, e.module, e.keys, a.peft, c.pattern_matching or "regex", str(a.files[-1]),
+                          [], set())
+        return got.provenance.r, got.scale
+    except LoraMigrateError:  # the rank c's patterns give this module contradicts its tensors
+        r, alpha = module_r_alpha(c.pattern_matching, e.module, a.peft.r, float(a.peft.lora_alpha),
+                                  a.peft.rank_pattern, a.peft.alpha_pattern)
+        rule = Scaling.ALPHA_OVER_SQRT_R if a.peft.use_rslora and "rslora" in c.features else Scaling.ALPHA_OVER_R
+        return r, rule.scale(alpha, r)
 
 
 def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
@@ -47,16 +63,11 @@ def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
             elif have == "some":
                 caveats.append(f"{f} needs PEFT ≥ {since}; earlier releases ignore it")
         problems += refused
-        rs = cfg.use_rslora and "rslora" in c.features
+        rs = cfg.use_rslora and "rslora" in c.features  # whether c applies alpha/√r (its reader does the same)
         wrong = []
         unsure = None
         for e in a.modules:
-            if "patterns" in c.features:
-                r, alpha = module_r_alpha(c.pattern_matching, e.module, cfg.r, float(cfg.lora_alpha),
-                                          cfg.rank_pattern, cfg.alpha_pattern)
-            else:
-                r, alpha = cfg.r, float(cfg.lora_alpha)
-            s = (Scaling.ALPHA_OVER_SQRT_R if rs else Scaling.ALPHA_OVER_R).scale(alpha, r)
+            r, s = read_as(c, a, e)
             why = ""
             if e.kind == "embedding" and e.embed_scale != 1.0:  # × embed_scale from PEFT 0.18 (#2825)
                 if c.lora_embedding_scaled is None and e.embed_scale is not None:
