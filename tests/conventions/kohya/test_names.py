@@ -14,7 +14,7 @@ from lora_migrate.codecs.kohya.names import (diffusers_to_flux, diffusers_to_sai
 from lora_migrate.codecs.kohya.read import canonical
 from lora_migrate.codecs.kohya.write import locate
 
-GOLDEN = Path(__file__).resolve().parents[2] / "../golden/diffusers/sdscripts"
+GOLDEN = Path(__file__).resolve().parents[3] / "golden/diffusers/sdscripts"
 SDXL_ATTN = (0, 1)  # SDXL's up blocks with attentions (schemas.kohya FAMILIES)
 
 
