@@ -61,6 +61,8 @@ def locate(module: str, family: str | None, from_kohya: bool = False) -> tuple[s
     """(kohya module name, part index, number of parts, split) of a canonical module, or why it has none.
     ``from_kohya``: the source is a kohya file, whose layers every kohya loader treats as it did before."""
     comp, _, path = module.partition(".")
+    if comp not in N.COMPONENT_PREFIX:
+        return "not an image-model layer (kohya holds U-Net, Flux transformer and text-encoder layers)"
     if comp == "transformer":
         if family not in (None, "flux"):
             return f"a transformer module in a {family} adapter"
@@ -149,7 +151,8 @@ def plan_kohya(src, target: Convention, opts, steps: list[Step], output: str) ->
     if refused:
         m, why = refused[0]
         more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise UnsupportedFeature(f"{m}: kohya cannot hold it ({why}){more}; pass --drop {m} to convert without it")
+        hint = "" if len(refused) == len(src.modules) else f"; pass --drop {m} to convert without it"
+        raise UnsupportedFeature(f"{m}: kohya cannot hold it ({why}){more}{hint}")
     by_mod = {e.module: e for e in src.modules}
     src.modules[:] = sorted((by_mod[m] for m in where), key=lambda e: where[e.module])  # write order: names
     notes = [f"dropped (--drop): {m} ({why})" for m, why in dropped]

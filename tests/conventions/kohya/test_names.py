@@ -94,6 +94,7 @@ def test_flux_map_both_ways():
     assert locate("transformer.time_text_embed.guidance_embedder.linear_2", None)[0] == \
         "lora_unet_guidance_in_out_layer"
     assert locate("transformer.pos_embed.proj", "flux") == "no Flux BFL module holds it"
+    assert locate("model.layers.0.self_attn.q_proj", None).startswith("not an image-model layer")
 
 
 def test_unet_names_follow_the_family():
