@@ -12,6 +12,8 @@ sd-scripts serializes ``safetensors.torch.save(tensors, {ss_* metadata only})`` 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -29,9 +31,13 @@ def ss_header(metadata: dict[str, str], tensors: list[tuple[str, torch.dtype, tu
 
 
 class HashSink:
-    """Fed the tensors' bytes in safetensors order; gives both hashes."""
+    """Fed the tensors' bytes in safetensors order; gives both hashes. With ``background``, hashing runs on one
+    thread beside the caller (sha256 releases the GIL): each piece is held (a numpy view keeps its tensor's storage
+    from being reused) until hashed, at most ``PENDING`` pieces at a time."""
 
-    def __init__(self, header: bytes):
+    PENDING = 4
+
+    def __init__(self, header: bytes, background: bool = False):
         start, size = S.LEGACY_HASH_WINDOW
         self.model = hashlib.sha256()
         self.legacy = hashlib.sha256()
@@ -40,16 +46,31 @@ class HashSink:
         self._at = 0
         if start < len(header):
             self.legacy.update(header[start:start + size])
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sshs") if background else None
+        self._pending: deque = deque()
 
     def update(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.model.update(mv)
         lo, hi = max(self._lo, self._at), min(self._hi, self._at + len(mv))
-        if lo < hi:
-            self.legacy.update(mv[lo - self._at:hi - self._at])
+        window = mv[lo - self._at:hi - self._at] if lo < hi else None
         self._at += len(mv)
+        if self._pool is None:
+            self._hash(mv, window)
+            return
+        self._pending.append(self._pool.submit(self._hash, mv, window))
+        while len(self._pending) > self.PENDING:
+            self._pending.popleft().result()
+
+    def _hash(self, mv, window) -> None:
+        self.model.update(mv)
+        if window is not None:
+            self.legacy.update(window)
 
     def hexdigests(self) -> tuple[str, str]:
+        while self._pending:
+            self._pending.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown()
         return self.model.hexdigest(), self.legacy.hexdigest()[:8]
 
 

@@ -311,7 +311,7 @@ def write_kohya(ex: Execution, dest, deltas) -> list[str]:
     st = ex.codec_state
     plan = [(k, dt, s) for o in st["modules"] for k, s, dt in _shapes(o)]
     in_order = [k for k, _, _ in plan] == safetensors_order((k, dt) for k, dt, _ in plan)
-    sink = H.HashSink(H.ss_header(st["metadata"], plan))
+    sink = H.HashSink(H.ss_header(st["metadata"], plan), background=in_order)  # overlaps reading the next module
     with SafetensorsWriter(dest, st["metadata"]) as w:
         for k, dt, s in plan:
             w.add(k, dt, s)
