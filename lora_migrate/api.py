@@ -340,6 +340,8 @@ class AdapterInspection(BaseModel):
     notes: list[str]
     as_loaded: list[LoadCheck]
     module_list: list[ModuleInfo]
+    model_type: str | None = None  # the base model's type (llama, sd1, sdxl, flux, …), where known
+    components: list[str] = []  # image models: the pipeline components it adapts
 
 
 class InspectResult(BaseModel):
@@ -372,7 +374,7 @@ def _inspect_adapter(a: SourceAdapter) -> AdapterInspection:
                              scales=scales, gated=a.gated, convertible=why is None, why_not=why,
                              modules=len(a.modules), layer_kinds=kinds, dtypes=dtypes, bytes=a.nbytes, head=head,
                              notes=a.notes + _init_notes(a), as_loaded=codec_for(a.convention).as_loaded(a),
-                             module_list=mods)
+                             module_list=mods, model_type=a.info.model_type, components=list(a.info.components))
 
 
 def _init_notes(a: SourceAdapter) -> list[str]:

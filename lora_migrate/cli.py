@@ -110,9 +110,13 @@ def inspect(path, from_, show_modules, as_json):
     for why in r.reasons:
         click.echo(f"  because {why}")
     for a in r.adapters:
-        click.echo(f"\nadapter {a.name!r}: r={a.r}, alpha={a.alpha:g}, {a.modules} modules "
+        r_alpha = (f"r={'per module' if a.r is None else a.r}, "
+                   f"alpha={'per module' if a.alpha is None else format(a.alpha, 'g')}")
+        click.echo(f"\nadapter {a.name!r}: {r_alpha}, {a.modules} modules "
                    f"({', '.join(f'{n} {k}' for k, n in a.layer_kinds.items())}), {', '.join(a.dtypes)}, "
                    f"{a.bytes / 1e6:.2f} MB")
+        if a.components:
+            click.echo(f"  {a.model_type or 'model type unknown (--model-type)'}: {', '.join(a.components)}")
         for k, s in a.scales.items():
             click.echo(f"  effective scale, {k}: {s}")
         if not a.convertible:
@@ -184,7 +188,9 @@ def render_conventions(conventions) -> str:
     for c in conventions:
         lines.append(f"{c.name:26} {c.library} {c.versions}")
         lines.append(f"{'':26} scale: {c.scaling_notes}")
-        lines.append(f"{'':26} writes: {c.config_file} + {c.weights_write} (version {c.version_to_write!r})")
+        files = " + ".join(f for f in (c.config_file, c.weights_write) if f)
+        version = f" (version {c.version_to_write!r})" if c.version_to_write else ""
+        lines.append(f"{'':26} writes: {files}{version}")
         if c.aliases:
             lines.append(f"{'':26} also: {', '.join(c.aliases[:6])}{' …' if len(c.aliases) > 6 else ''}")
     return "".join(line + "\n" for line in lines)

@@ -147,13 +147,15 @@ def _nonfinite(a) -> list[Finding]:
 
 
 def _unclaimed_keys(source) -> list[Finding]:
-    """Tensor keys that no schema of any family claims (readers refuse most; this names them whatever the reader)."""
+    """Tensor keys that no schema of any family claims and the reader did not take either (readers refuse most;
+    this names them whatever the reader). A key the reader mapped to a module (e.g. a spelling its library also
+    reads) or carries as an extra is claimed."""
     from .schemas import CONVENTIONS
 
     out = []
     for a in source.adapters:
-        keys = a.store.keys()
-        left = [k for k in keys if not any(c.keys.claim(k) for c in CONVENTIONS)]
+        taken = {k for e in a.modules for k in e.keys.values()} | set(a.extras)
+        left = [k for k in a.store.keys() if k not in taken and not any(c.keys.claim(k) for c in CONVENTIONS)]
         if left:
             shown = ", ".join(repr(k) for k in left[:3]) + (f" (+{len(left) - 3} more)" if len(left) > 3 else "")
             out.append(_err("unclaimed-keys", f"{len(left)} tensor keys no schema claims: {shown}", a.info.name))

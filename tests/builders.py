@@ -52,6 +52,30 @@ def dense(d: ModuleDelta) -> torch.Tensor:
     return d.scale * B.double() @ A.double()
 
 
+def diffusers_file(folder: Path, modules: dict, metadata: dict | None = None, spelling=None, seed=0,
+                   dtype=torch.float32) -> Path:
+    """A diffusers LoRA folder (pytorch_lora_weights.safetensors) written without diffusers: ``modules`` maps a
+    key prefix (``unet.…to_q``) to (r, in, out) or (r, in, out, k) for a conv; ``metadata`` is the per-component
+    LoraConfig dicts, flattened into ``lora_adapter_metadata`` as save_lora_weights does; ``spelling(module)``
+    gives the (down, up) key suffixes (default PEFT's lora_A/lora_B)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m, shape in modules.items():
+        r, i, o, *k = shape
+        down, up = spelling(m) if spelling else (".lora_A.weight", ".lora_B.weight")
+        sd[m + down] = torch.randn(r, i, *k, *k, generator=g).to(dtype)
+        sd[m + up] = torch.randn(o, r, *([1, 1] if k else []), generator=g).to(dtype)
+    header = {"format": "pt"}
+    if metadata is not None:
+        flat = {f"{c}.{f}": v for c, cfg in metadata.items() for f, v in cfg.items()}
+        header["lora_adapter_metadata"] = json.dumps(flat, indent=2, sort_keys=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "pytorch_lora_weights.safetensors"), header)
+    return folder
+
+
 def codec_write(src: Path, target: str, dest: Path) -> None:
     """Read ``src``, plan it into ``target`` and write it at ``dest`` with the target's codec, unchecked (the
     codec methods as the pipeline calls them, for codec unit tests)."""

@@ -324,6 +324,20 @@ def test_fuzzed_safetensors_never_crash(tmp_path_factory, data):
     _convert_ends_cleanly(src, tmp)
 
 
+def test_bin_whose_zip64_locator_claims_several_disks_is_bad_input(tmp_path):
+    """A damaged ZIP64 end-of-central-directory locator ("total disks" 2) makes zipfile.is_zipfile itself raise
+    BadZipFile ("zipfiles that span multiple disks are not supported"); found by the fuzz test below: it was an
+    internal error (exit 3), it is bad input (exit 2)."""
+    src = make_adapter(tmp_path / "src")
+    f = src / "pytorch_adapter.bin"
+    raw = bytearray(f.read_bytes())
+    at = raw.find(b"PK\x06\x07")  # the locator: signature, disk of the zip64 record, its offset, total disks
+    assert at > 0
+    raw[at + 16:at + 20] = (2).to_bytes(4, "little")
+    f.write_bytes(bytes(raw))
+    _convert_ends_cleanly(src, tmp_path)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_bin_never_crash(tmp_path_factory, data):

@@ -7,12 +7,14 @@ from ..errors import LoraMigrateError
 from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
+from .diffusers import DIFFUSERS
 from .kohya import KOHYA
 from .peft import PEFT
 
 CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
+    DIFFUSERS,
     KOHYA,
 )
 

@@ -22,6 +22,14 @@ from lora_migrate.io.tensor_file import TensorFile, TensorMeta, StoragePool, rea
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+def _is_zipfile(path: Path) -> bool:
+    """``zipfile.is_zipfile``, which itself raises BadZipFile on some damaged end records (a "multi-disk" one)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def _open_bin(path: Path, head: bytes) -> TensorFile:
     # Zip-format files are read lazily, one storage at a time (_open_bin_lazy); torch.load below takes what that
     # reader leaves to it. torch can mmap only the zip format; legacy (pre-1.6 / _use_new_zipfile_serialization=
@@ -51,7 +59,7 @@ def _open_bin(path: Path, head: bytes) -> TensorFile:
         raise
     except Exception as exc:  # torch.load raises EOFError, IndexError, KeyError, RuntimeError, ... on bad files
         detail = _first_sentence(oneline(exc))
-        if mmap and not zipfile.is_zipfile(path):  # torch's own words are then e.g. "[Errno 22] Invalid argument"
+        if mmap and not _is_zipfile(path):  # torch's own words are then e.g. "[Errno 22] Invalid argument"
             detail = "the zip archive has no end record: the file is cut short (an interrupted download?)"
         raise LoraMigrateError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}") from None
     if not isinstance(obj, dict):

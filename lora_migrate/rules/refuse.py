@@ -68,6 +68,8 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
     for f in sorted(features):
         if f in ("rslora", "patterns", "embedding", "conv"):
             continue  # rewritten exactly (alpha per module, padding) or refused by kind
+        if serving is None and not target.fields_checked_on_write and f in target.features:
+            continue  # the target declares it, and its codec writes it
         if target.fields_checked_on_write:
             if f == "lora_bias" and "lora_bias" not in target.features:
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
