@@ -171,6 +171,9 @@ SDSCRIPTS_SKIPS_FLUX = ("final_layer.",)
 METADATA_DERIVED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                     "ss_base_model_version", "ss_v2")
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+# lora-migrate's own header key (loaders ignore it): {kohya module: [rank of each part]} for a fused module written
+# block-diagonally, so that reading it back gives each part its own block (when the up is zero outside them)
+FUSED_RANKS_KEY = "lora_migrate_fused_ranks"
 LEGACY_HASH_WINDOW = (0x100000, 0x10000)  # addnet_hash_legacy: sha256 of 64 KiB at 1 MiB, first 8 hex digits
 
 # ------------------------------------------------------------------------------------------------ LyCORIS

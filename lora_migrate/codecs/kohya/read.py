@@ -3,6 +3,7 @@ rows (A shared), scale = alpha/r per module (no ``.alpha``, or 0: scale 1, as sd
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Part:
 
     rows: tuple[int, int]
     swap: bool = False  # (shift, scale) halves exchanged
+    cols: tuple[int, int] | None = None  # block-diagonal up: this part's rank columns (and rows of the down)
 
 
 @dataclass
@@ -73,6 +75,10 @@ class KohyaAdapter(SourceAdapter):
             return super().load(e)
         A, B = self._get(e.keys["a"]), self._get(e.keys["b"])
         B = B[part.rows[0]:part.rows[1]]
+        if part.cols is not None:  # its own block, when every column outside it is zero (as written), else all
+            c0, c1 = part.cols
+            if not (B[:, :c0].any() or B[:, c1:].any()):
+                A, B = A[c0:c1], B[:, c0:c1]
         if part.swap:
             h = B.shape[0] // 2
             B = torch.cat([B[h:], B[:h]])
@@ -178,6 +184,7 @@ def _read(path: Path, store: TensorStore, metadata: dict, convention: Convention
                                       config={"metadata": dict(metadata), "family_why": why}),
                      convention=convention, store=store, modules=[], files=[path])
     comps = set()
+    fused_ranks = _fused_ranks(metadata)
     for mod in sorted(names):
         k = names[mod]
         if "a" not in k or "b" not in k:
@@ -211,11 +218,13 @@ def _read(path: Path, store: TensorStore, metadata: dict, convention: Convention
                 rows = N.split_rows(split, mb.shape[0], ma.shape[1], len(paths))
             except ValueError as e:
                 raise LoraMigrateError(f"{path}: module {mod}: {e}") from None
-        for p, (r0, r1) in zip(paths, rows, strict=True):
+        cols = _block_columns(fused_ranks.get(mod), len(paths), r)
+        for i, (p, (r0, r1)) in enumerate(zip(paths, rows, strict=True)):
             if len(paths) > 1 or split == "swap":
-                metas = {"a": ma, "b": TensorMeta(key=mb.key, shape=(r1 - r0, *mb.shape[1:]), dtype=mb.dtype,
-                                                  nbytes=mb.nbytes // mb.shape[0] * (r1 - r0))}
-                a.parts[p] = Part(rows=(r0, r1), swap=split == "swap")
+                c = cols[i] if cols else None
+                ra = c[1] - c[0] if c else r
+                metas = {"a": _meta(ma, (ra, *ma.shape[1:])), "b": _meta(mb, (r1 - r0, ra, *mb.shape[2:]))}
+                a.parts[p] = Part(rows=(r0, r1), swap=split == "swap", cols=c)
             a.kohya_names[p] = mod
             a.modules.append(ModuleEntry(module=p, kind=kind, keys={"a": k["a"], "b": k["b"]}, metas=metas,
                                          scale=scale, provenance=prov, alpha=alpha))
@@ -225,6 +234,35 @@ def _read(path: Path, store: TensorStore, metadata: dict, convention: Convention
     alphas = Counter(e.alpha for e in a.modules if e.alpha is not None)
     a.info.alpha = alphas.most_common(1)[0][0] if alphas else None
     return a
+
+
+def _meta(m: TensorMeta, shape: tuple) -> TensorMeta:
+    n = 1
+    for d in shape:
+        n *= d
+    return TensorMeta(key=m.key, shape=tuple(shape), dtype=m.dtype, nbytes=n * m.dtype.itemsize)
+
+
+def _fused_ranks(metadata: dict) -> dict:
+    """{kohya module: [rank of each part]} this package wrote for its block-diagonal fused modules."""
+    try:
+        v = json.loads(metadata.get(S.FUSED_RANKS_KEY, "{}"))
+    except ValueError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _block_columns(ranks, n: int, r: int) -> list[tuple[int, int]] | None:
+    """Each part's rank columns of a block-diagonal up, from the recorded ranks (when they add up; a part
+    without rank keeps the whole module, whose rows of the up are zero)."""
+    if not (isinstance(ranks, list) and len(ranks) == n and all(isinstance(x, int) and x >= 0 for x in ranks)
+            and sum(ranks) == r):
+        return None
+    out, c = [], 0
+    for x in ranks:
+        out.append((c, c + x) if x else None)
+        c += x
+    return out
 
 
 def open_source(path: Path, convention: Convention) -> Source:

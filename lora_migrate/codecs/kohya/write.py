@@ -11,6 +11,7 @@ with its rounding). A module no kohya name map holds is refused, unless ``--drop
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 from collections import Counter
@@ -48,6 +49,7 @@ class OutModule:
     dtype: torch.dtype = torch.float32  # of the up (B) factor
     dtype_a: torch.dtype = torch.float32  # of the down (A) factor
     conv: bool = False
+    part_ranks: list[int] = field(default_factory=list)  # block-diagonal: each part's rank (0: absent)
 
     def keys(self) -> tuple[str, str, str]:
         return (S.ALPHA_KEY.format(module=self.name), S.KEYS.key("a", self.name), S.KEYS.key("b", self.name))
@@ -213,6 +215,8 @@ def _plan_module(o: OutModule, parts, src, out: dict[str, ModuleOut], notes: lis
         o.rows = _part_rows(o, parts, notes)
         o.compact = src.init is None and _same_a(src, parts)
         o.r = parts[0].rank if o.compact else sum(e.rank for e in parts)
+        ranks = {i: e.rank for i, e in zip(sorted(o.parts), parts)}
+        o.part_ranks = [ranks.get(i, 0) for i in range(o.n_parts)]
         if len({e.metas["b"].dtype for e in parts} | {m.dtype for m in ma}) > 1:
             raise UnsupportedFeature(f"{o.name}: its parts have different dtypes; kohya fuses them into one tensor")
     o.alpha = s * o.r
@@ -274,6 +278,9 @@ def _metadata(src, family, outs: dict[str, OutModule]) -> dict[str, str]:
     if conv and "ss_network_args" not in md:
         md["ss_network_args"] = ('{"conv_dim": "%s", "conv_alpha": "%s"}'
                                  % (mode([o.r for o in conv]), json_number(mode([o.alpha for o in conv]))))
+    blocks = {o.name: o.part_ranks for o in outs.values() if o.n_parts > 1 and not o.compact}
+    if blocks:  # how to read each part back as its own block (sd-scripts ignores the key)
+        md[S.FUSED_RANKS_KEY] = json.dumps(dict(sorted(blocks.items())), separators=(",", ":"))
     md.update(PLACEHOLDERS)
     return md
 
