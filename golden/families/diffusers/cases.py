@@ -198,14 +198,17 @@ CASES = {f"{c['stages'][1][1]}/{name}": c for name, c in _CASES.items()}
 # per output; TOL is the harness's flat backstop above it.
 TOL = 1e-4
 _KOHYA_ARGS = ["convert", "{src}", "{out}.safetensors", "--to", "{target}", "--json"]
+_FOLDER_ARGS = ["convert", "{src}", "{out}", "--to", "{target}", "--json"]
 
 
 def _row(case, target, env, reference="live", extra=(), note=None, expect="ok"):
     src = "lora.safetensors" if case in _CASES and _CASES[case]["kind"].startswith("kohya") else \
         "pytorch_lora_weights.safetensors"
     cid = next(c for c in CASES if c.rsplit("/", 1)[1] == case)
+    one_file = target == "kohya"  # kohya's OUT is one file; diffusers' a folder
     r = {"case": cid, "source": src, "target": target, "env": env, "expect": expect,
-         "args": _KOHYA_ARGS + list(extra), "out_suffix": ".safetensors", "reference": reference}
+         "args": (_KOHYA_ARGS if one_file else _FOLDER_ARGS) + list(extra),
+         "out_suffix": ".safetensors" if one_file else "", "reference": reference}
     return {**r, "note": note} if note else r
 
 
@@ -226,11 +229,8 @@ ACCEPTANCE = [
          note="te1/te2 of equal width cannot be told apart: the file's own (swapped) meaning is kept"),
 ]
 # diffusers format → kohya (per-module alphas from lora_adapter_metadata's patterns; LoCon conv; SAI names for
-# SDXL; Flux q/k/v and linear1 parts fused block-diagonally with one common scale per fused module). They need the
-# diffusers codec to read the sources: until it is registered they stay out of ACCEPTANCE (the CLI says "no
-# convention reads this file"). Measured meanwhile with the kohya codec fed by a stand-in reader of these files:
-# all 7 loaded rows ok (sd-scripts: max |Δ| 0 for SD1/SDXL, 3.6e-7 for flux_diffusers_fuse), the refusal clean.
-AFTER_DIFFUSERS_CODEC = [
+# SDXL; Flux q/k/v and linear1 parts fused block-diagonally with one common scale per fused module)
+ACCEPTANCE += [
     # Loaded with sd-scripts; with diffusers too where its kohya loader can read them. It cannot for three, whose
     # outputs sd-scripts reads exactly: sd1_diffusers_patterns and sdxl_diffusers keep per-module alphas on
     # attention layers that diffusers' kohya loader replaces by the most common one (measured: off by 1.74 and
@@ -244,4 +244,18 @@ AFTER_DIFFUSERS_CODEC = [
     _row("flux_diffusers", "kohya", "diffusers", expect="refused",
          note="transformer.proj_out is Flux's final_layer.linear: sd-scripts never builds it, diffusers' kohya "
               "loader skips it; refused unless --drop names it"),
+]
+# kohya → diffusers format, loaded with pipe.load_lora_weights: every sd-scripts case and trap, including the ones
+# diffusers' own kohya loader gets wrong (global Flux layers skipped, linear1 at other sizes asserted, SAI-named
+# SD1 refused): in its own format diffusers loads them whole
+ACCEPTANCE += [
+    *[_row(c, "diffusers", "diffusers") for c in ("sd1_kohya", "sd1_kohya_locon", "sdxl_kohya",
+                                                  "sdxl_kohya_locon_dfnames", "flux_kohya", "flux_kohya_globals",
+                                                  "flux_kohya_linear1")],
+    *[_row(c, "diffusers", "diffusers", "kohya", note="the file's own meaning: no .alpha = scale 1")
+      for c in ("sd1_kohya_noalpha", "sdxl_kohya_noalpha")],
+    _row("flux_kohya_noalpha", "diffusers", "diffusers", "loaded"),
+    _row("sd1_kohya_sai", "diffusers", "diffusers", extra=["--model-type", "sd1"]),
+    _row("sdxl_kohya_te_swap", "diffusers", "diffusers", "kohya",
+         note="te1/te2 of equal width cannot be told apart: the file's own (swapped) meaning is kept"),
 ]
