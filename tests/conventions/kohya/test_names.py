@@ -118,3 +118,13 @@ def test_sai_and_diffusers_named_sdxl_files_read_to_the_same_modules():
     assert sai.naming["unet"] == "sai" and dfn.naming["unet"] == "diffusers"
     a, b = {e.module for e in sai.modules}, {e.module for e in dfn.modules}
     assert len(a) == 156 and a < b
+
+
+def test_flux_t5_text_encoder_both_ways(tmp_path):
+    """lora_te3_ (T5-XXL in sd-scripts' Flux network) ↔ text_encoder_2 with T5 module paths."""
+    comp, paths, _, naming = canonical("lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_1")
+    assert (comp, paths, naming) == ("text_encoder_2", ("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_1",),
+                                     "t5")
+    assert locate(paths[0], "flux")[0] == "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_1"
+    assert locate("text_encoder.text_model.encoder.layers.3.self_attn.v_proj", "flux")[0] == \
+        "lora_te1_text_model_encoder_layers_3_self_attn_v_proj"
