@@ -461,9 +461,12 @@ def accept_family(fams: dict, fam: Family, conv: list, converter: str) -> dict:
 
 def _score(rec: dict, per: list, tol: float) -> None:
     """Fold the worker's per-adapter results of one row into its record: the max diff, ok when every adapter
-    loaded and matched. One adapter: its extra fields go in the record; several: ``per_adapter``."""
+    loaded and matched (within the family's TOL, or the ``tolerance`` the worker reports). One adapter: its extra fields go in the record; several: ``per_adapter``."""
     errs = [p["error"] for p in per if p.get("error")]
     diffs = [p["max_abs_diff"] for p in per if p.get("max_abs_diff") is not None]
+    tols = [p["tolerance"] for p in per if p.get("tolerance") is not None]
+    if tols:  # the worker's own tolerance (e.g. relative to the logits' size), instead of the family's TOL
+        tol = min(tols)
     rec["max_abs_diff"] = max(diffs) if diffs and not errs else None
     if len(per) > 1:
         rec["per_adapter"] = {str(p["adapter"]): {k: v for k, v in p.items() if k != "adapter"} for p in per}

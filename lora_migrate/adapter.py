@@ -91,6 +91,9 @@ class ModuleDelta:
     bias: Tensor | None = None
     fused: FusedQKV | None = None
     magnitude: Tensor | None = None
+    # block-quantized storage the factors went through (GGUF q8_0): a bound on ‖x̂ − x‖_F / ‖x‖_F per factor that
+    # their dtype does not show (they are dequantized values); the check's tolerance follows it
+    storage_error: float | None = None
 
     @property
     def rank(self) -> int:

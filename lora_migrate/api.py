@@ -64,9 +64,12 @@ class ConvertResult(BaseModel):
 
 
 @contextmanager
-def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None):
+def _initials(initial_adapter: str | Path | None, base_model: str | Path | None, out: Path | None = None,
+              config_only: bool = False):
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
-    (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after."""
+    (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after.
+    ``config_only``: the target reads the base model's config.json (``Codec.reads_base_config``), so a
+    ``base_model`` given for an adapter whose init changed nothing is that, not a mistake (its weights unread)."""
     from .initial import open_base, rebuilt_initial, saved_initial
 
     if initial_adapter is not None and base_model is not None:
@@ -76,14 +79,19 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
     try:
         if initial_adapter is not None:
             initial = open_source(resolve_source(initial_adapter))
-        if base_model is not None:
+        if base_model is not None and not config_only:
             base = open_base(base_model)
         for x in (initial, base):
             if x is not None and out is not None:
                 refuse_overlap(x.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base is not None and (a.init_mutates or "embedding" not in a.features):
+            nonlocal base
+            if config_only and base is None and base_model is not None and a.init_mutates:
+                base = open_base(base_model)
+                if out is not None:
+                    refuse_overlap(base.path, out)
+            if base is not None and (a.init_mutates or ("embedding" not in a.features and not config_only)):
                 return rebuilt_initial(a, base)
             if initial is None:
                 return None
@@ -218,7 +226,9 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     try:
         for a in source.adapters:  # what the user supplied that the source's own codec needs (embedding scales)
             codec_for(a.convention).prepare(a, opts)
-        with _initials(initial_adapter, base_model, out) as initial_for:
+        config_only = codec.reads_base_config or any(codec_for(a.convention).reads_base_config
+                                                     for a in source.adapters)  # a GGUF source: its q/k heads
+        with _initials(initial_adapter, base_model, out, config_only=config_only) as initial_for:
             execs = _plans(source, target, adapter, opts, initial_for)
             if codec.output == "file" and len(execs) > 1:
                 raise LoraMigrateError(f"{target.name} holds one adapter per file, and {src} has "
@@ -301,7 +311,15 @@ def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: st
                     raise LoraMigrateError(f"the two sides hold different adapters: {sorted(names_a)} vs "
                                            f"{sorted(names_b)}")
                 pairs = [(names_a[n], names_b[n]) for n in sorted(names_a)]
-            with _initials(initial_adapter, base_model) as initial_for:
+            # what each side's codec needs of the base model (GGUF: the q/k heads): --base-model, else the
+            # config.json the source found
+            cfg = base_model_config(resolve_source(base_model)) if base_model is not None else None
+            cfg = cfg or next((x.base_config for x in a.adapters if x.base_config is not None), None)
+            opts = PlanOptions(base_model=None if base_model is None else str(base_model), base_config=cfg)
+            for x in (*a.adapters, *b.adapters):
+                codec_for(x.convention).prepare(x, opts)
+            config_only = any(codec_for(x.convention).reads_base_config for x in (a, b))
+            with _initials(initial_adapter, base_model, config_only=config_only) as initial_for:
                 reports = {x.info.name: verify_adapters(x, y, initial=initial_for(x)) for x, y in pairs}
             return VerifyResult(source=str(src), output=str(out), source_convention=a.convention.name,
                                 output_convention=b.convention.name, adapters=reports)

@@ -63,6 +63,7 @@ class ModuleEntry:
     alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
     stacked: int = 1  # rank-r blocks stacked along r: PEFT's ParamWrapper on a 3-D (experts, …) parameter
     embed_scale: float | None = 1.0  # embedding LoRA: the base layer's output factor (None: no config to tell)
+    storage_error: float | None = None  # block-quantized factors (ModuleDelta.storage_error)
 
     @property
     def rank(self) -> int:
@@ -104,7 +105,8 @@ class SourceAdapter:
             return self.store.get(e.keys[p]) if p in e.keys else None
 
         return ModuleDelta(module=e.module, A=get("a"), B=get("b"), scale=e.scale, provenance=e.provenance,
-                           kind=delta_kind(e.kind), fused=e.fused, bias=get("bias"), magnitude=get("magnitude"))
+                           kind=delta_kind(e.kind), fused=e.fused, bias=get("bias"), magnitude=get("magnitude"),
+                           storage_error=e.storage_error)
 
     def deltas(self):
         for e in self.modules:

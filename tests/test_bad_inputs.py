@@ -180,6 +180,26 @@ def _enospc(d: Path):
     return _conv(make_adapter(d / "src"), d / "out")
 
 
+_GGUF = Path(__file__).resolve().parents[1] / "golden" / "gguf" / "llamacpp"
+
+
+def _gguf(name: str, edit=lambda b: b):
+    """A llama.cpp GGUF from the goldens copied into the case folder (bytes edited), as SRC of --to peft."""
+    def build(d: Path):
+        src = d / "src.gguf"
+        src.write_bytes(edit((_GGUF / name).read_bytes()))
+        return ["convert", src, d / "out", "--to", "peft"]
+    return build
+
+
+def _to_gguf(*more, out="out.gguf"):
+    def build(d: Path):
+        import shutil
+        shutil.copytree(_GGUF / "llama_plain" / "adapter", d / "src")
+        return ["convert", d / "src", d / out, "--to", "gguf", *more]
+    return build
+
+
 CASES: list[Case] = [
     # safetensors headers
     Case("st_truncated", "safetensors file cut short (interrupted download)",
@@ -246,6 +266,19 @@ CASES: list[Case] = [
     Case("out_inside_src", "output inside the input", lambda d: _conv(make_adapter(d / "src"), d / "src" / "o"),
          "is inside the input"),
     Case("disk_full", "disk full while writing (ENOSPC)", _enospc, "no space left on device while writing"),
+    # llama.cpp GGUF
+    Case("gguf_truncated", "GGUF adapter cut short", _gguf("llama_plain/llamacpp-f32.gguf", lambda b: b[:3000]),
+         "not a readable GGUF file"),
+    Case("gguf_bad_version", "GGUF with an unknown version", _gguf("qwen2_plain/llamacpp-f32.gguf",
+                                                                    lambda b: b[:4] + b"\x07\x07\x07\x07" + b[8:]),
+         "not a readable GGUF file"),
+    Case("gguf_no_heads", "Llama GGUF adapter without the base model's heads (q/k rows permuted)",
+         _gguf("llama_plain/llamacpp-f32.gguf"), "pass --base-model"),
+    Case("gguf_unknown_type", "PEFT → GGUF without the base model's type", _to_gguf(),
+         "model_type, which is not known"),
+    Case("gguf_out_suffix", "GGUF output not ending in .gguf", _to_gguf(out="out.bin"), "must end in .gguf"),
+    Case("gguf_outtype", "unknown --outtype", _to_gguf("--outtype", "q4_0", "--model-type", "llama"),
+         "--outtype 'q4_0'"),
     # usage
     Case("src_missing", "source does not exist", lambda d: _conv(d / "nope", d / "out"), "no such"),
     Case("to_unknown", "unknown target convention", lambda d: ["convert", make_adapter(d / "src"), d / "out",

@@ -129,7 +129,8 @@ def test_conventions_lists_every_scaling_rule():
     assert linear.items() >= {
         "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r",
         "peft-0.13": "alpha/r", "peft-0.14": "alpha/r", "peft-0.15": "alpha/r", "peft-0.16": "alpha/r",
-        "peft": "alpha/r", "lorax": "alpha/r", "vllm": "alpha/r", "diffusers": "alpha/r", "kohya": "alpha/r"}.items()
+        "peft": "alpha/r", "lorax": "alpha/r", "vllm": "alpha/r", "diffusers": "alpha/r",
+        "gguf": "alpha/r", "kohya": "alpha/r"}.items()
 
 
 def test_conventions_listing_is_current_and_needs_no_schemas():

@@ -62,6 +62,16 @@ def tolerance_for(*dtypes: torch.dtype) -> float:
     return tol if tol > 0.0 else 4.0 * UNIT_ROUNDOFF[torch.float32]
 
 
+def storage_tolerance(*deltas: ModuleDelta) -> float:
+    """The relative-error threshold that block-quantized factors need (0 when none is): with each factor off by at
+    most ε in Frobenius norm (``ModuleDelta.storage_error``, e.g. q8_0's √32·(1/254 + 2⁻¹¹) ≈ 0.025),
+    ΔW' − ΔW = E_B·A + B·E_A + E_B·E_A, so ‖ΔW' − ΔW‖_F ≤ (2ε + ε²)·‖B‖‖A‖ — relative to ‖ΔW‖ the same cancellation
+    factor as in :func:`tolerance_for` (≈ 1 for real adapters), taken as 1 here. For q8_0 that is 0.051: a wrong
+    scale (a factor 2, α/r for α/√r at r ≥ 2, a lost alpha pattern) is still far outside it."""
+    eps = max((d.storage_error or 0.0 for d in deltas), default=0.0)
+    return 2 * eps + eps * eps
+
+
 def delta_dtypes(d: ModuleDelta) -> list[torch.dtype]:
     """The dtypes of the tensors a delta holds (for :func:`tolerance_for`)."""
     return [t.dtype for t in (d.A, d.B, d.bias) if t is not None]

@@ -8,6 +8,7 @@ from ..schemas import Convention
 from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
 from .diffusers import DIFFUSERS
+from .gguf import GGUF_CODEC
 from .kohya import KOHYA
 from .peft import PEFT
 
@@ -15,6 +16,7 @@ CODECS: tuple[Codec, ...] = (
     PEFT,
     ADAPTERHUB,
     DIFFUSERS,
+    GGUF_CODEC,
     KOHYA,
 )
 

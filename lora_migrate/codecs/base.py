@@ -93,6 +93,9 @@ class Codec:
     display: ClassVar[str]  # in messages: "a PEFT", "an AdapterHub"
     output: ClassVar[Literal["folder", "file"]] = "folder"
     file_suffix: ClassVar[str | None] = None  # for file outputs: the suffix OUT must have
+    # the target's layout needs the base model's config.json (GGUF: architecture, q/k heads, tied embeddings), so
+    # --base-model serves it for any adapter, not only for rebuilding a PiSSA-style initial adapter
+    reads_base_config: ClassVar[bool] = False
 
     def output_path(self, folder: Path, name: str) -> Path:
         """Where an output named ``name`` goes inside ``folder``: a subfolder, or ``<name><file_suffix>``."""

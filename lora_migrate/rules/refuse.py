@@ -75,6 +75,8 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
                                          f"{target.name} would ignore it")
             continue  # other config fields are checked field by field when the config is written
+        if f in target.features:
+            continue  # the target's codec takes it (GGUF: frozen base-layer copies left out, other tensors refused)
         if serving and serving.skips_frozen_base_copies and f == "saved_embeddings":
             continue  # frozen base copies are left out, other saved embeddings refused: plan._without_base_copies
         if serving and f in serving.refuses:

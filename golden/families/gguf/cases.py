@@ -81,7 +81,45 @@ CASES = {f"llamacpp/{name}": case for name, case in {
     "qwen2_all_linear": _case("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
 }.items()}
 
-ACCEPTANCE = []  # rows {case, target, env} once `lora-migrate convert ... --to gguf` exists
+# Acceptance (golden/harness.py accept): PEFT goldens converted by the CLI into a .gguf (OUT = <out>.gguf) and run
+# in the real llama.cpp on the case's base GGUF; GGUFs (llama.cpp's converter's, and the hand-written exact ones)
+# converted back into PEFT and loaded with PeftModel. ok: logits within the worker's tolerance of PEFT's.
+def _to_gguf(case, outtype="f32", expect="ok", note=""):
+    arch = CASES[case]["arch"]
+    return {"case": case, "target": "gguf", "env": "llamacpp", "expect": expect, "outtype": outtype,
+            **({"note": note} if note else {}),
+            "args": ["convert", "{src}", "{out}.gguf", "--to", "gguf", "--json", "--base-model",
+                     "{case}/../_base/" + arch] + (["--outtype", outtype] if outtype != "f32" else [])}
+
+
+def _to_peft(case, source, note=""):
+    arch = CASES[case]["arch"]
+    return {"case": case, "source": source, "target": "peft", "env": "llamacpp", "expect": "ok",
+            **({"note": note} if note else {}),
+            "args": ["convert", "{src}", "{out}", "--to", "peft", "--json", "--base-model", "{case}/../_base/" + arch]}
+
+
+ACCEPTANCE = [
+    *(_to_gguf(f"llamacpp/{n}") for n in ("llama_plain", "llama_rslora", "llama_rslora_small", "llama_patterns",
+                                          "llama_patterns_small", "llama_all_linear", "llama_embed", "qwen2_plain",
+                                          "qwen2_rslora", "qwen2_patterns", "qwen2_all_linear")),
+    _to_gguf("llamacpp/llama_plain", "f16"),
+    _to_gguf("llamacpp/llama_plain", "bf16"),
+    _to_gguf("llamacpp/llama_all_linear", "q8_0", note="lora_a Q8_0, lora_b F16 (ne[0] = r = 4 is not a multiple "
+                                                       "of 32)"),
+    _to_gguf("llamacpp/qwen2_all_linear", "q8_0"),
+    _to_gguf("llamacpp/llama_dora", expect="refused"),
+    _to_gguf("llamacpp/llama_lora_bias", expect="refused"),
+    _to_peft("llamacpp/llama_rslora", "handwritten-f32.gguf", note="alpha = 16·√8, q/k rows un-permuted"),
+    _to_peft("llamacpp/llama_patterns", "handwritten-f32.gguf", note="alpha = 0, scales folded into B"),
+    _to_peft("llamacpp/qwen2_patterns", "handwritten-f32.gguf"),
+    _to_peft("llamacpp/llama_all_linear", "llamacpp-f32.gguf", note="convert_lora_to_gguf's own file"),
+    _to_peft("llamacpp/llama_embed", "llamacpp-f32.gguf", note="token_embd lora_a transposed back"),
+]
+# tests/tolerance.py's model for float32 logits (the worker runs without lora_migrate): 192·u·max|ref| + 4·noise
+ULPS, NOISE_FACTOR = 192, 4
+# lora_migrate.schemas.gguf.Q8_0_ERROR: ‖x̂ − x‖_F ≤ √32·(1/254 + 2⁻¹¹)·‖x‖_F per q8_0 factor
+Q8_0_ERROR = 32 ** 0.5 * (1 / 254 + 2.0 ** -11)
 
 # "matches PEFT" when max |logit diff| <= REL_TOL[GGUF tensor dtype] * max |PEFT logit| (f32: ~80 ulps of the
 # largest logit; f16/bf16/q8_0: the factors' own rounding, 2^-11 / 2^-8 / ~2^-8 relative, through 2 blocks)

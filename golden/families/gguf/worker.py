@@ -342,6 +342,57 @@ def task_generate(job):
     return res
 
 
+# -------------------------------------------------------------------------------------------------- load_check
+
+
+def logits_tolerance(ref, base, outtype, noise):
+    """tests/tolerance.py's model for float32 (192 unit roundoffs of the largest logit + 4 × the noise floor: here
+    llama.cpp's base logits against transformers'); f16/bf16: REL_TOL of the largest logit; q8_0: the check's
+    bound on ΔW, (2ε + ε²) with ε = C.Q8_0_ERROR per factor, times the LoRA's effect on the logits (max |PEFT −
+    base|), on top of the float32 tolerance."""
+    big = float(np.max(np.abs(ref)))
+    f32 = C.ULPS * 2.0**-24 * big + C.NOISE_FACTOR * noise
+    if outtype == "f32":
+        return f32
+    if outtype == "q8_0":
+        eps = C.Q8_0_ERROR
+        return (2 * eps + eps * eps) * float(np.max(np.abs(ref - base))) + f32
+    return C.REL_TOL[outtype] * big
+
+
+def task_load_check(job):
+    """Each acceptance item: a GGUF written by the converter run in the real llama.cpp on its case's base GGUF
+    (f32), or a PEFT folder converted from a GGUF loaded with PeftModel; logits against the case's PEFT logits."""
+    from safetensors.numpy import load_file
+    items = []
+    for it in job["items"]:
+        row, cdir = it["row"], Path(it["case_dir"])
+        meta = json.loads((cdir / "meta.json").read_text())
+        base_dir = (cdir / meta["base"]).resolve()
+        logits = load_file(str(cdir / "logits.safetensors"))
+        ref = logits["logits"]
+        outtype = row.get("outtype", "f32")
+        try:
+            if row["target"] == "gguf":
+                out = Path(it["out"] + ".gguf")
+                got = llama_logits(base_dir / "base-f32.gguf", out)
+                noise = json.loads((base_dir / "meta.json").read_text())["base_logits_llamacpp_vs_transformers"]
+                lay = gguf_layout(out)
+                extra = {"runtime": "llama.cpp", "alpha": lay["metadata"]["adapter.lora.alpha"]["value"],
+                         "types": sorted({t["type"] for t in lay["tensors"]})}
+            else:  # gguf -> PEFT, loaded by peft on the transformers base
+                from peft import PeftModel
+                got = hf_logits(PeftModel.from_pretrained(hf_model(C.ARCHS[meta["arch"]], C.MODEL_SEED, base_dir),
+                                                          it["out"]).eval(), C.INPUT_IDS)
+                noise, extra = 0.0, {"runtime": "peft"}
+            d = maxdiff(got, ref)
+            items.append([{"adapter": "-", "max_abs_diff": d, "tolerance": logits_tolerance(ref, logits["base_logits"], outtype, noise),
+                           "max_abs_logit": max_abs(ref), **extra}])
+        except Exception as e:  # noqa: BLE001
+            items.append([{"adapter": "-", "max_abs_diff": None, "error": f"{type(e).__name__}: {e}"[:500]}])
+    return {"items": items}
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -380,7 +431,25 @@ def report(job):
               "permutes, token_embd lora_a = Aᵀ; `alpha` mode writes adapter.lora.alpha = s·r (rsLoRA: α·√r), "
               "`fold` multiplies each lora_b by its PEFT scale and writes alpha = 0 (runtime scale = alpha/rank, "
               "or 1 when alpha is 0)."]
+    lines += acceptance_section(job["results"].get("acceptance") or {})
     return {"markdown": "\n".join(lines + layout_section(res, Path(job["data_dir"]))).rstrip() + "\n"}
+
+
+def acceptance_section(acc):
+    """The converter's outputs run in the real llama.cpp (and GGUF → PEFT loaded by peft): results/gguf.json."""
+    recs = acc.get("records") or []
+    if not recs:
+        return []
+    rows = [[r["case"], r["source"], r["target"] + (f" {r['outtype']}" if r.get("outtype") not in (None, "f32")
+                                                    else ""),
+             r.get("runtime", "—"), r["expect"], r["exit_code"], _num(r.get("max_abs_diff")),
+             _num(r.get("tolerance")), r["status"] + (f": {r['message'][:80]}" if r.get("message") else "")]
+            for r in recs]
+    return ["", f"## Acceptance: the converter's outputs in the real runtime ({acc.get('date')})", "",
+            f"Converter: `{acc.get('converter')}`; {acc.get('summary')}. Tolerance: float32 tests/tolerance.py's model "
+            "(192·2⁻²⁴·max|logit| + 4 × llama.cpp's base-logit noise); f16/bf16 REL_TOL·max|logit|; q8_0 "
+            "(2ε + ε²)·(LoRA effect) + the float32 term, ε = √32·(1/254 + 2⁻¹¹) per factor.", ""] + table(
+        ["case", "source", "target", "runtime", "expect", "exit", "max abs Δlogit", "tolerance", "status"], rows)
 
 
 def layout_section(res, data_dir):
@@ -406,4 +475,7 @@ def _num(x):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["load_check"]:  # the harness's accept (golden/harness.py accept_family)
+        write_json(sys.argv[3], task_load_check(json.loads(Path(sys.argv[2]).read_text())))
+        raise SystemExit(0)
     run_main({"generate": task_generate}, {"base": task_base}, report, lambda env: _versions())
