@@ -259,10 +259,13 @@ GATE_FILES = ("adapter_config.json", "pytorch_adapter.bin", "adapter.safetensors
 def gate_targets(paths) -> list[str]:
     """The folders to check for PATHS as pre-commit passes them (files, possibly several of one adapter), in
     order and without repeats; hf:// ids and folders pass through."""
+    from .codecs import CODECS
+
     out: list[str] = []
     for p in paths:
         q = Path(p)
-        if not str(p).startswith("hf://") and q.is_file():
+        if not str(p).startswith("hf://") and q.is_file() and not any(
+                c.output == "file" and c.claim(q) is not None for c in CODECS):  # a one-file adapter is itself
             p = str(q.parent) if q.name in GATE_FILES or q.suffix in (".bin", ".safetensors", ".json") else p
         if p not in out:
             out.append(str(p))

@@ -130,7 +130,7 @@ def test_conventions_lists_every_scaling_rule():
         "adapter-transformers-3.1": "alpha/r", "adapters-1.0": "1.0", "adapters-1.1": "alpha/r",
         "peft-0.13": "alpha/r", "peft-0.14": "alpha/r", "peft-0.15": "alpha/r", "peft-0.16": "alpha/r",
         "peft": "alpha/r", "lorax": "alpha/r", "vllm": "alpha/r", "diffusers": "alpha/r",
-        "gguf": "alpha/r",
+        "gguf": "alpha/r", "kohya": "alpha/r",
         # mlx-lm: an absolute scale (stored as alpha, applied as is); torchtune alpha/r
         "mlx-lm-2024-03": "alpha", "mlx-lm-2024-06": "alpha", "mlx-lm": "alpha", "torchtune": "alpha/r"}.items()
 

@@ -9,6 +9,7 @@ from .adapterhub import ADAPTERHUB
 from .base import Claim, Codec, PlanOptions
 from .diffusers import DIFFUSERS
 from .gguf import GGUF_CODEC
+from .kohya import KOHYA
 from .mlx_lm import MLX_LM
 from .peft import PEFT
 from .torchtune import TORCHTUNE
@@ -20,6 +21,7 @@ CODECS: tuple[Codec, ...] = (
     GGUF_CODEC,
     MLX_LM,
     TORCHTUNE,
+    KOHYA,
 )
 
 

@@ -806,19 +806,77 @@ def step_kohya_load(job: dict) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------------------ acceptance
+# tests/tolerance.py's model, restated (the worker runs in the golden envs, without the package's tests):
+# tol = ULPS·u(float32)·max|ref| + NOISE_FACTOR·noise, noise = the base outputs recomputed here vs stored
+ULPS, NOISE_FACTOR, U_F32 = 192, 4, 2.0 ** -24
+
+
+def step_load_check(job: dict) -> dict:
+    """Each item (one ACCEPTANCE row): load the converted file ``out`` + the row's ``out_suffix`` in the row's env
+    (``diffusers``: pipe.load_lora_weights; ``sdscripts``: sd-scripts' create_network_from_weights) and compare
+    the denoiser output and text-encoder states with the case's ``reference`` stage (default ``live``)."""
+    return {"items": [[{"adapter": "-", **_load_check_one(it)}] for it in job["items"]]}
+
+
+def _load_check_one(it: dict) -> dict:
+    row, cdir = it["row"], Path(it["case_dir"])
+    case = BY_NAME[cdir.name]
+    family = case["family"]
+    base = cdir.parent.parent / "_base" / family
+    out = Path(it["out"] + row.get("out_suffix", ""))
+    ref = {}
+    if "source" in case:
+        ref.update(load_file(str(cdir.parent / case["source"] / "outputs.safetensors")))
+    ref.update(load_file(str(cdir / "outputs.safetensors")))
+    stage = row.get("reference", "live")
+    inputs = load_inputs(base)
+    res = {"reference": stage, "loader": row["env"]}
+    try:
+        if row["env"] == "diffusers":
+            comps = build_diffusers_components(family, base)
+            noise = maxdiff(outputs(family, comps, inputs, "here"), ref, "here", "base")["max"]
+            pipe = make_pipe(family, comps)
+            pipe.load_lora_weights(str(out))
+            got = outputs(family, comps, inputs, "got")
+        else:
+            mods = _import_sd_scripts()
+            noise = maxdiff(outputs(family, build_sdscripts_components(family, base), inputs, "here"), ref, "here",
+                            "base")["max"]
+            sd = load_file(str(out))
+            if family == "sdxl":  # sd-scripts reads SAI names only into its own full-size SDXL U-Net
+                sd = sai_to_diffusers_sdxl(sd)
+            module = "networks.lora_flux" if family == "flux" else "networks.lora"
+            got, rb = _kohya_readback(mods, module, family, base, inputs, sd)
+            got = {"got." + k.split(".", 1)[1]: v for k, v in got.items()}
+            res["readback"] = rb
+            if rb["unexpected_keys"]:
+                raise RuntimeError(f"sd-scripts left {rb['unexpected_keys']} keys of the file unused")
+    except Exception as e:  # noqa: BLE001 - the loader refusing the file IS the measured fact
+        return {"max_abs_diff": None, "error": exc_text(e), **res}
+    per = maxdiff(got, ref, "got", stage)
+    worst = max((per[k] - ULPS * U_F32 * float(ref[f"{stage}.{k}"].abs().max())) for k in per if k != "max")
+    res.update(per_output=per, noise=noise)
+    if worst > NOISE_FACTOR * (noise or 0.0):
+        return {"max_abs_diff": per["max"], "error": f"outside the tolerance model by {worst:.3g}", **res}
+    return {"max_abs_diff": per["max"], **res}
+
+
 STEPS = {"base": step_base, "diffusers_write": step_diffusers_write, "diffusers_trap": step_diffusers_trap,
          "kohya_write": step_kohya_write, "kohya_trap": step_kohya_trap, "kohya_load": step_kohya_load}
 
 
 def main(argv: list[str]) -> int:
     """The harness's TASK JOB.json RESULT.json: a step over the job's cases (``base``: over their families)."""
-    if len(argv) != 4 or argv[1] not in (*STEPS, "check"):
+    if len(argv) != 4 or argv[1] not in (*STEPS, "check", "load_check"):
         print(f"usage: worker.py {'|'.join((*STEPS, 'check', 'report'))} JOB.json RESULT.json", file=sys.stderr)
         return 2
     step, job = argv[1], json.loads(Path(argv[2]).read_text())
     data = Path(job["data_dir"])
     if step == "check":
         out = {"versions": versions()}
+    elif step == "load_check":
+        out = step_load_check(job)
     elif step == "base":
         bases = {}
         for fam in sorted({case["family"] for case in job["cases"].values()}):

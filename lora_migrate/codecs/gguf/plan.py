@@ -13,7 +13,7 @@ from ...execution import AdapterPlan, Execution, ModuleOut, Step, meta_delta, re
 from ...rules.scale import SAME, module_alpha
 from ...schemas import Convention, Scaling
 from ...schemas.gguf import FROZEN_BASE_COPY_SUFFIX, OUTTYPES, Q8_0_ERROR, REFUSALS
-from ...source import ModuleEntry, SourceAdapter, base_model_config
+from ...source import SourceAdapter, base_model_config
 from .format import (EMBED, arch_of, ggml_type, gguf_name, heads_of, n_blocks_of, qk_heads, store_delta,
                      tensor_map)
 
