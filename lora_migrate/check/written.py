@@ -66,7 +66,7 @@ def stream_digest(dtype: torch.dtype, shape: tuple[int, ...], pieces) -> tuple[s
 _TENSORS = ("A", "B", "bias", "magnitude")
 
 
-def _fingerprint(d: ModuleDelta) -> tuple:
+def delta_fingerprint(d: ModuleDelta) -> tuple:
     """kind, fused layout, scale, and (dtype, shape, digest) of every tensor of a delta."""
     fused = None if d.fused is None else d.fused.groups
     tensors = (getattr(d, name, None) for name in _TENSORS)
@@ -112,7 +112,7 @@ class WriteCheck:
                 detail="holds NaN/Inf (passed through with --allow-nonfinite); ΔW cannot be compared")
         else:
             self.checks[src.module] = compare(src, out, probes=self.probes, finite_source=finite_source)
-        self.prints[src.module] = _fingerprint(out)
+        self.prints[src.module] = delta_fingerprint(out)
         self.seconds += time.perf_counter() - t0
 
     def confirm(self, back, more: Iterable[ModuleCheck] = ()) -> VerifyReport:
@@ -144,7 +144,7 @@ class WriteCheck:
 
 
 def stored_fingerprint(adapter, entry) -> tuple:
-    """The fingerprint of ``adapter.load(entry)`` (see :func:`_fingerprint`), with every tensor's bytes digested
+    """The fingerprint of ``adapter.load(entry)`` (see :func:`delta_fingerprint`), with every tensor's bytes digested
     as they come from the file (:meth:`TensorFile.stream`: one reused buffer, no tensor built). A reader whose
     module is not whole stored tensors (a row block of a fused tensor) gives it through ``adapter.fingerprint``."""
     from ..adapter import delta_kind
@@ -154,7 +154,7 @@ def stored_fingerprint(adapter, entry) -> tuple:
     if fp is not None:
         return fp
     if not adapter.stores_canonical:  # its reader rewrites the stored tensors (a transpose, a row permutation)
-        return _fingerprint(adapter.load(entry))
+        return delta_fingerprint(adapter.load(entry))
     fused = None if entry.fused is None else entry.fused.groups
     prints = []
     for param in ("a", "b", "bias", "magnitude"):  # ModuleDelta's A, B, bias, magnitude (SourceAdapter.load)

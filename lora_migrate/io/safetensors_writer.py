@@ -63,7 +63,7 @@ class SafetensorsWriter(PlannedWriter):
         if BY_TORCH[dtype].code == "F4" and not shape:
             raise ValueError(f"tensor {name!r}: float4_e2m1fn_x2 needs at least one dimension")
 
-    def _header_bytes(self) -> bytes:
+    def header_bytes(self) -> bytes:
         """The 8-byte length plus padded JSON header for the current plan (data laid out in plan order)."""
         header: dict = {}
         if self.metadata is not None:
@@ -85,7 +85,7 @@ class SafetensorsWriter(PlannedWriter):
         """Create the file and write the header; the plan is frozen from here on."""
         if self._started or self._done:
             raise ValueError("write_header() called twice")
-        header = self._header_bytes()
+        header = self.header_bytes()
         self._started = True
         with write_errors(self.path):
             self._file = open(self.path, "wb")

@@ -27,7 +27,7 @@ def ss_header(metadata: dict[str, str], tensors: list[tuple[str, torch.dtype, tu
     by = {n: (dt, sh) for n, dt, sh in tensors}
     for n in safetensors_order((n, dt) for n, dt, _ in tensors):
         w.add(n, by[n][0], by[n][1])
-    return w._header_bytes()  # the writer's own serializer: the layout safetensors writes
+    return w.header_bytes()  # the writer's own serializer: the layout safetensors writes
 
 
 class HashSink:

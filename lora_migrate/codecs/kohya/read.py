@@ -91,9 +91,9 @@ class KohyaAdapter(SourceAdapter):
         check streams them itself)."""
         if e.module not in self.parts:
             return None
-        from ...check.written import _fingerprint
+        from ...check.written import delta_fingerprint
 
-        return _fingerprint(self.load(e))
+        return delta_fingerprint(self.load(e))
 
 
 def detect_family(names: dict[str, dict], store: TensorStore, metadata: dict) -> tuple[str | None, str]:
