@@ -38,7 +38,8 @@ MLX_KEYS = KeyTemplates(a="{module}.lora_a", b="{module}.lora_b", magnitude="{mo
 
 # the parameter-leaf names mlx-lm's load_adapters accepts ("m": DoRA)
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-# mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors
+# mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors, under these names or (gpt_oss, llama4, dots1,
+# afmoe, Klear: ``experts``) known by their 3-D lora_a/lora_b
 SWITCH_MARKERS = ("switch_mlp", "switch_glu")
 
 # the scale each era applies, from lora_parameters (see the module docstring)
@@ -61,9 +62,11 @@ CONFIG_BASE = {"adapter_path": "adapters", "batch_size": 4, "iters": 1000, "lear
                "max_seq_length": 2048, "seed": 0, "train": False, "test": False}
 
 REFUSALS = {
-    "switch": "mlx-lm's LoRASwitchLinear holds stacked per-expert factors (E, r, in)/(E, out, r) under its own "
-              "sanitized switch_mlp names; the canonical form has no per-expert module mapped to the base model's "
-              "expert layout, so no equivalent has been proven",
+    "switch": "mlx-lm's LoRASwitchLinear (lora_a (E, r, in), lora_b (E, out, r), ΔW_e = scale·lora_b[e]@lora_a[e]) is "
+              "what PEFT >= 0.17 target_parameters holds on transformers-5 mlp.experts.gate_up_proj/down_proj (exact "
+              "both ways on a tiny Qwen2-MoE: 3.3e-7/1.5e-7 logits, docs/families/mlx-lm.md), but not converted: "
+              "lora-migrate's canonical form holds one 2-D ΔW per module, and this needs per-expert factors, gate/up "
+              "fused into gate_up_proj (rank 2r, block-diagonal) and per-architecture expert names",
     "embedding": "mlx-lm's LoRAEmbedding has not been checked against PEFT's embedding LoRA here",
     "full": "fine_tune_type \"full\" saves full trained weights, not a LoRA adapter",
     "lora_bias": "mlx-lm's LoRA layers have no bias on B",

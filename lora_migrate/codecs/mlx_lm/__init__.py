@@ -107,7 +107,7 @@ class MlxLmCodec(Codec):
                 if leaf not in S.ADAPTER_LEAVES or not module:
                     raise LoraMigrateError(f"{folder / S.WEIGHTS}: {k!r} is not an adapter parameter "
                                            "(<module>.lora_a, .lora_b or .m)")
-                if any(f".{x}." in f".{module}." for x in S.SWITCH_MARKERS):
+                if any(f".{x}." in f".{module}." for x in S.SWITCH_MARKERS) or len(store.meta(k).shape) == 3:
                     raise UnsupportedFeature(f"{folder}: {module}: {S.REFUSALS['switch']}")
                 groups.setdefault(module, {})[{"lora_a": "a", "lora_b": "b", "m": "magnitude"}[leaf]] = k
             dora = cfg.get("fine_tune_type") == "dora" or bool(cfg.get("use_dora"))

@@ -149,12 +149,19 @@ def test_uneven_blocks_refused(tmp_path):
         convert(src, "mlx-lm", tmp_path)
 
 
-def test_switch_mlp_refused(tmp_path):
+@pytest.mark.parametrize("module", ["model.layers.0.mlp.switch_mlp.gate_proj",  # qwen2_moe, qwen3_moe, olmoe, …
+                                    "model.layers.0.block_sparse_moe.switch_mlp.up_proj",  # mixtral, phimoe
+                                    "model.layers.0.mlp.experts.down_proj"])  # gpt_oss, dots1: known by 3-D shape
+def test_switch_linear_refused_with_the_reason(tmp_path, module):
+    """LoRASwitchLinear factors (E, r, in)/(E, out, r), by name or by shape: refused, nothing read, and the message
+    says why (exact in PEFT target_parameters, not carried by the 2-D canonical form)."""
     folder, _ = mlx_folder(tmp_path / "m", {"rank": 4, "scale": 2.0}, num_layers=2, fine_tune_type="lora",
-                           extra={"model.layers.0.mlp.switch_mlp.gate_proj.lora_a": torch.zeros(2, 4, 8),
-                                  "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": torch.zeros(2, 8, 4)})
-    with pytest.raises(UnsupportedFeature, match="LoRASwitchLinear"):
+                           extra={f"{module}.lora_a": torch.zeros(2, 4, 8), f"{module}.lora_b": torch.zeros(2, 8, 4)})
+    with pytest.raises(UnsupportedFeature) as e:
         C.open(folder, None)
+    msg = str(e.value)
+    assert module in msg and "LoRASwitchLinear" in msg and "\n" not in msg
+    assert "target_parameters" in msg and "gate_up_proj" in msg and "one 2-D ΔW per module" in msg
 
 
 def test_mlx_round_trip_bit_for_bit(tmp_path):
