@@ -78,8 +78,12 @@ def merge(src, base_dir, out, from_, overwrite, as_json):
 @click.option("--expect", help="The convention PATH must be in; a mismatch fails naming both.")
 @click.option("--convert-check", "convert_to", metavar="CONVENTION",
               help="Also convert (to a temporary folder) and fail if the numeric check does.")
+@click.option("--base-model", type=click.Path(path_type=str),
+              help="The base model's folder or hf:// id: its config.json gives the q/k head counts a GGUF's or "
+                   "torchtune's modules need to be read (else they are a warning, not checked).")
+@click.option("--model-type", help="The base model's type, where a codec needs it and the files do not say.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (a list, one per path).")
-def check(paths, expect, convert_to, as_json):
+def check(paths, expect, convert_to, base_model, model_type, as_json):
     """Gate adapters before an upload or commit: exit 1 on an ambiguous or mis-declared convention, inconsistent
     ranks or shapes, NaN/Inf values, or a failed --convert-check.
 
@@ -88,7 +92,8 @@ def check(paths, expect, convert_to, as_json):
     gate = _lib("gate")
 
     folders = gate.gate_targets(paths)
-    results = [gate.check(p, expect=expect, convert_to=convert_to) for p in folders]
+    results = [gate.check(p, expect=expect, convert_to=convert_to, base_model=base_model, model_type=model_type)
+               for p in folders]
     if as_json:
         _echo_json(results)
     else:

@@ -170,10 +170,14 @@ def _classify_read_error(msg: str) -> str:
     return "unreadable"
 
 
-def check(path: str | Path, *, expect: str | None = None, convert_to: str | None = None) -> CheckResult:
+def check(path: str | Path, *, expect: str | None = None, convert_to: str | None = None,
+          base_model: str | Path | None = None, model_type: str | None = None) -> CheckResult:
     """Gate PATH: the findings that make it unsafe to upload or commit, and (``convert_to``) whether converting it
-    passes the numeric check. Bad usage (no such path, an unknown convention name) raises LoraMigrateError."""
-    from .codecs import CODECS, codec_for
+    passes the numeric check. ``base_model`` / ``model_type``: what a codec needs to read some modules (a GGUF's or
+    torchtune's q/k rows need the base model's head counts); without them such modules are a warning, not checked.
+    Bad usage (no such path, an unknown convention name) raises LoraMigrateError."""
+    from .codecs import CODECS, PlanOptions, codec_for
+    from .source import base_model_config
     from .detect import open_source
     from .schemas import get_convention
 
@@ -205,6 +209,15 @@ def check(path: str | Path, *, expect: str | None = None, convert_to: str | None
             conv_name = source.convention.name
             adapters = [a.info.name for a in source.adapters]
             codec = codec_for(source.convention)
+            if base_model is not None or model_type is not None:
+                cfg = base_model_config(resolve_source(base_model)) if base_model is not None else None
+                if base_model is not None and cfg is None:
+                    raise LoraMigrateError(f"--base-model {base_model}: no config.json there (nor in the Hugging "
+                                           "Face cache)")
+                opts = PlanOptions(base_model=None if base_model is None else str(base_model), base_config=cfg,
+                                   model_type=model_type)
+                for a in source.adapters:
+                    codec.prepare(a, opts)
             served = None if want is None else codec.expect_findings(source, want)
             if served is not None:  # read as it is by ``want`` (a server of this codec's files): same ΔW?
                 findings += served

@@ -273,3 +273,25 @@ def test_claim_only_gguf_adapters_and_no_other_codec_claims_them(tmp_path):
     assert GGUF_CODEC.claim(fake) is None
     code = lora_migrate.inspect(ours)
     assert code.convention == "gguf" and code.adapters[0].modules == 4
+
+
+def test_check_reads_a_llama_gguf_q_k_rows_with_the_base_models_heads(tmp_path):
+    """`check` on a Llama GGUF: without the head counts the q/k pairs cannot be read (a warning, not checked);
+    with --base-model every module is read, and a NaN planted in attn_q's lora_b is then found (an error)."""
+    import gguf
+
+    from lora_migrate.gate import check
+
+    src = GOLD / "llama_plain" / "llamacpp-f32.gguf"
+    blind = check(src)
+    assert blind.ok and any(f.level == "warning" and "not checked" in f.message for f in blind.findings)
+    seen = check(src, base_model=BASE["llama"])
+    assert seen.ok and not seen.findings
+    reader = gguf.GGUFReader(src)
+    raw = bytearray(src.read_bytes())
+    t = next(t for t in reader.tensors if t.name.endswith("attn_q.weight.lora_b"))
+    raw[int(t.data_offset):int(t.data_offset) + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(raw))
+    found = check(bad, base_model=BASE["llama"])
+    assert not found.ok and [f.code for f in found.findings if f.level == "error"] == ["nonfinite"]
