@@ -100,9 +100,11 @@ class SourceAdapter:
     peft: object | None = None  # native: the validated config of the codec that read it (only it looks inside)
     base_config: dict | None = None  # the base model's config.json, where it was found (PEFT sources)
 
-    # the stored tensors are the canonical factors as they are (a reader that transposes or permutes says False:
-    # then the check digests what load() returns instead of the file's bytes)
-    stores_canonical = True
+    def stored_as_is(self, e: ModuleEntry) -> bool:
+        """Whether ``load(e)`` returns the stored tensors as they are. A reader that rewrites them (a transpose, a
+        row permutation, a row block of a fused tensor) says False for those modules; the write check then digests
+        what ``load`` returns instead of the file's bytes."""
+        return True
 
     def load(self, e: ModuleEntry) -> ModuleDelta:
         def get(p):

@@ -11,7 +11,8 @@ if [ "$#" -gt 0 ]; then
   exec "${PYTEST[@]}" "$@"
 fi
 "${PYTEST[@]}"
-STORED=(tests/test_golden.py tests/test_golden_peft.py tests/test_pissa_rebuild.py tests/test_tolerance.py)
+STORED=(tests/test_golden.py tests/test_golden_peft.py tests/test_pissa_rebuild.py tests/test_tolerance.py
+        tests/conventions)  # the codecs' tests read files the real libraries wrote (golden/)
 for kernels in ATEN_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2; do
   echo "== $kernels: ${STORED[*]}"
   env "$kernels" "${PYTEST[@]}" -p no:cacheprovider "${STORED[@]}"

@@ -126,3 +126,15 @@ def peft_folder(folder: Path, rel=("self_attn.q_proj", "self_attn.v_proj"), laye
     from safetensors.torch import save_file
     save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def assert_same_deltas(src, back) -> None:
+    """Every module of ``src`` holds the same ΔW = s·B·A in ``back`` (float64 products, to 64·u(float32) of the
+    largest element): what a codec's write → read_back must keep."""
+    by = {e.module: e for e in back.modules}
+    for e in src.modules:
+        d, o = src.load(e), back.load(by[e.module])
+        (A, B), (A2, B2) = d.factors(), o.factors()
+        ref = e.scale * (B.double() @ A.double())
+        got = o.scale * (B2.double() @ A2.double())
+        assert torch.allclose(got, ref, rtol=0, atol=64 * 2**-24 * ref.abs().max().item()), e.module

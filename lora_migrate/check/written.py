@@ -145,15 +145,11 @@ class WriteCheck:
 
 def stored_fingerprint(adapter, entry) -> tuple:
     """The fingerprint of ``adapter.load(entry)`` (see :func:`delta_fingerprint`), with every tensor's bytes digested
-    as they come from the file (:meth:`TensorFile.stream`: one reused buffer, no tensor built). A reader whose
-    module is not whole stored tensors (a row block of a fused tensor) gives it through ``adapter.fingerprint``."""
+    as they come from the file (:meth:`TensorFile.stream`: one reused buffer, no tensor built); of what ``load``
+    returns where the reader rewrites the stored tensors (:meth:`SourceAdapter.stored_as_is`)."""
     from ..adapter import delta_kind
 
-    own = getattr(adapter, "fingerprint", None)
-    fp = own(entry) if own is not None else None
-    if fp is not None:
-        return fp
-    if not adapter.stores_canonical:  # its reader rewrites the stored tensors (a transpose, a row permutation)
+    if not adapter.stored_as_is(entry):
         return delta_fingerprint(adapter.load(entry))
     fused = None if entry.fused is None else entry.fused.groups
     prints = []

@@ -34,8 +34,7 @@ class StoredSource(SourceAdapter):
     transform: Callable[[ModuleEntry, str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     codec_state: dict = field(default_factory=dict)  # what the reading codec needs for ``transform``
 
-    @property
-    def stores_canonical(self) -> bool:
+    def stored_as_is(self, e: ModuleEntry) -> bool:
         return self.transform is None
 
     def load(self, e: ModuleEntry) -> ModuleDelta:

@@ -68,15 +68,14 @@ def refuse_features(adapter: str, features: set[str], target: Convention) -> Non
     for f in sorted(features):
         if f in ("rslora", "patterns", "embedding", "conv"):
             continue  # rewritten exactly (alpha per module, padding) or refused by kind
-        if serving is None and not target.fields_checked_on_write and f in target.features:
-            continue  # the target declares it, and its codec writes it
         if target.fields_checked_on_write:
             if f == "lora_bias" and "lora_bias" not in target.features:
                 raise UnsupportedFeature(f"{adapter}: lora_B.bias needs PEFT ≥ 0.14 (lora_bias, #2237); "
                                          f"{target.name} would ignore it")
             continue  # other config fields are checked field by field when the config is written
         if f in target.features:
-            continue  # the target's codec takes it (GGUF: frozen base-layer copies left out, other tensors refused)
+            continue  # the target declares it, and its codec writes it (or, GGUF's frozen base-layer copies,
+            # leaves it out; other full tensors are refused there)
         if serving and serving.skips_frozen_base_copies and f == "saved_embeddings":
             continue  # frozen base copies are left out, other saved embeddings refused: plan._without_base_copies
         if serving and f in serving.refuses:

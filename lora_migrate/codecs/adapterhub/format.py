@@ -384,9 +384,7 @@ def write_adapter(out_dir: Path, target: Convention, info: AdapterInfo, wrapper:
                 yield target.keys.key("a", d.module, info.name), d.A
             yield target.keys.key("b", d.module, info.name), d.B
 
-    name = target.weights_write_safetensors if safetensors else target.weights_write
-    if name is None:
-        raise LoraMigrateError(f"{target.name} cannot read safetensors weights")
+    name = target.weights_write_safetensors if safetensors else target.weights_write  # AdapterHubCodec.check_options
     writer = SafetensorsWriter if name.endswith(".safetensors") else BinWriter
     with BackgroundWriter(writer(out_dir / name)) as w:  # plan the whole header, then stream one tensor at a time
         for module, _kind, param, shape, dtype in planned:

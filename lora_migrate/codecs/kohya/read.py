@@ -86,14 +86,9 @@ class KohyaAdapter(SourceAdapter):
                            kind="conv" if e.kind == "conv" else "lora")
 
 
-    def fingerprint(self, e: ModuleEntry) -> tuple | None:
-        """The check's fingerprint of a module that is a row block of a fused up (None: whole tensors, the
-        check streams them itself)."""
-        if e.module not in self.parts:
-            return None
-        from ...check.written import delta_fingerprint
-
-        return delta_fingerprint(self.load(e))
+    def stored_as_is(self, e: ModuleEntry) -> bool:
+        """A module that is a row block of a fused up is not stored as it loads."""
+        return e.module not in self.parts
 
 
 def detect_family(names: dict[str, dict], store: TensorStore, metadata: dict) -> tuple[str | None, str]:

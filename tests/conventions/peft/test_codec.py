@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_migrate.codecs import CODECS, PlanOptions, codec_for
 from lora_migrate.codecs.peft import PEFT
@@ -17,7 +16,7 @@ from lora_migrate.errors import DetectionError, LoraMigrateError, VerificationFa
 from lora_migrate.plan import plan_adapter
 from lora_migrate.schemas import get_convention
 
-from ...builders import codec_write
+from ...builders import assert_same_deltas, codec_write
 
 GOLDEN = Path(__file__).resolve().parents[3] / "golden"
 RSLORA = GOLDEN / "peft" / "pf21" / "llama_rslora" / "adapter"
@@ -91,13 +90,8 @@ def test_write_then_read_back_holds_every_module(tmp_path, target):
         assert isinstance(notes, list)
         back = codec.read_back(tmp_path / "o", conv, "default", PlanOptions())
         try:
-            by = {e.module: e for e in back.modules}
-            assert set(by) == {e.module for e in src.modules}
-            for e in src.modules:
-                d, o = src.load(e), back.load(by[e.module])
-                ref = e.scale * (d.B.double() @ d.A.double())
-                got = o.scale * (o.B.double() @ o.A.double())
-                assert torch.allclose(got, ref, rtol=0, atol=64 * 2**-24 * ref.abs().max().item())
+            assert {e.module for e in back.modules} == {e.module for e in src.modules}
+            assert_same_deltas(src, back)
         finally:
             back.store.close()
     finally:
