@@ -9,6 +9,8 @@ Per adapted module the update is
     Conv (PEFT ``_ConvNd``): A: (r, in, *k), B: (out, r, 1, …); ΔW = s · B.flatten(1) @ A.flatten(1), reshaped
     DoRA: ``magnitude`` m (PEFT ``lora_magnitude_vector``) rides along; it needs the base weight to apply, so it
     is carried through between conventions that know DoRA and refused elsewhere
+    Experts (MoE, one LoRA per expert on a stacked (E, …) weight: PEFT ``target_parameters``, mlx-lm
+    ``LoRASwitchLinear``): A: (E, r, in), B: (E, out, r); ΔW_e = s · B[e] @ A[e] for every expert e, with one s
 
 The effective scale ``s`` is kept apart from the factors (readers never fold it in) and its provenance — the alpha
 and rank it came from and the rule that turned them into ``s`` — is recorded, so that every rewrite can be
@@ -27,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Kind = Literal["lora", "ia3", "embedding", "conv"]
+Kind = Literal["lora", "ia3", "embedding", "conv", "experts"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,12 @@ class FusedQKV:
 
 def delta_kind(layer_kind: str) -> Kind:
     """The ModuleDelta kind of a convention's layer kind (linear and fused QKV are both plain LoRA products)."""
-    return layer_kind if layer_kind in ("ia3", "embedding", "conv") else "lora"
+    return layer_kind if layer_kind in ("ia3", "embedding", "conv", "experts") else "lora"
 
 
 def config_rank(kind: str, fused: FusedQKV | None, a_rows: int | None) -> int:
-    """r as a config counts it: 1 for (IA)³, A's rows per enabled group for fused QKV, else A's rows."""
+    """r as a config counts it: 1 for (IA)³, A's rows per enabled group for fused QKV, else A's rows (per expert:
+    ``a_rows`` is then A.shape[1])."""
     if kind == "ia3":
         return 1
     return a_rows // (len(fused.groups) if fused else 1)
@@ -98,10 +101,20 @@ class ModuleDelta:
     @property
     def rank(self) -> int:
         """The rank r as the library's config counts it (per group for fused QKV)."""
-        return config_rank(self.kind, self.fused, None if self.A is None else self.A.shape[0])
+        return config_rank(self.kind, self.fused, None if self.A is None else self.A.shape[-2])
+
+    @property
+    def experts(self) -> int | None:
+        """E for a stacked-experts delta, else None."""
+        return self.A.shape[0] if self.kind == "experts" else None
+
+    def expert(self, e: int) -> "ModuleDelta":
+        """Expert ``e`` of a stacked-experts delta as a plain LoRA pair: ΔW_e = scale · B[e] @ A[e]."""
+        return replace(self, A=self.A[e], B=self.B[e], kind="lora", module=f"{self.module}[{e}]")
 
     def factors(self) -> tuple[Tensor | None, Tensor]:
-        """(A, B) such that ΔW = scale · B @ A holds for a plain (non-fused) product."""
+        """(A, B) such that ΔW = scale · B @ A holds for a plain (non-fused) product (per expert for experts:
+        A (E, r, in), B (E, out, r))."""
         if self.fused is not None:
             return self.fused.expand(self.A, self.B)
         if self.kind == "conv":

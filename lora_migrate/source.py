@@ -61,14 +61,19 @@ class ModuleEntry:
     provenance: ScaleProvenance
     fused: FusedQKV | None = None
     alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
-    stacked: int = 1  # rank-r blocks stacked along r: PEFT's ParamWrapper on a 3-D (experts, …) parameter
     embed_scale: float | None = 1.0  # embedding LoRA: the base layer's output factor (None: no config to tell)
     storage_error: float | None = None  # block-quantized factors (ModuleDelta.storage_error)
+    # the shapes load() returns where they differ from the stored ones (a reader that reshapes or fuses factors,
+    # e.g. PEFT's flat (E·r, in) experts into (E, r, in)); planning works on these
+    shapes: dict[str, tuple] = field(default_factory=dict)
+
+    def shape(self, param: str) -> tuple:
+        return self.shapes.get(param) or tuple(self.metas[param].shape)
 
     @property
     def rank(self) -> int:
-        return config_rank(self.kind, self.fused, self.metas["a"].shape[0] if "a" in self.metas else None) \
-            // self.stacked
+        a = self.shape("a") if "a" in self.metas else None
+        return config_rank(self.kind, self.fused, None if a is None else a[1 if self.kind == "experts" else 0])
 
 
 @dataclass
@@ -117,6 +122,10 @@ class SourceAdapter:
     def deltas(self):
         for e in self.modules:
             yield self.load(e)
+
+    @property
+    def has_experts(self) -> bool:
+        return any(e.kind == "experts" for e in self.modules)
 
     @property
     def conv_dims(self) -> set[int]:

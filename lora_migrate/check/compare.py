@@ -159,12 +159,39 @@ def compare(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 
             finite_source: bool = False) -> ModuleCheck:
     """:func:`_compare_update`, and a DoRA magnitude vector (which is carried over, never rewritten) must be
     present on both sides or neither, and equal bit for bit. ``finite_source``: see :func:`exactly_rescaled`."""
-    check = _compare_update(src, out, probes=probes, seed=seed, finite_source=finite_source)
+    if src.kind == "experts" and out.kind == "experts":
+        check = _compare_experts(src, out, probes=probes, seed=seed, finite_source=finite_source)
+    else:
+        check = _compare_update(src, out, probes=probes, seed=seed, finite_source=finite_source)
     m1, m2 = src.magnitude, out.magnitude
     if (m1 is None) != (m2 is None) or (m1 is not None and not torch.equal(m1, m2)):
         return check.model_copy(update=dict(ok=False, status="mismatch",
                                             detail="DoRA magnitude vector differs or is missing"))
     return check
+
+
+def _compare_experts(src: ModuleDelta, out: ModuleDelta, **kw) -> ModuleCheck:
+    """Stacked experts (A (E, r, in), B (E, out, r)): every expert's ΔW_e = s·B[e]@A[e] is its own matrix that the
+    model applies to the tokens routed to it, so each is compared as a LoRA pair (:func:`_compare_update`) and the
+    module passes only if every expert does. Reported: the worst expert's relative errors (a stronger criterion
+    than the error of the whole stack against its norm) and the stack's norm √Σ‖ΔW_e‖²."""
+    tol = max(tolerance_for(*delta_dtypes(src), *delta_dtypes(out)), storage_tolerance(src, out))
+    for side, d in (("source", src), ("output", out)):
+        if d.A is None or d.A.dim() != 3 or d.B.dim() != 3 or d.A.shape[:2] != (d.B.shape[0], d.B.shape[2]):
+            shapes = "no A" if d.A is None else f"A {tuple(d.A.shape)}, B {tuple(d.B.shape)}"
+            return _shape_mismatch(src.module, tol, f"{side}: experts factors are not (E, r, in) / (E, out, r): {shapes}")
+    if src.A.shape[0] != out.A.shape[0]:
+        return _shape_mismatch(src.module, tol, f"{src.A.shape[0]} experts in source vs {out.A.shape[0]} in output")
+    checks = [_compare_update(src.expert(e), out.expert(e), **kw) for e in range(src.A.shape[0])]
+    bad = [c for c in checks if not c.ok]
+    worst = bad[0] if bad else max(checks, key=lambda c: (c.rel_fro or 0.0, c.rel_probe or 0.0))
+    norm = math.sqrt(sum((c.norm or 0.0) ** 2 for c in checks))
+    detail = f"{len(bad)} of {len(checks)} experts differ; first: {worst.module}: {worst.detail}" if bad else \
+        "; ".join(sorted({c.detail for c in checks if c.detail}))
+    return worst.model_copy(update=dict(module=src.module, norm=_num(norm), detail=detail,
+                                        rel_fro=max((c.rel_fro for c in checks if c.rel_fro is not None), default=None),
+                                        rel_probe=max((c.rel_probe for c in checks if c.rel_probe is not None),
+                                                      default=None)))
 
 
 def _compare_update(src: ModuleDelta, out: ModuleDelta, *, probes: int = 4, seed: int = 0,

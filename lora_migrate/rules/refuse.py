@@ -22,7 +22,7 @@ def refuse_kinds(adapter: str, kinds: set[str], target: Convention) -> None:
     """A layer kind the target has no scaling rule for ((IA)³ into a LoRA-only target, fused QKV where the target
     cannot hold it) is refused."""
     names = {"ia3": "(IA)³", "fused_qkv": "fused-QKV LoRA", "linear": "LoRA", "embedding": "embedding LoRA",
-             "conv": "conv LoRA"}
+             "conv": "conv LoRA", "experts": "stacked-experts (MoE) LoRA"}
     missing = sorted(k for k in kinds if k not in target.scaling)
     if missing:
         raise UnsupportedFeature(f"{adapter}: {target.name} cannot express {', '.join(names[k] for k in missing)} "

@@ -17,18 +17,20 @@ def _zeros(t: torch.Tensor, shape) -> torch.Tensor:
 def pad_rank(d: ModuleDelta, r: int) -> ModuleDelta:
     """A' = [A; 0], B' = [B, 0] up to rank r. B'A' = BA exactly (the new rows and columns meet only zeros).
 
-    For conv factors the zero rows/columns keep the kernel dimensions. Used where a target holds one rank per
-    adapter (AdapterHub configs) or per layer type (LoRAX, vLLM).
+    For conv factors the zero rows/columns keep the kernel dimensions. For stacked experts (A (E, r, in), B (E, out,
+    r)) every expert is padded alike: B[e]'A[e]' = B[e]A[e]. Used where a target holds one rank per adapter
+    (AdapterHub configs, mlx-lm) or per layer type (LoRAX, vLLM).
     """
     if d.A is None or d.fused is not None:
         raise LoraMigrateError(f"{d.module}: pad_rank needs a plain LoRA pair")
-    k = d.A.shape[0]
+    lead = 1 if d.kind == "experts" else 0  # the experts axis comes first
+    k = d.A.shape[lead]
     if r < k:
         raise LoraMigrateError(f"{d.module}: cannot pad rank {k} down to {r}")
     if r == k:
         return d
-    A = torch.cat([d.A, _zeros(d.A, (r - k, *d.A.shape[1:]))], dim=0)
-    B = torch.cat([d.B, _zeros(d.B, (d.B.shape[0], r - k, *d.B.shape[2:]))], dim=1)
+    A = torch.cat([d.A, _zeros(d.A, (*d.A.shape[:lead], r - k, *d.A.shape[lead + 1:]))], dim=lead)
+    B = torch.cat([d.B, _zeros(d.B, (*d.B.shape[:lead + 1], r - k, *d.B.shape[lead + 2:]))], dim=lead + 1)
     return d.replace(A=A, B=B)
 
 

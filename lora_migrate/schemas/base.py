@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 # fan_in_fan_out); the LoRA factors are still A (r, in), B (out, r)
 CONV1D_MODEL_TYPES = ("gpt2",)
 
-LayerKind = Literal["linear", "fused_qkv", "ia3", "embedding", "conv"]
+LayerKind = Literal["linear", "fused_qkv", "ia3", "embedding", "conv", "experts"]
 
 
 class Scaling(str, Enum):

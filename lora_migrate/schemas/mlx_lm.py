@@ -38,9 +38,18 @@ MLX_KEYS = KeyTemplates(a="{module}.lora_a", b="{module}.lora_b", magnitude="{mo
 
 # the parameter-leaf names mlx-lm's load_adapters accepts ("m": DoRA)
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-# mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors, under these names or (gpt_oss, llama4, dots1,
-# afmoe, Klear: ``experts``) known by their 3-D lora_a/lora_b
+# mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors, lora_a (E, r, in) and lora_b (E, out, r) as
+# they are (not transposed), ΔW_e = scale·lora_b[e]@lora_a[e]. Canonical names are transformers 5's: one 3-D
+# ``mlp.experts.gate_up_proj`` (E, 2I, H), gate rows first, and ``mlp.experts.down_proj`` (E, H, I). Per model type
+# (measured with mlx-lm 0.32.2 and transformers 5.25.0, golden/families/mlx: qwen2_moe, mixtral): the block path of
+# mlx-lm's SwitchGLU, and the block-path prefix mlx-lm names differently (mixtral's block_sparse_moe is
+# transformers 5's mlp). Other layouts (gpt_oss, llama4, dots1, afmoe, Klear: ``experts``, some interleaved or
+# transposed) are refused.
 SWITCH_MARKERS = ("switch_mlp", "switch_glu")
+SWITCH = "switch_mlp"
+SWITCH_PARTS = ("gate_proj", "up_proj", "down_proj")
+CANONICAL_EXPERTS = "mlp.experts"
+SWITCH_PARENTS = {"qwen2_moe": "mlp", "mixtral": "block_sparse_moe"}
 
 # the scale each era applies, from lora_parameters (see the module docstring)
 SCALE_RULES = {
@@ -62,11 +71,12 @@ CONFIG_BASE = {"adapter_path": "adapters", "batch_size": 4, "iters": 1000, "lear
                "max_seq_length": 2048, "seed": 0, "train": False, "test": False}
 
 REFUSALS = {
-    "switch": "mlx-lm's LoRASwitchLinear (lora_a (E, r, in), lora_b (E, out, r), ΔW_e = scale·lora_b[e]@lora_a[e]) is "
-              "what PEFT >= 0.17 target_parameters holds on transformers-5 mlp.experts.gate_up_proj/down_proj (exact "
-              "both ways on a tiny Qwen2-MoE: 3.3e-7/1.5e-7 logits, docs/families/mlx-lm.md), but not converted: "
-              "lora-migrate's canonical form holds one 2-D ΔW per module, and this needs per-expert factors, gate/up "
-              "fused into gate_up_proj (rank 2r, block-diagonal) and per-architecture expert names",
+    "switch": "stacked-experts LoRA under these names (3-D lora_a/lora_b outside <block>.mlp.switch_mlp or "
+              "block_sparse_moe.switch_mlp: gpt_oss, llama4 and others, some with interleaved or transposed "
+              "gate/up) has not been measured against PEFT here",
+    "switch_era": "mlx-lm's LoRASwitchLinear is measured in mlx-lm 0.32.2 (era mlx-lm) only",
+    "switch_model_type": "mlx-lm names a model's experts by its model type (qwen2_moe: mlp.switch_mlp, mixtral: "
+                         "block_sparse_moe.switch_mlp); measured for " + ", ".join(SWITCH_PARENTS),
     "embedding": "mlx-lm's LoRAEmbedding has not been checked against PEFT's embedding LoRA here",
     "full": "fine_tune_type \"full\" saves full trained weights, not a LoRA adapter",
     "lora_bias": "mlx-lm's LoRA layers have no bias on B",
@@ -93,7 +103,7 @@ MLX_LM_2024_06 = Convention(
 MLX_LM = Convention(
     name="mlx-lm", versions=">=0.25.1", aliases=("mlx-lm-2025-06", "mlx_lm", "mlx"),
     summary="mlx-lm ≥ 0.25.1: adapters.safetensors (lora_a = Aᵀ, lora_b = Bᵀ) + adapter_config.json, scale absolute",
-    scaling={"linear": Scaling.ALPHA},
+    scaling={"linear": Scaling.ALPHA, "experts": Scaling.ALPHA},
     scaling_notes="y = W x + scale·(x @ lora_a) @ lora_b, scale absolute (PEFT alpha = scale·r; measured in 0.32.2)",
     features=frozenset({"dora", "top_level_keys"}), **_COMMON)
 

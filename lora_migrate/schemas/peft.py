@@ -70,9 +70,10 @@ FIELDS_REMOVED = {"enable_lora": "0.3", "merge_weights": "0.3"}
 CONV_SINCE: dict[int, tuple[str, str]] = {1: ("0.15", "0.16"), 2: ("0.6", "0.10"), 3: ("0.14", "0.14")}
 
 
-def conv_requirements(spatial_dims, dora: bool) -> list[tuple[str, str]]:
-    """(what, first PEFT release that has it) for an adapter's conv layers (``spatial_dims``: 1, 2, 3)."""
-    out = []
+def conv_requirements(spatial_dims, dora: bool, experts: bool = False) -> list[tuple[str, str]]:
+    """(what, first PEFT release that has it) for an adapter's conv layers (``spatial_dims``: 1, 2, 3) and its
+    LoRA on raw parameters (``experts``: target_parameters, 0.17 #2638)."""
+    out = [("LoRA on raw parameters (target_parameters, MoE experts)", "0.17")] if experts else []
     for nd in sorted(set(spatial_dims)):
         lora, with_dora = CONV_SINCE[nd]
         out.append((f"LoRA on nn.Conv{nd}d", lora))
@@ -247,7 +248,9 @@ class PeftLoraConfig(BaseModel):
         return v
 
 
-_LORA = {"linear": Scaling.ALPHA_OVER_R, "embedding": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R}
+# experts: LoRA on raw (E, …) parameters (target_parameters, ParamWrapper), from 0.17 (#2638): conv_requirements
+_LORA = {"linear": Scaling.ALPHA_OVER_R, "embedding": Scaling.ALPHA_OVER_R, "conv": Scaling.ALPHA_OVER_R,
+         "experts": Scaling.ALPHA_OVER_R}
 _COMMON = dict(
     family=FAMILY, library="peft", keys=PEFT_KEYS, scaling=_LORA, config_model=PeftLoraConfig,
     config_defaults=DEFAULTS, weights_read=("adapter_model.safetensors", "adapter_model.bin"),

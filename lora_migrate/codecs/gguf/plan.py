@@ -50,8 +50,8 @@ def refuse(src: SourceAdapter, steps: list[Step]) -> None:
         steps.append(Step(rule="skip_base_copies", what=f"left out {len(src.extras)} frozen base-layer copies saved "
                           f"beside the adapter ({src.extras[0]}): the runtime reads them from the base GGUF"))
     for e in src.modules:
-        if e.kind not in ("linear", "embedding") or e.fused is not None or e.stacked != 1 or "bias" in e.keys:
-            raise UnsupportedFeature(f"{name}: {e.module}: a {e.kind} LoRA{' on stacked experts' * (e.stacked > 1)}"
+        if e.kind not in ("linear", "embedding") or e.fused is not None or "bias" in e.keys:
+            raise UnsupportedFeature(f"{name}: {e.module}: a {e.kind} LoRA"
                                      f"{' with lora_B.bias' * ('bias' in e.keys)}: llama.cpp adapters hold plain "
                                      "lora_a/lora_b pairs of linear layers and the token embedding")
         # None: no config told; none of the architectures in schemas/gguf.ARCHS scales its embedding

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...adapter import AdapterInfo, ScaleProvenance
+import torch
+
+from ...adapter import AdapterInfo, ModuleDelta, ScaleProvenance
 from ...errors import DetectionError, LoraMigrateError, UnsupportedFeature, VerificationFailed
 from ...execution import Step
 from ...findings import Finding
@@ -20,6 +22,7 @@ from ...schemas import Convention, get_convention
 from ...schemas import mlx_lm as S
 from ...source import ModuleEntry, Source, TensorStore, read_json
 from ..base import Claim, Codec, PlanOptions
+from . import moe
 from .loaded import as_loaded
 from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, one_rank_one_scale, refuse_fused
 
@@ -107,11 +110,18 @@ class MlxLmCodec(Codec):
                 if leaf not in S.ADAPTER_LEAVES or not module:
                     raise LoraMigrateError(f"{folder / S.WEIGHTS}: {k!r} is not an adapter parameter "
                                            "(<module>.lora_a, .lora_b or .m)")
-                if any(f".{x}." in f".{module}." for x in S.SWITCH_MARKERS) or len(store.meta(k).shape) == 3:
+                if moe.switch_part(module) is None and (any(f".{x}." in f".{module}." for x in S.SWITCH_MARKERS)
+                                                        or len(store.meta(k).shape) == 3):
                     raise UnsupportedFeature(f"{folder}: {module}: {S.REFUSALS['switch']}")
                 groups.setdefault(module, {})[{"lora_a": "a", "lora_b": "b", "m": "magnitude"}[leaf]] = k
             dora = cfg.get("fine_tune_type") == "dora" or bool(cfg.get("use_dora"))
-            entries = [self._entry(folder, m, keys, store, s, prov, rank, dora) for m, keys in sorted(groups.items())]
+            groups, experts = moe.canonical_groups(groups, folder / S.WEIGHTS)
+            if experts and "experts" not in conv.scaling:
+                raise UnsupportedFeature(f"{folder}: {S.REFUSALS['switch_era']}, not {conv.name}; pass --from "
+                                         "mlx-lm if mlx-lm ≥ 0.25.1 wrote it")
+            entries = [self._experts_entry(folder, m, keys, store, s, prov, rank, experts[m]) if m in experts
+                       else self._entry(folder, m, keys, store, s, prov, rank, dora)
+                       for m, keys in sorted(groups.items())]
         except BaseException:
             store.close()
             raise
@@ -119,8 +129,29 @@ class MlxLmCodec(Codec):
                            base_model=cfg.get("model") if isinstance(cfg.get("model"), str) else None,
                            dropout=lp.get("dropout"))
         feats = {"dora"} if dora else set()
-        return StoredSource(info=info, convention=conv, store=store, modules=entries, files=[folder / S.WEIGHTS],
-                            features=feats, transform=_from_mlx)
+        return MlxSource(info=info, convention=conv, store=store, modules=entries, files=[folder / S.WEIGHTS],
+                         features=feats, transform=_from_mlx, codec_state={"experts": experts})
+
+    @staticmethod
+    def _experts_entry(folder, module, keys, store, s, prov, rank, info) -> ModuleEntry:
+        metas = {p: store.meta(k) for p, k in keys.items()}
+        for tag in ("", "_gate", "_up"):
+            if ("a" + tag in keys) != ("b" + tag in keys):
+                raise LoraMigrateError(f"{folder / S.WEIGHTS}: {module}: a SwitchLinear without lora_a or lora_b")
+            if "a" + tag in keys:
+                ma, mb = metas["a" + tag].shape, metas["b" + tag].shape
+                if len(ma) != 3 or len(mb) != 3 or ma[0] != mb[0] or ma[1] != mb[2] or ma[1] != rank:
+                    raise LoraMigrateError(f"{folder / S.WEIGHTS}: {module}: SwitchLinear lora_a {tuple(ma)} and "
+                                           f"lora_b {tuple(mb)} are not (E, r, in) / (E, out, r) at rank {rank}")
+        if len(info["parts"]) == 2:  # gate and up share A when this codec wrote them from a fused gate_up_proj
+            info["compact"] = torch.equal(store.get(keys["a_gate"]), store.get(keys["a_up"]))
+        a, b = moe.experts_shapes(info, metas)
+
+        def one(p):  # the canonical tensor's meta: the stored dtype, the canonical shape
+            return canonical_meta(next(metas[k] for k in (p, p + "_gate", p + "_up") if k in metas), {"a": a, "b": b}[p])
+
+        return ModuleEntry(module=module, kind="experts", keys=keys, metas={"a": one("a"), "b": one("b")}, scale=s,
+                           provenance=prov)
 
     @staticmethod
     def _entry(folder, module, keys, store, s, prov, rank, dora) -> ModuleEntry:
@@ -157,7 +188,7 @@ class MlxLmCodec(Codec):
                             f"{lp['scale'] * lp['alpha'] / lp['rank']:g}"))
         keys = lp.get("keys")
         if isinstance(keys, list):
-            blocks = Blocks.of([e.module for e in a.modules])
+            blocks = Blocks.of(sorted({k.rpartition(".")[0] for e in a.modules for k in e.keys.values()}))
             stray = sorted({r for v in blocks.per_block.values() for r in v} - set(keys)) + \
                 [m for m in blocks.top if m not in keys]
             if stray:
@@ -179,7 +210,10 @@ class MlxLmCodec(Codec):
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
         refuse_fused(src, target)
         name = src.info.name
-        blocks = Blocks.of([e.module for e in src.modules])
+        mtype = next((c.get("model_type") for c in (opts.base_config, src.base_config) if c), None) \
+            or opts.model_type or src.info.model_type
+        names = {e.module: moe.mlx_modules(e.module, e.kind, mtype, name) for e in src.modules}
+        blocks = Blocks.of([m for e in src.modules for m, _ in names[e.module]])
         why = blocks.uneven()
         if why:
             raise UnsupportedFeature(f"{name}: mlx-lm applies one set of lora_parameters.keys to each of the last "
@@ -207,7 +241,12 @@ class MlxLmCodec(Codec):
         steps.append(Step(rule="write", what=f"write {S.WEIGHTS} with keys <module>.lora_a = Aᵀ (in, r) and .lora_b "
                           f"= Bᵀ (r, out){', .m (DoRA)' if 'dora' in src.features else ''}; {S.CONFIG} with "
                           f"num_layers={len(idx)}, keys={keys}, rank={R}, scale={s:g}"))
-        return execution(src, target, out, steps, output, [S.CONFIG, S.WEIGHTS], R, s, config, notes)
+        if any(e.kind == "experts" for e in src.modules):
+            steps.append(Step(rule="split_gate_up", what="experts: lora_a (E, r, in) and lora_b (E, out, r) as they "
+                              "are; gate_up_proj's B split by rows into switch_mlp.gate_proj (first half) and "
+                              "up_proj, A shared (exact)"))
+        return execution(src, target, out, steps, output, [S.CONFIG, S.WEIGHTS], R, s, config, notes,
+                         codec_state={"names": names})
 
     @staticmethod
     def _config(src, target: Convention, R: int, s: float, n: int, keys: list[str]) -> dict:
@@ -220,23 +259,45 @@ class MlxLmCodec(Codec):
             cfg.update(lora_layers=n, use_dora=dora)
         return cfg
 
-    def tensor_names(self, ex):
+    @staticmethod
+    def _stored(ex):
+        """(key, shape, dtype, canonical module, param, row half) of every stored tensor, in write order: Linear
+        factors transposed, SwitchLinear ones as they are, gate_up_proj as two modules (the row halves of B)."""
         leaf = {"a": "lora_a", "b": "lora_b", "magnitude": "m"}
-        return [f"{m}.{leaf[p]}" for m, _, p, _, _ in ex.tensors]
+        names = ex.codec_state["names"]
+        out = []
+        for m, kind, p, shape, dtype in ex.tensors:
+            for mlx, half in names[m]:
+                if kind != "experts":
+                    out.append((f"{mlx}.{leaf[p]}", shape[::-1] if p in ("a", "b") else shape, dtype, m, p, None))
+                else:
+                    rows = (shape[0], shape[1] // 2, shape[2]) if half and p == "b" else shape
+                    out.append((f"{mlx}.{leaf[p]}", rows, dtype, m, p, half))
+        return out
+
+    def tensor_names(self, ex):
+        return [k for k, *_ in self._stored(ex)]
 
     def write(self, ex, dest: Path, deltas) -> list[str]:
         dest.mkdir(parents=True, exist_ok=True)
         (dest / S.CONFIG).write_text(json.dumps(ex.config, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-        leaf = {"a": "lora_a", "b": "lora_b", "magnitude": "m"}
+        stored = self._stored(ex)
+        by_module: dict[str, list] = {}
+        for row in stored:
+            by_module.setdefault(row[3], []).append(row)
         with BackgroundWriter(SafetensorsWriter(dest / S.WEIGHTS, metadata={"format": "mlx"})) as w:
-            for m, _, p, shape, dtype in ex.tensors:
-                w.add(f"{m}.{leaf[p]}", dtype, shape[::-1] if p in ("a", "b") else shape)
+            for key, shape, dtype, *_ in stored:
+                w.add(key, dtype, shape)
             w.write_header()
             for d in deltas:
-                w.write(f"{d.module}.lora_a", d.A.T.contiguous())
-                w.write(f"{d.module}.lora_b", d.B.T.contiguous())
-                if d.magnitude is not None:
-                    w.write(f"{d.module}.m", d.magnitude)
+                tensors = {"a": d.A, "b": d.B, "magnitude": d.magnitude}
+                for key, shape, _, _, p, half in by_module[d.module]:
+                    t = tensors[p]
+                    if d.kind != "experts" and p in ("a", "b"):
+                        t = t.T
+                    elif half:
+                        t = t[:, :shape[1]] if half == "gate" and p == "b" else t[:, shape[1]:] if p == "b" else t
+                    w.write(key, t.contiguous())
         return []
 
     def read_back(self, dest: Path, target: Convention, name: str, opts: PlanOptions):
@@ -265,6 +326,16 @@ def era_scale(conv: Convention, lp: dict) -> tuple[float, ScaleProvenance]:
 def _from_mlx(e: ModuleEntry, param: str, t):
     """mlx's stored factors → canonical: lora_a = Aᵀ, lora_b = Bᵀ; m as it is."""
     return t.T.contiguous() if param in ("a", "b") else t
+
+
+class MlxSource(StoredSource):
+    """An mlx-lm adapter: Linear factors transposed (``_from_mlx``), SwitchLinear ones per :mod:`.moe`."""
+
+    def load(self, e: ModuleEntry):
+        if e.kind != "experts":
+            return super().load(e)
+        A, B = moe.load_experts(self.codec_state["experts"][e.module], lambda p: self.store.get(e.keys[p]))
+        return ModuleDelta(module=e.module, A=A, B=B, scale=e.scale, provenance=e.provenance, kind="experts")
 
 
 MLX_LM = MlxLmCodec()

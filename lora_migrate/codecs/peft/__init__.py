@@ -13,6 +13,7 @@ from ...schemas import Convention
 from ...schemas.peft import FAMILY
 from ...source import Source
 from ..base import Claim, Codec, PlanOptions
+from . import experts
 from . import format as pf
 from .loaded import as_loaded
 from .plan import lorax_drops, plan_peft
@@ -95,19 +96,29 @@ class PeftCodec(Codec):
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
         return plan_peft(src, target, output, steps, doubled=opts.doubled, num_layers=opts.num_layers)
 
+    @staticmethod
+    def _layout(ex):
+        """(key, stored shape, dtype) per planned tensor; experts modules under their ParamWrapper path, flat."""
+        paths = experts.stored_paths([m for m, k, _, _, _ in ex.tensors if k == "experts"])
+        keys = ex.target.keys
+        return [(keys.key(pf.tensor_param(k, p), paths.get(m, m)), experts.flat_shape(p, shape) if m in paths
+                 else shape, dtype) for m, k, p, shape, dtype in ex.tensors], paths
+
     def tensor_names(self, ex):
-        return [ex.target.keys.key(pf.tensor_param(k, p), m) for m, k, p, _, _ in ex.tensors]
+        return [k for k, _, _ in self._layout(ex)[0]]
 
     def write(self, ex, dest: Path, deltas) -> list[str]:
         keys = ex.target.keys
-        planned = [(keys.key(pf.tensor_param(k, p), m), shape, dtype) for m, k, p, shape, dtype in ex.tensors]
+        planned, paths = self._layout(ex)
         store = ex.source.store
         planned += [(k, tuple(store.meta(k).shape), store.meta(k).dtype) for k in ex.extras]
 
         def tensors():
             for d in deltas:
                 for p, t in (("a", d.A), ("b", d.B), ("bias", d.bias), ("magnitude", d.magnitude)):
-                    if t is not None:
+                    if t is not None and d.kind == "experts":
+                        yield keys.key(p, paths[d.module]), experts.flat(p, t).contiguous()
+                    elif t is not None:
                         yield keys.key(pf.tensor_param(d.kind, p), d.module), t
             for k in ex.extras:
                 yield k, store.get(k)

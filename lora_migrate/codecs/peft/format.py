@@ -25,6 +25,7 @@ from ...schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_ERAS, PEFT_PREFIX,
                             PeftLoraConfig, embed_scale, mutating_init, not_rebuildable_reason, rebuild_rule,
                             saved_by_modules_to_save)
 from ..base import pick
+from . import experts as ex
 from ...source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -186,7 +187,6 @@ PEFT_ONLY = {
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "arrow_config": "Arrow routing mixes several LoRA experts per token",
     "use_bdlora": "BD-LoRA shares block-diagonal factors",
-    "target_parameters": "LoRA on raw parameters (MoE experts, #2638) stacks one factor per expert",
     "layer_replication": "replicated layers share base weights but not adapters",
 }
 
@@ -287,9 +287,11 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
                                    f"{unknown[0]!r}")
         if not by_module:
             raise LoraMigrateError(f"{weights}: holds no LoRA tensors")
-        entries = []
-        for module, params in by_module.items():
-            entries.append(plan_module(conv, store, module, params, cfg, matching, str(weights), notes, features))
+        wrapped = {m: (tuple(store.meta(p["a"]).shape), tuple(store.meta(p["b"]).shape))
+                   for m, p in by_module.items() if on_parameter(m, cfg.target_parameters) and "a" in p and "b" in p}
+        names = ex.resolve(wrapped, cfg.target_parameters, str(weights)) if wrapped else {}
+        entries = [plan_module(conv, store, names.get(module, module), params, cfg, matching, str(weights), notes,
+                               features, experts=module in names) for module, params in by_module.items()]
         for param, flag, feature, key_name in (("magnitude", cfg.use_dora, "dora", "lora_magnitude_vector"),
                                                 ("bias", cfg.lora_bias, "lora_bias", "lora_B.bias")):
             if any(param in e.keys for e in entries):
@@ -329,7 +331,7 @@ def read_peft_dir(path: Path, conv: Convention, raw: dict, name: str = "default"
         store.close()
         raise
     mutates = mutating_init(init)
-    a = SourceAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
+    a = ex.PeftAdapter(info=info, convention=conv, store=store, modules=entries, files=[cfg_path, weights],
                       notes=notes, extras=extras, features=features, init=init, init_mutates=mutates,
                       init_rebuild=rebuild_rule(init) if mutates else None,
                       init_why_not=not_rebuildable_reason(init) if mutates else None, peft=cfg)
@@ -352,7 +354,7 @@ def _coverage_unproven(cfg: dict) -> str | None:
     return None
 
 
-def plan_module(conv, store, module, params, cfg, matching, where, notes, features) -> ModuleEntry:
+def plan_module(conv, store, module, params, cfg, matching, where, notes, features, experts=False) -> ModuleEntry:
     metas = {p: store.meta(k) for p, k in params.items()}
     emb = "emb_a" in params or "emb_b" in params
     if emb:
@@ -371,6 +373,11 @@ def plan_module(conv, store, module, params, cfg, matching, where, notes, featur
         if len(A) != 2 or len(B) != 2 or A[0] != B[1]:
             raise LoraMigrateError(f"{where}: embedding module {module!r}: lora_embedding_A {list(A)}, "
                                    f"lora_embedding_B {list(B)} do not fit (r, vocab) / (dim, r)")
+    elif experts:  # a ParamWrapper: E blocks of rank r (experts.py), r from the config
+        kind = "experts"
+        if len(A) != 2 or len(B) != 2 or A[0] != B[1] or "bias" in params:
+            raise LoraMigrateError(f"{where}: {module}: lora_A {list(A)} / lora_B {list(B)}"
+                                   f"{' with lora_B.bias' * ('bias' in params)} are not PEFT's stacked experts")
     elif len(A) == 2 and len(B) == 2:
         kind = "linear"
         if A[0] != B[1]:
@@ -396,9 +403,14 @@ def plan_module(conv, store, module, params, cfg, matching, where, notes, featur
                                       cfg.alpha_pattern)
     else:  # serving profiles: one global r and alpha (peft.md §7.3, §8.1)
         r_cfg, alpha = cfg.r, float(cfg.lora_alpha)
-    stacked = 1
-    if on_parameter(module, cfg.target_parameters) and r % r_cfg == 0:  # a 3-D (experts, …) parameter: one
-        stacked, r = r // r_cfg, r_cfg                                   # rank-r block per expert
+    shapes = {}
+    if experts and r == r_cfg and module.endswith(".weight"):  # a 2-D parameter (a MoE router): a Linear's ΔW
+        kind, module = "linear", module[:-len(".weight")]
+    elif experts:
+        if r % r_cfg:
+            raise LoraMigrateError(f"{where}: {module}: lora_A has {r} rows, not a multiple of r={r_cfg}")
+        shapes = {"a": (r // r_cfg, r_cfg, A[1]), "b": (r // r_cfg, B[0], r_cfg)}
+        r = r_cfg
     if r_cfg != r and "patterns" in conv.features:
         raise LoraMigrateError(f"{where}: module {module!r} has rank {r} but the config gives r={r_cfg} "
                                f"(read as {conv.name}: {conv.pattern_matching} pattern matching)")
@@ -406,7 +418,7 @@ def plan_module(conv, store, module, params, cfg, matching, where, notes, featur
     rule = Scaling.ALPHA_OVER_SQRT_R if cfg.use_rslora and "rslora" in conv.features else Scaling.ALPHA_OVER_R
     prov = ScaleProvenance(alpha=alpha, r=r_cfg, rule=f"{rule.value} ({kind})", convention=conv.name)
     return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_cfg),
-                       provenance=prov, alpha=alpha, stacked=stacked)
+                       provenance=prov, alpha=alpha, shapes=shapes)
 
 
 # ------------------------------------------------------------------------------------------------- writing

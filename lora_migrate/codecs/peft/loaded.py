@@ -19,7 +19,7 @@ def read_as(c, a: SourceAdapter, e) -> tuple[int, float]:
     layer at another rank than the tensor's (its pattern keys match differently), that r and its scale."""
     try:
         got = plan_module(c, a.store, e.module, e.keys, a.peft, c.pattern_matching or "regex", str(a.files[-1]),
-                          [], set())
+                          [], set(), experts=e.kind == "experts")
         return got.provenance.r, got.scale
     except LoraMigrateError:  # the rank c's patterns give this module contradicts its tensors
         r, alpha = module_r_alpha(c.pattern_matching, e.module, a.peft.r, float(a.peft.lora_alpha),
@@ -33,7 +33,7 @@ def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
     cfg = a.peft
     out = []
-    needs = conv_requirements(a.conv_dims, "dora" in a.features)
+    needs = conv_requirements(a.conv_dims, "dora" in a.features, a.has_experts)
     for c in CONVENTIONS:
         if c.family != FAMILY or c is a.convention:
             continue
@@ -54,7 +54,11 @@ def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
                 continue
         drops = {**c.serving.refuses, **c.serving.drops} if c.serving else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
-        caveats = []
+        if a.has_experts and "experts" not in c.scaling:
+            refused.append("has no LoRA on raw parameters (target_parameters, MoE experts), so those tensors are "
+                           "unused")
+        caveats = [f"{what} needs PEFT ≥ {since}; earlier releases ignore it" for what, since in needs
+                   if c.serving is None and c.releases_with(since) == "some"]
         for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
             since = FIELDS_SINCE.get(f, "0")
             have = "none" if c.serving else c.releases_with(since)

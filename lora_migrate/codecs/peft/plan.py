@@ -16,6 +16,7 @@ from ...schemas import Convention, Scaling
 from ...schemas.peft import DEFAULTS as PEFT_DEFAULTS
 from ...schemas.peft import FAMILY, FIELDS_SINCE, PEFT_PREFIX, conv_requirements
 from ...source import ModuleEntry, SourceAdapter, json_number
+from . import experts as pex
 from . import format as pf
 
 
@@ -31,7 +32,7 @@ def plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None 
     serving = target.serving
     notes = list(src.notes)
     if not serving:  # the serving targets have no conv LoRA at all (refused by kind)
-        notes += refuse_before_release(name, conv_requirements(src.conv_dims, "dora" in src.features), target)
+        notes += refuse_before_release(name, conv_requirements(src.conv_dims, "dora" in src.features, src.has_experts), target)
     fills = _layer_fills(src, num_layers, steps) if serving and serving.drops_partial_layer_types else []
     out: dict[str, ModuleOut] = {}
     src_rule = Scaling.ALPHA_OVER_SQRT_R if "rslora" in src.features else Scaling.ALPHA_OVER_R
@@ -83,12 +84,17 @@ def plan_peft(src, target, output, steps, doubled: bool, num_layers: int | None 
         r_glob = mode([out[m].r for m in mods], prefer=src_r * (2 if doubled else 1) if src_r else None)
         alpha_glob = mode([out[m].alpha for m in mods])
         key = target.pattern_matching or "regex"
-        rank_pattern = {pf.pattern_key_for(key, m): out[m].r for m in mods if out[m].r != r_glob}
-        alpha_pattern = {pf.pattern_key_for(key, m): json_number(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
+
+        def pkey(m):  # PEFT matches a parameter's patterns on <module>.<parameter>
+            return pf.pattern_key_for(key, pex.router_parameter(m, src.has_experts) or m)
+
+        rank_pattern = {pkey(m): out[m].r for m in mods if out[m].r != r_glob}
+        alpha_pattern = {pkey(m): json_number(out[m].alpha) for m in mods if out[m].alpha != alpha_glob}
         if src.peft is not None and not doubled and (rslora_out == ("rslora" in src.features)):
             # keep the source's own patterns when the target era reads them to the same (r, alpha) everywhere
             cfg = src.peft
-            same = all(pf.module_r_alpha(key, m, cfg.r, float(cfg.lora_alpha), cfg.rank_pattern, cfg.alpha_pattern)
+            same = all(pf.module_r_alpha(key, pex.router_parameter(m, src.has_experts) or m, cfg.r,
+                                         float(cfg.lora_alpha), cfg.rank_pattern, cfg.alpha_pattern)
                        == (out[m].r, out[m].alpha) for m in mods)
             if same:
                 r_glob, alpha_glob = cfg.r, float(cfg.lora_alpha)
@@ -273,7 +279,10 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
     """adapter_config.json for a PEFT-family target: the fields the target era knows, from the source where it
     is PEFT, else built from the modules. A field the target lacks is dropped only at its default value."""
     fields = list(target.config_write_fields)
-    mods = [e.module for e in src.modules]
+    on_param = {e.module: pex.router_parameter(e.module, src.has_experts) or e.module for e in src.modules
+                if e.kind == "experts" or pex.router_parameter(e.module, src.has_experts)}
+    mods = [e.module for e in src.modules if e.module not in on_param]
+    params = sorted(on_param.values())  # LoRA on raw parameters
     if src.peft is not None and not serving:
         base = dict(src.info.config)
     else:
@@ -281,7 +290,7 @@ def peft_config(src: SourceAdapter, target: Convention, r: int, alpha: float, rs
         base = {"peft_type": "LORA", "task_type": src.info.task_type,
                 "base_model_name_or_path": src.info.base_model,
                 "target_modules": leaves if serving else sorted(mods), "bias": "none",
-                "fan_in_fan_out": src.info.fan_in_fan_out}
+                "fan_in_fan_out": src.info.fan_in_fan_out, "target_parameters": params or None}
     base.update(r=int(r), lora_alpha=json_number(alpha), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                 init_lora_weights=True, use_rslora=rslora, inference_mode=True)
     if "dora" in src.features:

@@ -149,19 +149,67 @@ def test_uneven_blocks_refused(tmp_path):
         convert(src, "mlx-lm", tmp_path)
 
 
-@pytest.mark.parametrize("module", ["model.layers.0.mlp.switch_mlp.gate_proj",  # qwen2_moe, qwen3_moe, olmoe, …
-                                    "model.layers.0.block_sparse_moe.switch_mlp.up_proj",  # mixtral, phimoe
-                                    "model.layers.0.mlp.experts.down_proj"])  # gpt_oss, dots1: known by 3-D shape
-def test_switch_linear_refused_with_the_reason(tmp_path, module):
-    """LoRASwitchLinear factors (E, r, in)/(E, out, r), by name or by shape: refused, nothing read, and the message
-    says why (exact in PEFT target_parameters, not carried by the 2-D canonical form)."""
+def test_unmeasured_expert_layouts_refused_with_the_reason(tmp_path):
+    """3-D factors outside <block>.mlp.switch_mlp / block_sparse_moe.switch_mlp (gpt_oss, dots1, …: ``experts``,
+    some with interleaved gate/up) are refused, nothing read, and the message says why."""
+    module = "model.layers.0.mlp.experts.down_proj"
     folder, _ = mlx_folder(tmp_path / "m", {"rank": 4, "scale": 2.0}, num_layers=2, fine_tune_type="lora",
                            extra={f"{module}.lora_a": torch.zeros(2, 4, 8), f"{module}.lora_b": torch.zeros(2, 8, 4)})
     with pytest.raises(UnsupportedFeature) as e:
         C.open(folder, None)
-    msg = str(e.value)
-    assert module in msg and "LoRASwitchLinear" in msg and "\n" not in msg
-    assert "target_parameters" in msg and "gate_up_proj" in msg and "one 2-D ΔW per module" in msg
+    assert module in str(e.value) and "not been measured" in str(e.value) and "\n" not in str(e.value)
+
+
+def switch_folder(folder, parent="mlp", parts=("gate_proj", "up_proj", "down_proj"), E=3, H=8, I=6, r=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    extra = {}
+    for n in (0, 1):
+        for p in parts:
+            i, o = (I, H) if p == "down_proj" else (H, I)
+            m = f"model.layers.{n}.{parent}.switch_mlp.{p}"
+            extra[f"{m}.lora_a"], extra[f"{m}.lora_b"] = torch.randn(E, r, i, generator=g), torch.randn(E, o, r, generator=g)
+    keys = ["self_attn.q_proj", *(f"{parent}.switch_mlp.{p}" for p in parts)]
+    return mlx_folder(folder, {"rank": r, "scale": 1.5, "keys": keys}, rel=("self_attn.q_proj",), fine_tune_type="lora",
+                      num_layers=2, extra=extra, seed=seed)
+
+
+@pytest.mark.parametrize("parent,model_type", [("mlp", "qwen2_moe"), ("block_sparse_moe", "mixtral")])
+def test_switch_reads_as_fused_gate_up_and_round_trips(tmp_path, parent, model_type):
+    """gate + up with their own A → transformers 5's gate_up_proj at rank 2r, block-diagonal (ΔW_e rows: gate's,
+    then up's); down as it is; back into mlx-lm (the model type names the parent) bit for bit."""
+    folder, sd = switch_folder(tmp_path / "m", parent)
+    a = C.open(folder, None).adapters[0]
+    by = {e.module: e for e in a.modules}
+    assert sorted(by) == sorted(f"model.layers.{n}.{m}" for n in (0, 1) for m in
+                                ("self_attn.q_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    d = a.load(by["model.layers.1.mlp.experts.gate_up_proj"])
+    assert d.kind == "experts" and tuple(d.A.shape) == (3, 4, 8) and tuple(d.B.shape) == (3, 12, 4)
+    p = f"model.layers.1.{parent}.switch_mlp."
+    for e in range(3):
+        ref = torch.cat([sd[p + "gate_proj.lora_b"][e] @ sd[p + "gate_proj.lora_a"][e],
+                         sd[p + "up_proj.lora_b"][e] @ sd[p + "up_proj.lora_a"][e]])
+        assert torch.allclose(d.B[e] @ d.A[e], ref, rtol=0, atol=1e-5)
+    with pytest.raises(UnsupportedFeature, match="model type"):
+        convert(a, "mlx-lm", tmp_path / "none")
+    _, out, back = convert(a, "mlx-lm", tmp_path, PlanOptions(model_type=model_type))
+    w = load_file(str(out / "adapters.safetensors"))
+    # the fused pair went back to gate/up: rank 2r (block-diagonal) for each, q_proj padded to it
+    assert sorted(w) == sorted(sd) and w[p + "gate_proj.lora_a"].shape == (3, 4, 8)
+    assert json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["keys"] == sorted(
+        ["self_attn.q_proj", *(f"{parent}.switch_mlp.{x}" for x in ("gate_proj", "up_proj", "down_proj"))])
+    by2 = {e.module: e for e in back.modules}
+    for e in a.modules:
+        x, y = a.load(e), back.load(by2[e.module])
+        if e.kind == "experts":
+            assert torch.allclose(torch.einsum("eor,eri->eoi", x.B, x.A), torch.einsum("eor,eri->eoi", y.B, y.A),
+                                  rtol=0, atol=1e-5), e.module
+
+
+def test_only_gate_adapted_leaves_up_rows_zero(tmp_path):
+    folder, sd = switch_folder(tmp_path / "m", parts=("gate_proj",))
+    a = C.open(folder, None).adapters[0]
+    d = a.load(next(e for e in a.modules if e.kind == "experts"))
+    assert tuple(d.B.shape) == (3, 12, 2) and not d.B[:, 6:].any()
 
 
 def test_mlx_round_trip_bit_for_bit(tmp_path):
