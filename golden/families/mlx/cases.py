@@ -43,6 +43,11 @@ QWEN2_MOE = {"model_class": "Qwen2MoeForCausalLM", "config_class": "Qwen2MoeConf
 MIXTRAL = {"model_class": "MixtralForCausalLM", "config_class": "MixtralConfig", "save_pretrained": True,
            "moe": {"parent": "block_sparse_moe", "experts": 4, "intermediate": 24},
            "config": {**_DENSE, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2}}
+# measured by the generate stage (meta.json "fuse" of the *_switch cases): mlx_lm fuse of an MoE adapter writes
+# mlx-lm's module tree (switch_mlp.{gate,up,down}_proj.weight (E, out, in)); mlx_lm.load reads it, transformers does not
+_NO_FUSE = ("mlx_lm fuse writes switch_mlp.*_proj.weight stacks; transformers 5.25 leaves mlp.experts.* unread "
+            "and reports them unexpected")
+QWEN2_MOE["fuse_not_applicable"] = MIXTRAL["fuse_not_applicable"] = _NO_FUSE
 ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
@@ -111,7 +116,7 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
 
 
 def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None):
-    arch = case.split("/")[-1].split("_")[0]
+    arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
     return dict(row, note=note) if note else row
@@ -127,6 +132,14 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
        for c in ("llama_qv", "llama_all_last1", "llama_dora", "llama_lm_head", "qwen2_qkv", "qwen2_all")]
     + [_row("mlxlm0322/llama_dora", "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")]
+    # MoE (issue 15): PEFT target_parameters ↔ mlx-lm LoRASwitchLinear; no `mlx_lm fuse` check (_NO_FUSE)
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits")
+       for c in ("peft_qwen2moe", "peft_mixtral_rslora", "peft_qwen2moe_down")]
+    + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
+       for c in ("qwen2moe_switch", "mixtral_switch", "qwen2moe_all_last1")]
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")
+       for c in ("qwen2moe_switch", "mixtral_switch")]
+    + [_row("mlxlm0322/qwen2moe_switch", "mlx-lm", "mlx", "logits_mlx", source="peft_equivalent")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5

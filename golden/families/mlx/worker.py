@@ -557,8 +557,11 @@ def load_one(item, data_dir, scratch):
         got = mlx_logits(model)
         base_model, _ = load(str(base))
         res["noise"] = fmt(maxdiff(mlx_logits(base_model), stored["base_logits"]))
-        fused = fuse_check(base, out, scratch, arch, ref)
-        res["fuse_vs_ref"] = fused.get("transformers_vs_peft", fused.get("error"))
+        if C.ARCHS[arch].get("fuse_not_applicable"):
+            res["fuse"] = f"not applicable ({C.ARCHS[arch]['fuse_not_applicable']})"
+        else:
+            fused = fuse_check(base, out, scratch, arch, ref)
+            res["fuse_vs_ref"] = fused.get("transformers_vs_peft", fused.get("error"))
     else:
         from peft import PeftModel
         pm = PeftModel.from_pretrained(hf_model(C.ARCHS[arch], C.MODEL_SEED, base), str(out)).eval()
