@@ -4,10 +4,13 @@
     <venv>/bin/python golden/families/mlx/worker.py TASK JOB.json RESULT.json
 
 TASK ``base``     : the tiny base in HF layout (transformers, seeded; a WordLevel tokenizer built here so that
-                    ``mlx_lm.load`` finds one), mlx-lm's base logits vs transformers'.
+                    ``mlx_lm.load`` finds one), mlx-lm's base logits vs transformers'. MoE: save_pretrained's layout,
+                    and whether mlx-lm reads the module layout (state_dict) too.
 TASK ``generate`` : one case (see cases.py): the adapter as mlx-lm writes it, logits through ``mlx_lm.load(...,
                     adapter_path=)``, the equivalent PEFT adapter and its logits, ``mlx_lm fuse`` of the adapter
                     loaded in transformers, and (llama_qv) what this mlx-lm does with an ``alpha`` in the config.
+                    A ``"kind": "peft"`` case: the adapter as peft writes it (target_parameters on MoE experts), its
+                    logits, and the mlx-lm adapter mapped from it by hand, loaded by ``mlx_lm.load``.
 TASK ``report``   : FINDINGS_MLX.md from results/mlx.json (system python3).
 
 golden/harness.py runs it (stages base, generate; see worker_util.run_main for the job each task gets).
@@ -59,10 +62,10 @@ def first_line(e):
 
 
 def layer0_layout(named_shapes):
-    """{name: shape} of block 0's MoE tensors (expert 0 of a per-expert layout), the rest counted."""
-    moe = {k: list(v) for k, v in named_shapes if k.startswith("model.layers.0.") and ".self_attn." not in k
-           and "layernorm" not in k and not any(f".experts.{e}." in k for e in range(1, 64))}
-    return dict(sorted(moe.items()))
+    """{name: shape} of block 0's MoE tensors (of a per-expert layout only expert 0's)."""
+    import re
+    return {k: list(v) for k, v in sorted(named_shapes) if k.startswith("model.layers.0.")
+            and ".self_attn." not in k and "layernorm" not in k and not re.search(r"\.experts\.[1-9]\d*\.", k)}
 
 
 def save_moe_base(model, arch, a, base_dir, scratch):
@@ -248,6 +251,7 @@ def peft_equivalent_moe(arch, base_dir, adapter_dir, args, out_dir):
                      lora_dropout=0.0, **pattern)
     pm = get_peft_model(hf, cfg)
     wrappers = param_wrappers(pm)
+    assert len(wrappers) == len(params), (sorted(wrappers), sorted(params))
     with torch.no_grad():
         for name, (A, B) in linear.items():
             layer = pm.base_model.model.get_submodule(name)
@@ -257,7 +261,6 @@ def peft_equivalent_moe(arch, base_dir, adapter_dir, args, out_dir):
             A, B = params[mname.replace(".base_layer", "") + "." + wr.parameter_name]
             wr.lora_A["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(A)))
             wr.lora_B["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(B)))
-    assert len(wrappers) == len(params), (sorted(wrappers), sorted(params))
     logits = hf_logits(pm.eval(), C.INPUT_IDS)
     pm.save_pretrained(str(out_dir))
     from peft import PeftModel
