@@ -101,6 +101,11 @@ CASES.update({
     "mlxlm0322/peft_qwen2moe_down": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
                                      "peft_config": {"r": 2, "lora_alpha": 5, "target_modules": [],
                                                      "target_parameters": ["mlp.experts.down_proj"]}},
+    # peft nests ParamWrappers in the order the module defines its parameters (gate_up_proj, then down_proj: the
+    # outer `experts.lora_A` is down_proj's when both are targeted), so here, alone, `experts.lora_A` is gate_up_proj's
+    "mlxlm0322/peft_qwen2moe_gateup": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
+                                       "peft_config": {"r": 2, "lora_alpha": 3, "target_modules": [],
+                                                       "target_parameters": ["mlp.experts.gate_up_proj"]}},
 })
 
 # ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
@@ -134,7 +139,7 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/llama_dora", "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")]
     # MoE (issue 15): PEFT target_parameters ↔ mlx-lm LoRASwitchLinear; no `mlx_lm fuse` check (_NO_FUSE)
     + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits")
-       for c in ("peft_qwen2moe", "peft_mixtral_rslora", "peft_qwen2moe_down")]
+       for c in ("peft_qwen2moe", "peft_mixtral_rslora", "peft_qwen2moe_down", "peft_qwen2moe_gateup")]
     + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
        for c in ("qwen2moe_switch", "mixtral_switch", "qwen2moe_all_last1")]
     + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")
