@@ -515,7 +515,11 @@ def report(job):
         lines += ["", "## MoE adapters written by peft (target_parameters), and their mlx-lm equivalent", "",
                   "Real `get_peft_model` + `save_pretrained` on the transformers-5 base; the mlx-lm adapter made of "
                   "it by hand (lora_A (E·r, in) expert-major, lora_B (out, r·E) rank-major; gate_up_proj split by "
-                  "rows into gate_proj/up_proj, A shared; scale = α/r, rslora α/√r), loaded by `mlx_lm.load`.", ""]
+                  "rows into gate_proj/up_proj, A shared; scale = α/r, rslora α/√r), loaded by `mlx_lm.load`. "
+                  "peft nests the ParamWrappers in the order the experts module defines its parameters, whatever "
+                  "the config's order: with both targeted `experts.base_layer` holds gate_up_proj and `experts` "
+                  "down_proj; one alone sits at `experts` (so a saved key's nesting does not name its parameter: "
+                  "the config's target_parameters and the shapes do).", ""]
         lines += table(["case", "saved tensors", "ParamWrapper nesting (block 0)", "mlx scale", "effect",
                         "max abs logit", "PEFT reload vs live", "mlx vs PEFT", "tol", "as expected"],
                        [[k, r.get("n_tensors"), ", ".join(f"`{m.split('.', 3)[-1]}` → {p}"
