@@ -50,9 +50,15 @@ def write_json(path, obj):
 
 def hf_model(arch_entry, seed, base_dir=None):
     """transformers.<model_class> in float32, eager attention: from arch_entry['config'] with torch seed `seed`, or
-    from base_dir's config.json + model.safetensors (rotary buffers rebuilt; lm_head tied if the config says so)."""
+    from base_dir's config.json + model.safetensors (rotary buffers rebuilt; lm_head tied if the config says so;
+    an entry with "save_pretrained" (MoE: transformers' saved layout is not its module layout) by from_pretrained)."""
     import torch
     import transformers
+    if base_dir is not None and arch_entry.get("save_pretrained"):
+        model = getattr(transformers, arch_entry["model_class"]).from_pretrained(
+            str(base_dir), dtype=torch.float32, attn_implementation="eager").eval()
+        model.name_or_path = model.config.name_or_path = ""  # as built from a config: no path in what peft saves
+        return model
     cfg_cls = getattr(transformers, arch_entry["config_class"])
     if base_dir is None:
         torch.manual_seed(seed)

@@ -29,7 +29,26 @@ ENVS = {
 MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
 
 
-ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2}
+_DENSE = {k: v for k, v in TINY.LLAMA["config"].items() if k != "attention_bias"}
+# tiny MoE decoders (transformers 5: the experts fused into mlp.experts.gate_up_proj (E, 2I, H), gate rows first,
+# and mlp.experts.down_proj (E, H, I)); "moe": the mlx-lm parent of switch_mlp, the expert count and size. They are
+# saved with save_pretrained, which writes transformers' per-expert layout (the one mlx-lm's sanitize stacks), and
+# read back with from_pretrained. Expert size 24, not 32: with hidden 64, 2I = 32·2 would make gate_up_proj square
+# (E, 64, 64), so its shapes would not tell its in from its out
+QWEN2_MOE = {"model_class": "Qwen2MoeForCausalLM", "config_class": "Qwen2MoeConfig", "save_pretrained": True,
+             "moe": {"parent": "mlp", "experts": 4, "intermediate": 24},
+             "config": {**TINY.QWEN2["config"], "moe_intermediate_size": 24, "shared_expert_intermediate_size": 48,
+                        "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False,
+                        "decoder_sparse_step": 1, "mlp_only_layers": []}}
+MIXTRAL = {"model_class": "MixtralForCausalLM", "config_class": "MixtralConfig", "save_pretrained": True,
+           "moe": {"parent": "block_sparse_moe", "experts": 4, "intermediate": 24},
+           "config": {**_DENSE, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2}}
+# measured by the generate stage (meta.json "fuse" of the *_switch cases): mlx_lm fuse of an MoE adapter writes
+# mlx-lm's module tree (switch_mlp.{gate,up,down}_proj.weight (E, out, in)); mlx_lm.load reads it, transformers does not
+_NO_FUSE = ("mlx_lm fuse writes switch_mlp.*_proj.weight stacks; transformers 5.25 leaves mlp.experts.* unread "
+            "and reports them unexpected")
+QWEN2_MOE["fuse_not_applicable"] = MIXTRAL["fuse_not_applicable"] = _NO_FUSE
+ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
 STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
@@ -55,6 +74,40 @@ CASES = {
                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
 }
 
+# MoE (issue 15). mlx-written: LoRASwitchLinear on switch_mlp (lora_a (E, r, in), lora_b (E, out, r)); the PEFT
+# equivalent targets the experts' 3-D parameters (target_parameters, ParamWrapper). PEFT-written ("kind": "peft"):
+# real get_peft_model + save_pretrained on the transformers-5 base, with an mlx-lm equivalent built by hand.
+_SWITCH = ["switch_mlp.gate_proj", "switch_mlp.up_proj", "switch_mlp.down_proj"]
+_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+CASES.update({
+    "mlxlm0322/qwen2moe_switch": {"stages": STAGES, "arch": "qwen2_moe", "fine_tune_type": "lora", "num_layers": -1,
+                                  "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.0,
+                                                      "keys": ["self_attn.q_proj", "self_attn.v_proj",
+                                                               *("mlp." + k for k in _SWITCH)]}},
+    "mlxlm0322/mixtral_switch": {"stages": STAGES, "arch": "mixtral", "fine_tune_type": "lora", "num_layers": 1,
+                                 "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 3.0,
+                                                     "keys": ["self_attn.q_proj",
+                                                              *("block_sparse_moe." + k for k in _SWITCH)]}},
+    "mlxlm0322/qwen2moe_all_last1": {"stages": STAGES, "arch": "qwen2_moe", "fine_tune_type": "lora", "num_layers": 1,
+                                     "lora_parameters": {"rank": 2, "dropout": 0.0, "scale": 1.5},
+                                     "note": "no keys: every Linear and SwitchLinear of the last block (router, "
+                                             "shared expert and its gate included)"},
+    "mlxlm0322/peft_qwen2moe": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
+                                "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                                "target_parameters": _EXPERTS}},
+    "mlxlm0322/peft_mixtral_rslora": {"stages": STAGES, "kind": "peft", "arch": "mixtral",
+                                      "peft_config": {"r": 4, "lora_alpha": 6, "use_rslora": True,
+                                                      "target_modules": ["o_proj"], "target_parameters": _EXPERTS}},
+    "mlxlm0322/peft_qwen2moe_down": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
+                                     "peft_config": {"r": 2, "lora_alpha": 5, "target_modules": [],
+                                                     "target_parameters": ["mlp.experts.down_proj"]}},
+    # peft nests ParamWrappers in the order the module defines its parameters (gate_up_proj, then down_proj: the
+    # outer `experts.lora_A` is down_proj's when both are targeted), so here, alone, `experts.lora_A` is gate_up_proj's
+    "mlxlm0322/peft_qwen2moe_gateup": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
+                                       "peft_config": {"r": 2, "lora_alpha": 3, "target_modules": [],
+                                                       "target_parameters": ["mlp.experts.gate_up_proj"]}},
+})
+
 # ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
 # and ``mlx_lm fuse`` of OUT in transformers) or in peft 0.21.2 (same env), against the reference logits of the
 # source case. Sources: PEFT adapters written by real peft on the same tiny bases (the gguf family's cases), this
@@ -68,7 +121,7 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
 
 
 def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None):
-    arch = case.split("/")[-1].split("_")[0]
+    arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
     return dict(row, note=note) if note else row
@@ -84,6 +137,14 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
        for c in ("llama_qv", "llama_all_last1", "llama_dora", "llama_lm_head", "qwen2_qkv", "qwen2_all")]
     + [_row("mlxlm0322/llama_dora", "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")]
+    # MoE (issue 15): PEFT target_parameters ↔ mlx-lm LoRASwitchLinear; no `mlx_lm fuse` check (_NO_FUSE)
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits")
+       for c in ("peft_qwen2moe", "peft_mixtral_rslora", "peft_qwen2moe_down", "peft_qwen2moe_gateup")]
+    + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
+       for c in ("qwen2moe_switch", "mixtral_switch", "qwen2moe_all_last1")]
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits_mlx", note="mlx-lm → mlx-lm")
+       for c in ("qwen2moe_switch", "mixtral_switch")]
+    + [_row("mlxlm0322/qwen2moe_switch", "mlx-lm", "mlx", "logits_mlx", source="peft_equivalent")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5
