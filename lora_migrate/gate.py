@@ -109,13 +109,18 @@ def _rank_shape(a) -> list[Finding]:
     for e in a.modules:
         m = e.metas
         if "a" in m:
-            A, B = tuple(m["a"].shape), tuple(m["b"].shape)
-            # matrices, or conv factors (r, in, *k) / (out, r, 1, …) of the same ndim
-            if len(A) != len(B) or not 2 <= len(A) <= 5 or (e.fused is None and A[0] != B[1]):
+            A, B = e.shape("a"), e.shape("b")
+            # matrices, conv factors (r, in, *k) / (out, r, 1, …) of the same ndim, or experts (E, r, in) / (E, out, r)
+            if e.kind == "experts":
+                bad = len(A) != 3 or len(B) != 3 or A[0] != B[0] or A[1] != B[2]
+            else:
+                bad = len(A) != len(B) or not 2 <= len(A) <= 5 or (e.fused is None and A[0] != B[1])
+            if bad:
                 out.append(_err("rank-shape", f"lora_A {list(A)} and lora_B {list(B)} do not multiply",
                                 a.info.name, e.module))
                 continue
-        ranks.setdefault(e.rank, []).append(e.module)
+        if set(e.keys) <= {"a", "b", "bias", "magnitude"}:  # not several stored pairs fused into one module (mlx-lm's
+            ranks.setdefault(e.rank, []).append(e.module)  # gate + up at 2r): their reader checked each part's rank
     if a.info.r is not None:
         wrong = {r: ms for r, ms in ranks.items() if r != a.info.r}
         for r, ms in wrong.items():

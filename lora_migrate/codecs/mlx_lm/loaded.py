@@ -28,6 +28,8 @@ def as_loaded(a, conventions, era_scale) -> list[LoadCheck]:
         if dora and (not switch or off):
             problems.append("DoRA's m is not applied" + (f" by the releases that read {' / '.join(off)}"
                                                           if switch else " (no DoRA in these releases)"))
+        if any(e.kind == "experts" for e in a.modules) and "experts" not in c.scaling:
+            problems.append(f"its LoRASwitchLinear is not established ({S.REFUSALS['switch_era']})")
         if "alpha" not in lp and S.SCALE_RULES[c.name] == "scale·alpha/rank":
             problems.append("it raises KeyError: no lora_parameters.alpha")
         else:

@@ -33,7 +33,7 @@ def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
     §7, §8): its pattern matching, whether it knows use_rslora, fields it chokes on, tensors it drops."""
     cfg = a.peft
     out = []
-    needs = conv_requirements(a.conv_dims, "dora" in a.features, a.has_experts)
+    needs = conv_requirements(a.conv_dims, "dora" in a.features)  # the experts' need: below (ignored, not fatal)
     for c in CONVENTIONS:
         if c.family != FAMILY or c is a.convention:
             continue
@@ -54,11 +54,14 @@ def as_loaded(a: SourceAdapter) -> list[LoadCheck]:
                 continue
         drops = {**c.serving.refuses, **c.serving.drops} if c.serving else {}
         refused = [drops[f] for f in sorted(a.features) if f in drops]
-        if a.has_experts and "experts" not in c.scaling:
-            refused.append("has no LoRA on raw parameters (target_parameters, MoE experts), so those tensors are "
-                           "unused")
+        experts = a.has_experts and ("none" if c.serving or "experts" not in c.scaling else c.releases_with("0.17"))
+        if experts == "none":
+            refused.append("ignores target_parameters (LoRA on raw parameters, MoE experts; PEFT ≥ 0.17), so those "
+                           "tensors are unused")
         caveats = [f"{what} needs PEFT ≥ {since}; earlier releases ignore it" for what, since in needs
                    if c.serving is None and c.releases_with(since) == "some"]
+        if experts == "some":
+            caveats.append("target_parameters (MoE experts) needs PEFT ≥ 0.17; earlier releases ignore it")
         for f in sorted(a.features & set(PEFT_ONLY)):  # a field the era lacks is dropped on load (≥ 0.14)
             since = FIELDS_SINCE.get(f, "0")
             have = "none" if c.serving else c.releases_with(since)
