@@ -182,6 +182,7 @@ def _compare_experts(src: ModuleDelta, out: ModuleDelta, **kw) -> ModuleCheck:
             return _shape_mismatch(src.module, tol, f"{side}: experts factors are not (E, r, in) / (E, out, r): {shapes}")
     if src.A.shape[0] != out.A.shape[0]:
         return _shape_mismatch(src.module, tol, f"{src.A.shape[0]} experts in source vs {out.A.shape[0]} in output")
+    src, out = (d.replace(A=d.A.contiguous(), B=d.B.contiguous()) for d in (src, out))  # no-ops when they are
     checks = [_compare_update(src.expert(e), out.expert(e), **kw) for e in range(src.A.shape[0])]
     bad = [c for c in checks if not c.ok]
     worst = bad[0] if bad else max(checks, key=lambda c: (c.rel_fro or 0.0, c.rel_probe or 0.0))

@@ -112,7 +112,8 @@ def flat(param: str, t):
     """A (E, r, in) → (E·r, in) expert-major; B (E, out, r) → (out, r·E) rank-major (PEFT's layout)."""
     if param == "a":
         return t.reshape(-1, t.shape[-1])
-    return t.permute(1, 2, 0).reshape(t.shape[1], -1)
+    E, out, r = t.shape
+    return t.reshape(E, out * r).T.contiguous().reshape(out, r * E)  # = t.permute(1, 2, 0), as a 2-D transpose
 
 
 class PeftAdapter(SourceAdapter):
@@ -126,4 +127,7 @@ class PeftAdapter(SourceAdapter):
         if e.kind != "experts":
             return d
         E, r, _ = e.shapes["a"]
-        return d.replace(A=d.A.reshape(E, r, -1), B=d.B.reshape(d.B.shape[0], r, E).permute(2, 0, 1))
+        # one copy of B into (E, out, r) order, as a 2-D transpose of (out·r, E) (4× faster than the 3-D permute
+        # copy, as fast as a clone); every later per-expert step reads contiguous slices
+        out = d.B.shape[0]
+        return d.replace(A=d.A.reshape(E, r, -1), B=d.B.reshape(out * r, E).T.contiguous().reshape(E, out, r))
