@@ -40,10 +40,6 @@ COPY = ("import sys\nfrom safetensors.torch import load_file, save_file\n"
 def make(folder: Path, base: Path, layers: int, r: int) -> int:
     """The PEFT adapter (streamed to disk one tensor at a time) and the base model's config.json."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch
-
-    from lora_migrate.io import SafetensorsWriter
-
     folder.mkdir(parents=True)
     base.mkdir(parents=True)
     (base / "config.json").write_text(json.dumps(
@@ -54,19 +50,28 @@ def make(folder: Path, base: Path, layers: int, r: int) -> int:
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": r,
          "lora_alpha": 2 * r, "target_modules": sorted(m.split(".")[1] for m in MODULES), "lora_dropout": 0.0,
          "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "peft_version": "0.21.2"}))
-    g = torch.Generator().manual_seed(0)
     plan = []
     for i in range(layers):
         for m, (inp, out) in MODULES.items():
             k = f"base_model.model.model.layers.{i}.{m}"
             plan += [(f"{k}.lora_A.weight", (r, inp)), (f"{k}.lora_B.weight", (out, r))]
-    with SafetensorsWriter(folder / "adapter_model.safetensors") as w:
+    return write_bf16(folder / "adapter_model.safetensors", plan)
+
+
+def write_bf16(path: Path, plan: list[tuple[str, tuple]]) -> int:
+    """N(0, 0.02²) bf16 tensors of the planned (key, shape)s, streamed one at a time; the file's size."""
+    import torch
+
+    from lora_migrate.io import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(0)
+    with SafetensorsWriter(path) as w:
         for k, shape in plan:
             w.add(k, torch.bfloat16, shape)
         w.write_header()
         for k, shape in plan:
             w.write(k, torch.empty(shape).normal_(0, 0.02, generator=g).to(torch.bfloat16))
-    return (folder / "adapter_model.safetensors").stat().st_size
+    return path.stat().st_size
 
 
 def _anon_kb(pid: int) -> int:

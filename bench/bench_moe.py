@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gguf import COPY, run  # noqa: E402
+from bench_gguf import COPY, run, write_bf16  # noqa: E402
 
 H, Q, KV, I = 2048, 4096, 512, 768
 LINEAR = {"self_attn.q_proj": (H, Q), "self_attn.k_proj": (H, KV), "self_attn.v_proj": (H, KV),
@@ -36,16 +36,11 @@ EXPERTS = {"mlp.experts.gate_up_proj": (H, 2 * I), "mlp.experts.down_proj": (I, 
 
 def make(folder: Path, layers: int, E: int, r: int) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch
-
-    from lora_migrate.io import SafetensorsWriter
-
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": r, "lora_alpha": 2 * r,
          "target_modules": sorted(m.split(".")[1] for m in LINEAR), "target_parameters": sorted(EXPERTS),
          "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "peft_version": "0.21.2"}))
-    g = torch.Generator().manual_seed(0)
     plan = []
     for i in range(layers):
         for m, (inp, out) in LINEAR.items():
@@ -54,13 +49,7 @@ def make(folder: Path, layers: int, E: int, r: int) -> int:
         for m, (inp, out) in EXPERTS.items():  # gate_up_proj is the inner wrapper (experts.base_layer)
             k = f"base_model.model.model.layers.{i}.mlp.experts" + (".base_layer" if "gate_up" in m else "")
             plan += [(f"{k}.lora_A.weight", (E * r, inp)), (f"{k}.lora_B.weight", (out, r * E))]
-    with SafetensorsWriter(folder / "adapter_model.safetensors") as w:
-        for k, shape in plan:
-            w.add(k, torch.bfloat16, shape)
-        w.write_header()
-        for k, shape in plan:
-            w.write(k, torch.empty(shape).normal_(0, 0.02, generator=g).to(torch.bfloat16))
-    return (folder / "adapter_model.safetensors").stat().st_size
+    return write_bf16(folder / "adapter_model.safetensors", plan)
 
 
 def main() -> None:
