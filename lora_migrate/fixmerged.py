@@ -185,6 +185,9 @@ def _plan_fixes(adapter: SourceAdapter, used: SourceAdapter | None, merged_with,
         if e.kind == "ia3":
             raise UnsupportedFeature(f"module {e.module!r}: (IA)³ is not a merged LoRA; nothing to repair by "
                                      "adding a delta")
+        if e.kind == "experts":
+            raise UnsupportedFeature(f"module {e.module!r}: repairing merged stacked-experts (MoE) LoRA is not "
+                                     "supported")
         s_true = e.scale
         if scale_used is not None:
             s_w = float(scale_used)

@@ -69,8 +69,9 @@ def _plan(a: SourceAdapter, fan: bool, metas: dict) -> dict[str, tuple]:
     """key → (module, what, dora, function float64 W → merged W)."""
     out = {}
     for e in a.modules:
-        if e.kind == "ia3":
-            raise UnsupportedFeature(f"module {e.module!r}: (IA)³ merge is not supported")
+        if e.kind in ("ia3", "experts"):
+            raise UnsupportedFeature(f"module {e.module!r}: {'(IA)³' if e.kind == 'ia3' else 'stacked-experts'} "
+                                     "merge is not supported")
         dora = "magnitude" in e.keys
         if dora and e.kind != "linear":
             raise UnsupportedFeature(f"module {e.module!r}: DoRA merge of {e.kind} layers is not supported")

@@ -12,7 +12,7 @@ if [ "$#" -gt 0 ]; then
 fi
 "${PYTEST[@]}"
 STORED=(tests/test_golden.py tests/test_golden_peft.py tests/test_pissa_rebuild.py tests/test_tolerance.py
-        tests/conventions)  # the codecs' tests read files the real libraries wrote (golden/)
+        tests/conventions tests/test_compare_experts.py)  # files the real libraries wrote; the experts check
 for kernels in ATEN_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2; do
   echo "== $kernels: ${STORED[*]}"
   env "$kernels" "${PYTEST[@]}" -p no:cacheprovider "${STORED[@]}"

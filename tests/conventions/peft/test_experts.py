@@ -138,3 +138,20 @@ def test_one_parameter_per_module(tmp_path):
     ref = written_by_peft(tmp_path / "a", params=("down_proj",))
     api.convert(tmp_path / "a", tmp_path / "b", to="peft")
     assert torch.allclose(run_peft(tmp_path / "b"), ref, rtol=0, atol=256 * 2**-24 * ref.abs().max().item())
+
+
+def test_merge_and_fix_merged_refuse_experts(tmp_path):
+    """Merging stacked experts into a dense checkpoint is not implemented: refused by name, nothing written."""
+    from safetensors.torch import save_file
+
+    from lora_migrate.fixmerged import fix_merged
+    from lora_migrate.merge import merge_adapter
+    written_by_peft(tmp_path / "a")
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in base().state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text("{}")
+    with pytest.raises(LoraMigrateError, match="stacked-experts"):
+        merge_adapter(tmp_path / "a", tmp_path / "base", tmp_path / "m")
+    with pytest.raises(LoraMigrateError, match="stacked-experts"):
+        fix_merged(tmp_path / "base", tmp_path / "f", adapter=tmp_path / "a", merged_with="peft", scale_used=2.0)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "f").exists()
