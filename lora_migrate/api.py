@@ -68,12 +68,10 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
               reads_config=lambda a: False):
     """Yields ``adapter → its initial adapter or None`` for PiSSA-style sources: the one saved before training
     (``initial_adapter``), or one rebuilt from the original base model (``base_model``); closes them after.
-    ``reads_config(a)``: a codec reads the base model's config.json for ``a`` (then ``base_model`` is for that)."""
+    ``reads_config(a)``: a codec reads the base model's config.json for ``a`` (then ``base_model`` is for that,
+    and with both given the initial adapter is the saved one)."""
     from .initial import open_base, rebuilt_initial, saved_initial
 
-    if initial_adapter is not None and base_model is not None:
-        raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter; "
-                               "pass one")
     initial = None
     opened = []  # the base model's weights, opened when an adapter needs its initial adapter rebuilt
 
@@ -91,7 +89,11 @@ def _initials(initial_adapter: str | Path | None, base_model: str | Path | None,
                 refuse_overlap(initial.path, out)
 
         def initial_for(a: SourceAdapter) -> SourceAdapter | None:
-            if base_model is not None and (a.init_mutates or not ("embedding" in a.features or reads_config(a))):
+            config_only = "embedding" in a.features or reads_config(a)  # what --base-model is for besides PiSSA
+            if initial is not None and base_model is not None and a.init_mutates and not config_only:
+                raise LoraMigrateError("--initial-adapter and --base-model are two ways to the same initial adapter "
+                                       "(the target needs no base config.json); pass one")
+            if base_model is not None and initial is None and (a.init_mutates or not config_only):
                 return rebuilt_initial(a, base() if a.init_mutates else None)
             if initial is None:
                 return None

@@ -202,3 +202,19 @@ def test_cli_convert_verify_and_back(tmp_path):
     assert code == 0, out
     code, out = run("verify", src, tmp_path / "back")
     assert code == 0 and "max relative error 0 " in out, out
+
+
+def test_pissa_with_qk_into_torchtune(tmp_path):
+    """A PiSSA adapter saved with its initial adapter, on q/v of a Llama: --initial-adapter gives the init and
+    --base-model the head counts; the result equals PEFT's own subtract_mutated_init conversion (golden)."""
+    from pathlib import Path
+
+    from lora_migrate import api
+    g = Path(__file__).resolve().parents[3] / "golden" / "peft" / "pf21" / "llama_pissa"
+    out = tmp_path / "tt"
+    assert api.convert(g / "adapter", out, to="torchtune", initial_adapter=g / "pissa_init",
+                       base_model=g / "residual_base").ok
+    assert api.verify(g / "converted_by_peft", out, base_model=g / "residual_base").ok
+    with pytest.raises(LoraMigrateError, match="pass one"):  # nothing in a PEFT target needs the config
+        api.convert(g / "adapter", tmp_path / "p", to="peft", initial_adapter=g / "pissa_init",
+                    base_model=g / "residual_base")
