@@ -47,6 +47,10 @@ ARCHS = {name: {"model_class": a["model_class"], "config_class": a["config_class
                 "config": a["config"]}
          for name, gguf_arch, a in (("llama", "llama", TINY.LLAMA), ("qwen2", "qwen2", TINY.QWEN2),
                                     ("mistral", "llama", TINY.MISTRAL), ("qwen3", "qwen3", TINY.QWEN3))}
+# head_dim 32 with hidden 64 and 4 heads: q_proj has 128 rows, not hidden_size (as Mistral-Nemo 32·128 ≠ 5120 and
+# Qwen3-0.6B 16·128 ≠ 1024); the base folder is _base/<key>, its config.json says model_type mistral / qwen3
+for _name, _mt in (("mistral_hd32", "mistral"), ("qwen3_hd32", "qwen3")):
+    ARCHS[_name] = dict(ARCHS[_mt], model_type=_mt, config=dict(ARCHS[_mt]["config"], head_dim=32))
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -87,6 +91,8 @@ CASES = {f"llamacpp/{name}": case for name, case in {
         ("plain", {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP}),
         ("rslora", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
         ("patterns", PATTERNS))},
+    **{f"{arch}_hd32_plain": _case(f"{arch}_hd32", {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP})
+       for arch in ("mistral", "qwen3")},
 }.items()}
 
 # Acceptance (golden/harness.py accept): PEFT goldens converted by the CLI into a .gguf (OUT = <out>.gguf) and run
@@ -129,6 +135,8 @@ ACCEPTANCE = [
     *(_to_peft(f"llamacpp/{a}_{n}", "handwritten-f32.gguf") for a in ("mistral", "qwen3")
       for n in ("rslora", "patterns")),
     _to_peft("llamacpp/qwen3_plain", "llamacpp-f32.gguf"),
+    *(_to_gguf(f"llamacpp/{a}_hd32_plain") for a in ("mistral", "qwen3")),
+    *(_to_peft(f"llamacpp/{a}_hd32_plain", "llamacpp-f32.gguf") for a in ("mistral", "qwen3")),
 ]
 # tests/tolerance.py's model for float32 logits (the worker runs without lora_migrate): 192·u·max|ref| + 4·noise
 ULPS, NOISE_FACTOR = 192, 4
