@@ -86,7 +86,9 @@ CASES = {f"llamacpp/{name}": case for name, case in {
     "qwen2_rslora": _case("qwen2", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
     "qwen2_patterns": _case("qwen2", PATTERNS),
     "qwen2_all_linear": _case("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
-    # issue 15: the archs the codec's ARCHS table had from convert_hf_to_gguf.py's code only
+    # issue 15: the archs the codec's ARCHS table had from convert_hf_to_gguf.py's code only. The tiny Mistral (no
+    # sliding window) gets the tiny Llama's weights (same init order) and computes the same: its rows prove the
+    # model_type mistral route (arch llama, q/k permuted with its config's heads), not other arithmetic
     **{f"{arch}_{name}": _case(arch, lora) for arch in ("mistral", "qwen3") for name, lora in (
         ("plain", {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP}),
         ("rslora", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
