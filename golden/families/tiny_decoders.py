@@ -1,6 +1,7 @@
 """Data the gguf, mlx and torchtune families share (stdlib only, no code): the tiny Llama and Qwen2 they build
-from configs, the seeds and the token ids. 4 heads of 16, 2 kv heads (GQA, so a q/k permutation uses n_kv_head),
-2 blocks, vocab 128. A family takes a copy and overrides what its runtime fixes (torchtune: norm eps, rope base)."""
+from configs (and gguf's Mistral and Qwen3), the seeds and the token ids. 4 heads of 16, 2 kv heads (GQA, so a
+q/k permutation uses n_kv_head), 2 blocks, vocab 128. A family takes a copy and overrides what its runtime fixes
+(torchtune: norm eps, rope base)."""
 
 MODEL_SEED = 0
 LORA_SEED = 1234
@@ -17,3 +18,9 @@ LLAMA = {"model_class": "LlamaForCausalLM", "config_class": "LlamaConfig",
 QWEN2 = {"model_class": "Qwen2ForCausalLM", "config_class": "Qwen2Config",
          "config": {**_HEAD, "use_sliding_window": False, **_TAIL}}
 
+# the same dims (gguf's Mistral and Qwen3 rows): Mistral without sliding window; Qwen3's head_dim is its own key
+# (default 128), q_norm/k_norm per head
+MISTRAL = {"model_class": "MistralForCausalLM", "config_class": "MistralConfig",
+           "config": {**_HEAD, "sliding_window": None, **_TAIL}}
+QWEN3 = {"model_class": "Qwen3ForCausalLM", "config_class": "Qwen3Config",
+         "config": {**_HEAD, "head_dim": 16, "attention_bias": False, "use_sliding_window": False, **_TAIL}}

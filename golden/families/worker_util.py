@@ -75,14 +75,15 @@ def hf_model(arch_entry, seed, base_dir=None):
 
 
 def save_hf_base(model, arch, arch_entry, dest):
-    """model.safetensors (no rotary buffers) + a config.json holding exactly the case data's config."""
+    """model.safetensors (no rotary buffers) + a config.json holding exactly the case data's config (model_type:
+    the entry's "model_type", else the arch's name)."""
     from safetensors.numpy import save_file
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().numpy() for k, v in model.state_dict().items() if "rotary" not in k}
     save_file(sd, str(dest / "model.safetensors"), metadata={"format": "pt"})
     write_json(dest / "config.json", dict(arch_entry["config"], architectures=[arch_entry["model_class"]],
-                                          model_type=arch, torch_dtype="float32"))
+                                          model_type=arch_entry.get("model_type", arch), torch_dtype="float32"))
 
 
 def hf_logits(model, input_ids):

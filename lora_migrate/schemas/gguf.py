@@ -42,9 +42,9 @@ class GgufArch(Frozen):
 ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(arch="llama", permutes_qk=True, converter_class="LlamaModel", measured=True),
     # MistralForCausalLM is registered to LlamaModel (conversion/llama.py): arch "llama", q/k permuted
-    "mistral": GgufArch(arch="llama", permutes_qk=True, converter_class="LlamaModel", measured=False),
+    "mistral": GgufArch(arch="llama", permutes_qk=True, converter_class="LlamaModel", measured=True),
     "qwen2": GgufArch(arch="qwen2", permutes_qk=False, converter_class="Qwen2Model", measured=True),
-    "qwen3": GgufArch(arch="qwen3", permutes_qk=False, converter_class="Qwen3Model(Qwen2Model)", measured=False),
+    "qwen3": GgufArch(arch="qwen3", permutes_qk=False, converter_class="Qwen3Model(Qwen2Model)", measured=True),
 }
 # general.architecture → the model_type a GGUF adapter is read back as (its modules' transformers names)
 MODEL_TYPE_OF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

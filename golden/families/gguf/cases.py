@@ -41,9 +41,16 @@ ENVS = {
 MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
 
 
-# tiny models: 4 heads of 16, 2 kv heads (GQA, so k's permutation uses n_kv_head), 2 blocks, vocab 128
-ARCHS = {name: {"model_class": a["model_class"], "config_class": a["config_class"], "gguf_arch": name,
-                "config": a["config"]} for name, a in (("llama", TINY.LLAMA), ("qwen2", TINY.QWEN2))}
+# tiny models: 4 heads of 16, 2 kv heads (GQA, so k's permutation uses n_kv_head), 2 blocks, vocab 128.
+# gguf_arch: general.architecture as convert_hf_to_gguf writes it (MistralForCausalLM → LlamaModel, arch llama)
+ARCHS = {name: {"model_class": a["model_class"], "config_class": a["config_class"], "gguf_arch": gguf_arch,
+                "config": a["config"]}
+         for name, gguf_arch, a in (("llama", "llama", TINY.LLAMA), ("qwen2", "qwen2", TINY.QWEN2),
+                                    ("mistral", "llama", TINY.MISTRAL), ("qwen3", "qwen3", TINY.QWEN3))}
+# head_dim 32 with hidden 64 and 4 heads: q_proj has 128 rows, not hidden_size (as Mistral-Nemo 32·128 ≠ 5120 and
+# Qwen3-0.6B 16·128 ≠ 1024); the base folder is _base/<key>, its config.json says model_type mistral / qwen3
+for _name, _mt in (("mistral_hd32", "mistral"), ("qwen3_hd32", "qwen3")):
+    ARCHS[_name] = dict(ARCHS[_mt], model_type=_mt, config=dict(ARCHS[_mt]["config"], head_dim=32))
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -79,6 +86,15 @@ CASES = {f"llamacpp/{name}": case for name, case in {
     "qwen2_rslora": _case("qwen2", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
     "qwen2_patterns": _case("qwen2", PATTERNS),
     "qwen2_all_linear": _case("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
+    # issue 15: the archs the codec's ARCHS table had from convert_hf_to_gguf.py's code only. The tiny Mistral (no
+    # sliding window) gets the tiny Llama's weights (same init order) and computes the same: its rows prove the
+    # model_type mistral route (arch llama, q/k permuted with its config's heads), not other arithmetic
+    **{f"{arch}_{name}": _case(arch, lora) for arch in ("mistral", "qwen3") for name, lora in (
+        ("plain", {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP}),
+        ("rslora", {"r": 8, "lora_alpha": 16, "target_modules": ATTN, "use_rslora": True}),
+        ("patterns", PATTERNS))},
+    **{f"{arch}_hd32_plain": _case(f"{arch}_hd32", {"r": 8, "lora_alpha": 16, "target_modules": ATTN + MLP})
+       for arch in ("mistral", "qwen3")},
 }.items()}
 
 # Acceptance (golden/harness.py accept): PEFT goldens converted by the CLI into a .gguf (OUT = <out>.gguf) and run
@@ -115,6 +131,14 @@ ACCEPTANCE = [
     _to_peft("llamacpp/qwen2_patterns", "handwritten-f32.gguf"),
     _to_peft("llamacpp/llama_all_linear", "llamacpp-f32.gguf", note="convert_lora_to_gguf's own file"),
     _to_peft("llamacpp/llama_embed", "llamacpp-f32.gguf", note="token_embd lora_a transposed back"),
+    *(_to_gguf(f"llamacpp/{a}_{n}") for a in ("mistral", "qwen3") for n in ("plain", "rslora", "patterns")),
+    _to_peft("llamacpp/mistral_plain", "llamacpp-f32.gguf", note="general.architecture llama, q/k rows un-permuted "
+                                                                 "with the Mistral base's heads"),
+    *(_to_peft(f"llamacpp/{a}_{n}", "handwritten-f32.gguf") for a in ("mistral", "qwen3")
+      for n in ("rslora", "patterns")),
+    _to_peft("llamacpp/qwen3_plain", "llamacpp-f32.gguf"),
+    *(_to_gguf(f"llamacpp/{a}_hd32_plain") for a in ("mistral", "qwen3")),
+    *(_to_peft(f"llamacpp/{a}_hd32_plain", "llamacpp-f32.gguf") for a in ("mistral", "qwen3")),
 ]
 # tests/tolerance.py's model for float32 logits (the worker runs without lora_migrate): 192·u·max|ref| + 4·noise
 ULPS, NOISE_FACTOR = 192, 4

@@ -26,7 +26,7 @@ from lora_migrate.schemas.gguf import Q8_0_ERROR  # noqa: E402
 from lora_migrate.source import base_model_config  # noqa: E402
 
 GOLD = Path(__file__).resolve().parents[3] / "golden" / "gguf" / "llamacpp"
-BASE = {"llama": GOLD / "_base" / "llama", "qwen2": GOLD / "_base" / "qwen2"}
+BASE = {a: GOLD / "_base" / a for a in ("llama", "qwen2", "mistral", "qwen3", "mistral_hd32", "qwen3_hd32")}
 TARGET = get_convention("gguf")
 CLI = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "lora-migrate"
 HEADS = {"llama": (4, 2)}  # the tiny Llama's num_attention_heads, num_key_value_heads (golden/families/tiny_decoders)
@@ -93,6 +93,51 @@ def test_qwen2_q_k_rows_not_permuted(tmp_path):
         assert np.array_equal(np.asarray(t[f"blk.0.{g}.weight.lora_b"].data),
                               src[key(f"model.layers.0.self_attn.{m}", "B")].numpy())
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "qwen2"
+
+
+@pytest.mark.parametrize("case,base,arch,permuted", [
+    ("mistral_plain", "mistral", "llama", True),
+    ("mistral_hd32_plain", "mistral_hd32", "llama", True),  # head_dim 32: q_proj 128 rows ≠ hidden 64
+    ("qwen3_plain", "qwen3", "qwen3", False),
+    ("qwen3_hd32_plain", "qwen3_hd32", "qwen3", False),
+])
+def test_mistral_and_qwen3_bytes_equal_convert_lora_to_gguf_and_read_back(tmp_path, case, base, arch, permuted):
+    """Mistral (model_type mistral → general.architecture llama, q/k rows permuted with the base's heads) and Qwen3
+    (qwen3, HF rows): every tensor equals llama.cpp's own converter's on the plain goldens (run in llama.cpp:
+    FINDINGS_GGUF.md), and reading that file back with the base's heads gives PEFT's A and B again."""
+    out = tmp_path / "a.gguf"
+    report, _ = convert(case, out, base)
+    assert report.ok and report.n_modules == 14
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == arch
+    t, theirs, src = tensors(out), tensors(GOLD / case / "llamacpp-f32.gguf"), peft(case)
+    assert sorted(t) == sorted(theirs) and all(np.array_equal(t[k].data, theirs[k].data) for k in t)
+    cfg = base_model_config(BASE[base])
+    for g, m, n in (("attn_q", "q_proj", cfg["num_attention_heads"]), ("attn_k", "k_proj", cfg["num_key_value_heads"])):
+        B = src[key(f"model.layers.1.self_attn.{m}", "B")].numpy()
+        assert np.array_equal(t[f"blk.1.{g}.weight.lora_b"].data, permute_rows(B, n) if permuted else B)
+    a = GGUF_CODEC.open(GOLD / case / "llamacpp-f32.gguf", None).adapters[0]
+    GGUF_CODEC.prepare(a, PlanOptions(base_config=cfg))
+    for e in a.modules:
+        d = a.load(e)
+        assert torch.equal(d.B, src[key(e.module, "B")]) and torch.equal(d.A, src[key(e.module, "A")])
+    a.store.close()
+
+
+def test_archs_marked_measured_agree_with_the_golden_bases():
+    """Each ARCHS entry marked measured has a golden base (results/gguf.json) made by convert_hf_to_gguf.py whose
+    q/k permutation, converter class and general.architecture are the entry's."""
+    import json
+
+    from lora_migrate.schemas.gguf import ARCHS
+
+    bases = json.loads((GOLD.parents[1] / "results" / "gguf.json").read_text())["checks"]["bases"]["llamacpp"]
+    for model_type, a in ARCHS.items():
+        assert a.measured, model_type
+        b = bases[f"llamacpp/_base/{model_type}"]
+        assert b["ok"] and b["permutes_qk"] == a.permutes_qk
+        assert a.converter_class.startswith(b["converter_code"]["class"])
+        fields = gguf.GGUFReader(str(BASE[model_type] / "base-f32.gguf")).fields
+        assert fields["general.architecture"].contents() == a.arch
 
 
 def test_permutation_round_trip_and_read_back_undoes_it(tmp_path):
