@@ -48,7 +48,21 @@ MIXTRAL = {"model_class": "MixtralForCausalLM", "config_class": "MixtralConfig",
 _NO_FUSE = ("mlx_lm fuse writes switch_mlp.*_proj.weight stacks; transformers 5.25 leaves mlp.experts.* unread "
             "and reports them unexpected")
 QWEN2_MOE["fuse_not_applicable"] = MIXTRAL["fuse_not_applicable"] = _NO_FUSE
-ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
+# more types with transformers 5's layout (gate_up_proj gate rows first, a TopKRouter `mlp.gate` holding a bare
+# weight) and mlx-lm's mlp.switch_mlp (SwitchGLU) + mlp.gate (nn.Linear): Qwen3-MoE (qk norms per head, head_dim
+# given: mlx-lm requires it), OLMoE (qk norms over all heads; its experts' size is intermediate_size; no shared
+# expert, every block MoE)
+QWEN3_MOE = {"model_class": "Qwen3MoeForCausalLM", "config_class": "Qwen3MoeConfig", "save_pretrained": True,
+             "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+             "config": {**TINY.QWEN2["config"], "head_dim": 16, "moe_intermediate_size": 24, "num_experts": 4,
+                        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                        "mlp_only_layers": []}}
+OLMOE = {"model_class": "OlmoeForCausalLM", "config_class": "OlmoeConfig", "save_pretrained": True,
+         "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+         "config": {**_DENSE, "intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2,
+                    "norm_topk_prob": False}}
+ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL,
+         "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
 STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
@@ -106,6 +120,19 @@ CASES.update({
     "mlxlm0322/peft_qwen2moe_gateup": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
                                        "peft_config": {"r": 2, "lora_alpha": 3, "target_modules": [],
                                                        "target_parameters": ["mlp.experts.gate_up_proj"]}},
+    # more MoE types with the same layout: one mlx-written and one peft-written case each
+    "mlxlm0322/qwen3moe_switch": {"stages": STAGES, "arch": "qwen3_moe", "fine_tune_type": "lora", "num_layers": -1,
+                                  "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.5,
+                                                      "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]}},
+    "mlxlm0322/olmoe_switch": {"stages": STAGES, "arch": "olmoe", "fine_tune_type": "lora", "num_layers": -1,
+                               "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 3.0,
+                                                   "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]}},
+    "mlxlm0322/peft_qwen3moe": {"stages": STAGES, "kind": "peft", "arch": "qwen3_moe",
+                                "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                                "target_parameters": _EXPERTS}},
+    "mlxlm0322/peft_olmoe": {"stages": STAGES, "kind": "peft", "arch": "olmoe",
+                             "peft_config": {"r": 4, "lora_alpha": 12, "target_modules": ["q_proj", "v_proj"],
+                                             "target_parameters": _EXPERTS}},
 })
 
 # ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
