@@ -61,8 +61,19 @@ OLMOE = {"model_class": "OlmoeForCausalLM", "config_class": "OlmoeConfig", "save
          "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
          "config": {**_DENSE, "intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2,
                     "norm_topk_prob": False}}
+# GLM-4.5 (glm4_moe): the same experts and switch_mlp, plus what the mapping must leave alone: a first dense block
+# (first_k_dense_replace: mlp.{gate,up,down}_proj Linears, the same names on both sides), a shared expert
+# (mlp.shared_experts.*, the same names), and a router that is a bare weight in both libraries (mlx-lm's MoEGate is
+# no Linear: mlx-lm cannot put LoRA on it); partial rotary, qk norms and q/k/v biases (GLM-4.5's settings)
+GLM4_MOE = {"model_class": "Glm4MoeForCausalLM", "config_class": "Glm4MoeConfig", "save_pretrained": True,
+            "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+            "config": {**_DENSE, "attention_bias": True, "head_dim": 16, "partial_rotary_factor": 0.5,
+                       "rope_scaling": None, "use_qk_norm": True, "intermediate_size": 48,
+                       "moe_intermediate_size": 24, "n_routed_experts": 4, "n_shared_experts": 1,
+                       "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5,
+                       "norm_topk_prob": True, "first_k_dense_replace": 1}}
 ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL,
-         "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}
+         "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "glm4_moe": GLM4_MOE}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
 STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
@@ -133,6 +144,18 @@ CASES.update({
     "mlxlm0322/peft_olmoe": {"stages": STAGES, "kind": "peft", "arch": "olmoe",
                              "peft_config": {"r": 4, "lora_alpha": 12, "target_modules": ["q_proj", "v_proj"],
                                              "target_parameters": _EXPERTS}},
+    # block 0 dense, block 1 MoE with a shared expert. peft 0.21.2 rewrites target_modules ending in gate_proj/
+    # up_proj/down_proj into the experts' target_parameters on this model type (measured by "peft_target_probe"), so
+    # the dense block's and the shared expert's Linears have no PEFT equivalent: only attention and switch_mlp here
+    "mlxlm0322/glm4moe_switch": {"stages": STAGES, "arch": "glm4_moe", "fine_tune_type": "lora", "num_layers": -1,
+                                 "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.0,
+                                                     "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]},
+                                 "peft_target_probe": [["model.layers.1.mlp.shared_experts.down_proj"],
+                                                       ["model.layers.0.mlp.gate_proj",
+                                                        "model.layers.0.mlp.up_proj"]]},
+    "mlxlm0322/peft_glm4moe": {"stages": STAGES, "kind": "peft", "arch": "glm4_moe",
+                               "peft_config": {"r": 4, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"],
+                                               "target_parameters": _EXPERTS}},
 })
 
 # ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
