@@ -174,7 +174,7 @@ def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, m
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
-    if model_type and target.startswith("mlx-lm") and arch in ("qwen2_moe", "mixtral"):
+    if model_type and target.startswith("mlx-lm") and arch in ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "glm4_moe"):
         row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type; the PEFT configs
         # here name no base model (a user passes --base-model DIR or --model-type)
     return dict(row, note=note) if note else row
@@ -200,6 +200,10 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/qwen2moe_switch", "mlx-lm", "mlx", "logits_mlx", source="peft_equivalent")]
     + [_row("mlxlm0322/peft_qwen2moe", "mlx-lm", "mlx", "logits", expect="refused", model_type=False,
             note="no model type (the config names no base model): mlx-lm's experts path is not known")]
+    # more MoE types (qwen3_moe, olmoe, glm4_moe): PEFT → mlx-lm, mlx-lm → PEFT
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits") for c in ("peft_qwen3moe", "peft_olmoe", "peft_glm4moe")]
+    + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
+       for c in ("qwen3moe_switch", "olmoe_switch", "glm4moe_switch")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5
