@@ -170,11 +170,14 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
             "llama_lora_bias": "lora_B.bias: mlx-lm's LoRA layers have no bias"}
 
 
+_MOE_TYPES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "glm4_moe")
+
+
 def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True):
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
-    if model_type and target.startswith("mlx-lm") and arch in ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "glm4_moe"):
+    if model_type and target.startswith("mlx-lm") and arch in _MOE_TYPES:
         row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type; the PEFT configs
         # here name no base model (a user passes --base-model DIR or --model-type)
     return dict(row, note=note) if note else row

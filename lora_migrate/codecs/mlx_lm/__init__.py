@@ -24,7 +24,8 @@ from ...source import ModuleEntry, Source, TensorStore, read_json
 from ..base import Claim, Codec, PlanOptions
 from . import moe
 from .loaded import as_loaded
-from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, model_type_of, one_rank_one_scale, refuse_fused
+from ..shared import (Blocks, StoredSource, canonical_meta, execution, layer_count, model_type_of, one_rank_one_scale,
+                      refuse_fused)
 
 
 def _config(path: Path) -> dict | None:

@@ -109,7 +109,8 @@ def test_peft_refuses_linears_it_would_retarget_to_the_experts(tmp_path):
     """glm4moe_switch with its q_proj LoRA moved onto the shared expert's down_proj (same shape family: a Linear
     named down_proj): peft 0.21.2 turns `…shared_experts.down_proj` into target_parameters `down_proj` on this type
     (golden probe), so writing it for PEFT is refused; for qwen2_moe (not rewritten by peft) it is written."""
-    src = _rename(GOLD / "glm4moe_switch" / "adapter", tmp_path / "src", "self_attn.q_proj", "mlp.shared_experts.down_proj")
+    src = _rename(GOLD / "glm4moe_switch" / "adapter", tmp_path / "src", "self_attn.q_proj",
+                  "mlp.shared_experts.down_proj")
     with pytest.raises(UnsupportedFeature, match="peft ≥ 0.19 rewrites"):
         api.convert(src, tmp_path / "out", to="peft", model_type="glm4_moe")
     assert api.convert(src, tmp_path / "ok", to="peft", model_type="qwen2_moe").ok
