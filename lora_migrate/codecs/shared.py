@@ -88,6 +88,13 @@ class Blocks:
         return None
 
 
+def model_type_of(a, opts) -> str | None:
+    """The base model's type: its config.json (``--base-model`` or found by the source), else ``--model-type``,
+    else what the adapter's own files say."""
+    return next((c.get("model_type") for c in (opts.base_config, a.base_config) if c), None) \
+        or opts.model_type or a.info.model_type
+
+
 def layer_count(a: SourceAdapter, base_config: dict | None) -> tuple[int | None, str]:
     """The base model's block count and where it came from (None: not known)."""
     for cfg, where in ((base_config, "--base-model"), (a.base_config, "the base model's config.json")):

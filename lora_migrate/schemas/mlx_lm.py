@@ -41,15 +41,23 @@ ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 # mlx-lm's MoE layers (LoRASwitchLinear): stacked per-expert factors, lora_a (E, r, in) and lora_b (E, out, r) as
 # they are (not transposed), ΔW_e = scale·lora_b[e]@lora_a[e]. Canonical names are transformers 5's: one 3-D
 # ``mlp.experts.gate_up_proj`` (E, 2I, H), gate rows first, and ``mlp.experts.down_proj`` (E, H, I). Per model type
-# (measured with mlx-lm 0.32.2 and transformers 5.25.0, golden/families/mlx: qwen2_moe, mixtral): the block path of
-# mlx-lm's SwitchGLU, and the block-path prefix mlx-lm names differently (mixtral's block_sparse_moe is
-# transformers 5's mlp). Other layouts (gpt_oss, llama4, dots1, afmoe, Klear: ``experts``, some interleaved or
-# transposed) are refused.
+# (measured with mlx-lm 0.32.2 and transformers 5.25.0, golden/families/mlx: qwen2_moe, mixtral, qwen3_moe, olmoe,
+# glm4_moe — one mlx-written and one peft-written case each, both ways): the block path of mlx-lm's SwitchGLU, and
+# the block-path prefix mlx-lm names differently (mixtral's block_sparse_moe is transformers 5's mlp). glm4_moe's
+# first dense blocks and shared experts keep the same names on both sides. Other layouts (gpt_oss, llama4, dots1,
+# afmoe, Klear: ``experts``, some interleaved or transposed) and types not run (deepseek_v2/v3: MLA attention) are
+# refused.
 SWITCH_MARKERS = ("switch_mlp", "switch_glu")
 SWITCH = "switch_mlp"
 SWITCH_PARTS = ("gate_proj", "up_proj", "down_proj")
 CANONICAL_EXPERTS = "mlp.experts"
-SWITCH_PARENTS = {"qwen2_moe": "mlp", "mixtral": "block_sparse_moe"}
+SWITCH_PARENTS = {"qwen2_moe": "mlp", "mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp",
+                  "glm4_moe": "mlp"}
+# types whose mlx-lm router (mlp.gate) is no Linear (glm4_moe's MoEGate: a bare weight plus a correction bias), so
+# mlx-lm cannot load LoRA on it ("Can't convert layer of type MoEGate to LoRA", mlx-lm 0.32.2 tuner/utils.py)
+SWITCH_ROUTER_NOT_LINEAR = ("glm4_moe",)
+# types whose first blocks may be dense (glm4_moe: first_k_dense_replace, an nn MLP under the same ``mlp``)
+SWITCH_DENSE_FIRST = ("glm4_moe",)
 
 # the scale each era applies, from lora_parameters (see the module docstring)
 SCALE_RULES = {
@@ -77,6 +85,7 @@ REFUSALS = {
     "switch_era": "mlx-lm's LoRASwitchLinear is measured in mlx-lm 0.32.2 (era mlx-lm) only",
     "switch_model_type": "mlx-lm names a model's experts by its model type (qwen2_moe: mlp.switch_mlp, mixtral: "
                          "block_sparse_moe.switch_mlp); measured for " + ", ".join(SWITCH_PARENTS),
+    "switch_router": "mlx-lm's router of this model type (MoEGate) is no Linear: mlx-lm cannot put LoRA on it",
     "embedding": "mlx-lm's LoRAEmbedding has not been checked against PEFT's embedding LoRA here",
     "full": "fine_tune_type \"full\" saves full trained weights, not a LoRA adapter",
     "lora_bias": "mlx-lm's LoRA layers have no bias on B",

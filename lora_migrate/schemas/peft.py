@@ -298,6 +298,20 @@ PEFT_LATEST = _peft(
     scaling_notes="alpha/r or alpha/√r, per module from the regex patterns",
     version_to_write="0.21.2", extra_features={"lora_bias"}, lora_embedding_scaled=True,
 )
+# peft ≥ 0.19 (utils/transformers_weight_conversion.py ``_convert_peft_config_moe``; 0.18.1 has no such module), on
+# the model types transformers 5 converts like qwen2_moe (qwen2_moe itself is no key there; list read from peft
+# 0.21.2 ``_MODEL_TO_CONVERSION_PATTERN``), rewrites every target_modules entry equal to or ending in
+# ``.gate_proj``/``.up_proj``/``.down_proj`` into target_parameters ``gate_up_proj``/``down_proj`` (its v4 → v5 expert
+# renaming), at get_peft_model and at from_pretrained. A dense block's or a shared expert's Linear so named then gets
+# the routed experts wrapped instead (measured with peft 0.21.2 on glm4_moe: golden mlx glm4moe_switch,
+# "peft_target_probe"; gate_proj without up_proj: a ValueError).
+V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+V4_EXPERT_RENAMED_TYPES = (
+    "afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe",
+    "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe",
+    "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text",
+    "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open")
+
 # Serving targets: PEFT files, read by servers with one global scale (peft.md §7, §8).
 # Messages the serving targets give for what they cannot hold (peft.md §8.1, §7.4).
 VLLM_REFUSALS = {

@@ -48,7 +48,32 @@ MIXTRAL = {"model_class": "MixtralForCausalLM", "config_class": "MixtralConfig",
 _NO_FUSE = ("mlx_lm fuse writes switch_mlp.*_proj.weight stacks; transformers 5.25 leaves mlp.experts.* unread "
             "and reports them unexpected")
 QWEN2_MOE["fuse_not_applicable"] = MIXTRAL["fuse_not_applicable"] = _NO_FUSE
-ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
+# more types with transformers 5's layout (gate_up_proj gate rows first, a TopKRouter `mlp.gate` holding a bare
+# weight) and mlx-lm's mlp.switch_mlp (SwitchGLU) + mlp.gate (nn.Linear): Qwen3-MoE (qk norms per head, head_dim
+# given: mlx-lm requires it), OLMoE (qk norms over all heads; its experts' size is intermediate_size; no shared
+# expert, every block MoE)
+QWEN3_MOE = {"model_class": "Qwen3MoeForCausalLM", "config_class": "Qwen3MoeConfig", "save_pretrained": True,
+             "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+             "config": {**TINY.QWEN2["config"], "head_dim": 16, "moe_intermediate_size": 24, "num_experts": 4,
+                        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                        "mlp_only_layers": []}}
+OLMOE = {"model_class": "OlmoeForCausalLM", "config_class": "OlmoeConfig", "save_pretrained": True,
+         "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+         "config": {**_DENSE, "intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2,
+                    "norm_topk_prob": False}}
+# GLM-4.5 (glm4_moe): the same experts and switch_mlp, plus what the mapping must leave alone: a first dense block
+# (first_k_dense_replace: mlp.{gate,up,down}_proj Linears, the same names on both sides), a shared expert
+# (mlp.shared_experts.*, the same names), and a router that is a bare weight in both libraries (mlx-lm's MoEGate is
+# no Linear: mlx-lm cannot put LoRA on it); partial rotary, qk norms and q/k/v biases (GLM-4.5's settings)
+GLM4_MOE = {"model_class": "Glm4MoeForCausalLM", "config_class": "Glm4MoeConfig", "save_pretrained": True,
+            "moe": {"parent": "mlp", "experts": 4, "intermediate": 24}, "fuse_not_applicable": _NO_FUSE,
+            "config": {**_DENSE, "attention_bias": True, "head_dim": 16, "partial_rotary_factor": 0.5,
+                       "rope_scaling": None, "use_qk_norm": True, "intermediate_size": 48,
+                       "moe_intermediate_size": 24, "n_routed_experts": 4, "n_shared_experts": 1,
+                       "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5,
+                       "norm_topk_prob": True, "first_k_dense_replace": 1}}
+ARCHS = {"llama": TINY.LLAMA, "qwen2": TINY.QWEN2, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL,
+         "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "glm4_moe": GLM4_MOE}
 
 # each case: the bases it uses (once per arch), then the case, in the one env
 STAGES = [("base", "mlxlm0322"), ("generate", "mlxlm0322")]
@@ -106,6 +131,31 @@ CASES.update({
     "mlxlm0322/peft_qwen2moe_gateup": {"stages": STAGES, "kind": "peft", "arch": "qwen2_moe",
                                        "peft_config": {"r": 2, "lora_alpha": 3, "target_modules": [],
                                                        "target_parameters": ["mlp.experts.gate_up_proj"]}},
+    # more MoE types with the same layout: one mlx-written and one peft-written case each
+    "mlxlm0322/qwen3moe_switch": {"stages": STAGES, "arch": "qwen3_moe", "fine_tune_type": "lora", "num_layers": -1,
+                                  "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.5,
+                                                      "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]}},
+    "mlxlm0322/olmoe_switch": {"stages": STAGES, "arch": "olmoe", "fine_tune_type": "lora", "num_layers": -1,
+                               "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 3.0,
+                                                   "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]}},
+    "mlxlm0322/peft_qwen3moe": {"stages": STAGES, "kind": "peft", "arch": "qwen3_moe",
+                                "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                                "target_parameters": _EXPERTS}},
+    "mlxlm0322/peft_olmoe": {"stages": STAGES, "kind": "peft", "arch": "olmoe",
+                             "peft_config": {"r": 4, "lora_alpha": 12, "target_modules": ["q_proj", "v_proj"],
+                                             "target_parameters": _EXPERTS}},
+    # block 0 dense, block 1 MoE with a shared expert. peft 0.21.2 rewrites target_modules ending in gate_proj/
+    # up_proj/down_proj into the experts' target_parameters on this model type (measured by "peft_target_probe"), so
+    # the dense block's and the shared expert's Linears have no PEFT equivalent: only attention and switch_mlp here
+    "mlxlm0322/glm4moe_switch": {"stages": STAGES, "arch": "glm4_moe", "fine_tune_type": "lora", "num_layers": -1,
+                                 "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 2.0,
+                                                     "keys": ["self_attn.q_proj", *("mlp." + k for k in _SWITCH)]},
+                                 "peft_target_probe": [["model.layers.1.mlp.shared_experts.down_proj"],
+                                                       ["model.layers.0.mlp.gate_proj",
+                                                        "model.layers.0.mlp.up_proj"]]},
+    "mlxlm0322/peft_glm4moe": {"stages": STAGES, "kind": "peft", "arch": "glm4_moe",
+                               "peft_config": {"r": 4, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"],
+                                               "target_parameters": _EXPERTS}},
 })
 
 # ACCEPTANCE: conversions by the landed CLI, loaded back in mlx-lm 0.32.2 (``mlx_lm.load(base, adapter_path=OUT)``
@@ -120,11 +170,14 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
             "llama_lora_bias": "lora_B.bias: mlx-lm's LoRA layers have no bias"}
 
 
+_MOE_TYPES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "glm4_moe")
+
+
 def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True):
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
-    if model_type and target.startswith("mlx-lm") and arch in ("qwen2_moe", "mixtral"):
+    if model_type and target.startswith("mlx-lm") and arch in _MOE_TYPES:
         row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type; the PEFT configs
         # here name no base model (a user passes --base-model DIR or --model-type)
     return dict(row, note=note) if note else row
@@ -150,6 +203,10 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/qwen2moe_switch", "mlx-lm", "mlx", "logits_mlx", source="peft_equivalent")]
     + [_row("mlxlm0322/peft_qwen2moe", "mlx-lm", "mlx", "logits", expect="refused", model_type=False,
             note="no model type (the config names no base model): mlx-lm's experts path is not known")]
+    # more MoE types (qwen3_moe, olmoe, glm4_moe): PEFT → mlx-lm, mlx-lm → PEFT
+    + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits") for c in ("peft_qwen3moe", "peft_olmoe", "peft_glm4moe")]
+    + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
+       for c in ("qwen3moe_switch", "olmoe_switch", "glm4moe_switch")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5

@@ -332,6 +332,29 @@ def fuse_check(base_dir, adapter_dir, scratch, arch, peft_logits, mlx_ref=None):
     return dict(out, transformers_vs_peft=fmt(maxdiff(hf_logits(model.eval(), C.INPUT_IDS), peft_logits)))
 
 
+def peft_target_probe(arch, base_dir, probes):
+    """What peft does with target_modules naming Linears of a MoE model that are not experts (a dense block's or a
+    shared expert's gate/up/down_proj): for each probe, the config after get_peft_model (peft rewrites v4 expert
+    names into target_parameters for some model types) and the modules it wrapped, or its error."""
+    from peft import LoraConfig, get_peft_model
+    out = []
+    for targets in probes:
+        cfg = LoraConfig(r=2, lora_alpha=2, lora_dropout=0.0, target_modules=list(targets))
+        try:
+            pm = get_peft_model(hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir), cfg)
+        except Exception as e:  # noqa: BLE001 - the refusal is the fact being recorded
+            out.append({"target_modules": list(targets), "error": first_line(e)})
+            continue
+        wrapped = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                         if hasattr(m, "lora_A") and ".lora_" not in n and not n.endswith(".base_layer"))
+        out.append({"target_modules": list(targets),
+                    "after": {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in (
+                        ("target_modules", cfg.target_modules), ("target_parameters", cfg.target_parameters),
+                        ("rank_pattern", cfg.rank_pattern))},
+                    "wrapped": wrapped})
+    return out
+
+
 def generate_mlx(job):
     from mlx_lm import load
     from safetensors.numpy import save_file
@@ -359,6 +382,8 @@ def generate_mlx(job):
              "reload_vs_live": fmt(maxdiff(got, live)),
              "mlx_vs_peft": fmt(maxdiff(got, peft_logits)),
              "fuse": fuse_check(base_dir, adapter_dir, scratch, arch, peft_logits, got if moe else None)}
+    if d.get("peft_target_probe"):
+        facts["peft_target_probe"] = peft_target_probe(arch, base_dir, d["peft_target_probe"])
     if d.get("scale_semantics", case == "llama_qv"):
         facts["scale_semantics"] = scale_semantics(base_dir, adapter_dir, scratch, got)
     write_json(case_dir / "meta.json", facts)
@@ -369,8 +394,9 @@ def generate_mlx(job):
         res["adapted"] = sorted({k.split(".", 3)[-1].rsplit(".", 1)[0] for k in facts["layout"]["tensors"]})
         res["peft_reload_vs_live"] = peft_cfg["reload_vs_live"]
     res["fuse_vs_peft"] = facts["fuse"].get("transformers_vs_peft", facts["fuse"].get("error"))
-    if "scale_semantics" in facts:
-        res["scale_semantics"] = facts["scale_semantics"]
+    for k in ("scale_semantics", "peft_target_probe"):
+        if k in facts:
+            res[k] = facts[k]
     res["max_abs_logit"] = max_abs(peft_logits)
     res["ok"] = close(maxdiff(got, peft_logits), peft_logits, C.REL_TOL["f32"]) and facts["reload_vs_live"] == 0.0
     return res
@@ -527,6 +553,16 @@ def report(job):
                          r.get("mlx_scale"), r.get("lora_effect"), r.get("max_abs_logit"), r.get("reload_vs_live"),
                          r.get("mlx_vs_peft"), r.get("tol"), "ok" if r.get("ok") else "FAILED"]
                         for k, r in peft.items()])
+    probes = [(k, p) for k, r in sorted(res.items()) for p in r.get("peft_target_probe", [])]
+    if probes:
+        lines += ["", "peft's rewrite of v4 expert names (`_convert_peft_config_moe`, for model types transformers "
+                  "converts like qwen2_moe, not qwen2_moe itself): `target_modules` naming Linears that are not "
+                  "experts, on the case's base:", ""]
+        for k, p in probes:
+            got = (f"refused: `{p['error']}`" if "error" in p else
+                   f"config becomes {json.dumps(p['after'], sort_keys=True)}; wrapped: "
+                   + ", ".join(f"`{w}`" for w in p["wrapped"]))
+            lines.append(f"- {k}, target_modules {p['target_modules']}: {got}")
     lines += ["", "PEFT equivalent: lora_A = lora_aᵀ, lora_B = lora_bᵀ, lora_alpha = scale·rank, target_modules = "
               "the mlx modules' full names, DoRA: lora_magnitude_vector = m. So in mlx-lm 0.32.2 `scale` is "
               "absolute (ΔW = scale·lora_bᵀ·lora_aᵀ, no division by rank), and DoRA's `m` computes what PEFT's "

@@ -24,7 +24,8 @@ from ...source import ModuleEntry, Source, TensorStore, read_json
 from ..base import Claim, Codec, PlanOptions
 from . import moe
 from .loaded import as_loaded
-from ..shared import Blocks, StoredSource, canonical_meta, execution, layer_count, one_rank_one_scale, refuse_fused
+from ..shared import (Blocks, StoredSource, canonical_meta, execution, layer_count, model_type_of, one_rank_one_scale,
+                      refuse_fused)
 
 
 def _config(path: Path) -> dict | None:
@@ -210,10 +211,10 @@ class MlxLmCodec(Codec):
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
         refuse_fused(src, target)
         name = src.info.name
-        mtype = next((c.get("model_type") for c in (opts.base_config, src.base_config) if c), None) \
-            or opts.model_type or src.info.model_type
+        mtype = model_type_of(src, opts)
         names = {e.module: moe.mlx_modules(e.module, e.kind, mtype, name) for e in src.modules}
-        blocks = Blocks.of([m for e in src.modules for m, _ in names[e.module]])
+        blocks, dense_note = moe.fill_dense_blocks(Blocks.of([m for e in src.modules for m, _ in names[e.module]]),
+                                                   mtype, opts.base_config or src.base_config)
         why = blocks.uneven()
         if why:
             raise UnsupportedFeature(f"{name}: mlx-lm applies one set of lora_parameters.keys to each of the last "
@@ -223,7 +224,7 @@ class MlxLmCodec(Codec):
             raise UnsupportedFeature(f"{name}: mlx-lm adapts the last num_layers blocks; the source adapts blocks "
                                      f"{idx}, which are not contiguous")
         L, where = layer_count(src, opts.base_config)
-        notes = []
+        notes = [dense_note] if dense_note else []
         if idx and L is not None and idx[-1] != L - 1:
             raise UnsupportedFeature(f"{name}: mlx-lm adapts the last num_layers blocks; the source adapts blocks "
                                      f"{idx[0]}–{idx[-1]} of {L} ({where}), not a run ending at the last block")

@@ -20,6 +20,7 @@ import torch
 
 from ...errors import LoraMigrateError, UnsupportedFeature
 from ...schemas import mlx_lm as S
+from ..shared import Blocks
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
 
@@ -103,6 +104,8 @@ def mlx_modules(module: str, kind: str, model_type: str | None, name: str) -> li
     if kind != "experts" and ".mlp." not in module:
         return [(module, None)]
     parent = S.SWITCH_PARENTS.get(model_type or "")
+    if kind != "experts" and model_type in S.SWITCH_ROUTER_NOT_LINEAR and module.endswith(".mlp.gate"):
+        raise UnsupportedFeature(f"{name}: {module}: {S.REFUSALS['switch_router']} ({model_type})")
     if kind != "experts":
         return [(module.replace(".mlp.", f".{parent}.") if parent else module, None)]
     owner, _, param = module.rpartition(".")
@@ -115,3 +118,28 @@ def mlx_modules(module: str, kind: str, model_type: str | None, name: str) -> li
                                                                               "or --model-type)"))
     p = f"{owner[:-len(S.CANONICAL_EXPERTS)]}{parent}.{S.SWITCH}"
     return [(f"{p}.down_proj", None)] if param == DOWN else [(f"{p}.gate_proj", "gate"), (f"{p}.up_proj", "up")]
+
+
+def fill_dense_blocks(blocks: Blocks, model_type: str | None, base_config: dict | None) -> tuple[Blocks, str | None]:
+    """A model type whose first blocks are dense (glm4_moe's first_k_dense_replace): blocks adapting exactly the
+    others' modules less the MoE-only ones (switch_mlp, the router, shared experts) come first, and mlx-lm skips the
+    MoE keys there (linear_to_lora_layers adapts only paths a block has; measured: golden peft_glm4moe, block 0
+    dense). Returns the blocks with those filled in, and a note; ``blocks`` as they are when this does not apply.
+    Were such a block an MoE one after all, mlx-lm 0.32.2 would add a LoRA there whose lora_b stays at its zero
+    init (load_adapters refuses only extra weights): no effect either."""
+    parent = S.SWITCH_PARENTS.get(model_type or "")
+    if model_type not in S.SWITCH_DENSE_FIRST or len({frozenset(v) for v in blocks.per_block.values()}) <= 1:
+        return blocks, None
+    moe_only = (f"{parent}.{S.SWITCH}.", f"{parent}.shared_expert")  # glm4_moe: shared_experts
+    full = set().union(*blocks.per_block.values())
+    dense_set = {m for m in full if not (m.startswith(moe_only) or m == f"{parent}.gate")}
+    idx = list(blocks.per_block)
+    dense = [n for n in idx if blocks.per_block[n] == dense_set]
+    k = (base_config or {}).get("first_k_dense_replace")
+    if (not dense or dense != idx[:len(dense)] or any(blocks.per_block[n] != full for n in idx[len(dense):])
+            or (isinstance(k, int) and dense[-1] >= k)):
+        return blocks, None
+    filled = Blocks(blocks.stack, {n: set(full) for n in idx}, blocks.top)
+    which = f"block {dense[0]}" if len(dense) == 1 else f"blocks {dense[0]}–{dense[-1]}"
+    return filled, (f"{which} adapt{'s' if len(dense) == 1 else ''} no MoE module: taken as {model_type}'s first "
+                    "dense blocks (mlx-lm skips the MoE keys where a block has none)")

@@ -13,6 +13,7 @@ from ...schemas import Convention
 from ...schemas.peft import FAMILY
 from ...source import Source
 from ..base import Claim, Codec, PlanOptions
+from ..shared import model_type_of
 from . import experts
 from . import format as pf
 from .loaded import as_loaded
@@ -94,6 +95,7 @@ class PeftCodec(Codec):
         return []
 
     def plan(self, src, target: Convention, opts: PlanOptions, steps: list[Step], output: str):
+        experts.refuse_renamed_linears(src, model_type_of(src, opts), target.name)
         return plan_peft(src, target, output, steps, doubled=opts.doubled, num_layers=opts.num_layers)
 
     @staticmethod

@@ -21,11 +21,29 @@ combinations of several parameters on one module are refused rather than guessed
 
 from __future__ import annotations
 
+import re
+
 from ...errors import UnsupportedFeature
+from ...schemas import peft as P
 from ...source import ModuleEntry, SourceAdapter
 
 # parameters of one module, innermost wrapper first (transformers 5 expert classes register gate_up_proj first)
 NESTING = ("gate_up_proj", "down_proj")
+
+
+def refuse_renamed_linears(a: SourceAdapter, model_type: str | None, target_name: str) -> None:
+    """peft ≥ 0.19 retargets Linears named like v4 experts on some MoE model types (schemas.peft
+    ``V4_EXPERT_RENAMED_TYPES``): LoRA on the ones that are no experts (a dense block's MLP, a shared expert) cannot
+    be written for PEFT under their names. transformers 4's per-expert Linears (``…experts.<e>.gate_proj``) are what
+    that rewrite is for: left to peft."""
+    if target_name != P.PEFT_LATEST.name or model_type not in P.V4_EXPERT_RENAMED_TYPES:
+        return
+    hit = [e.module for e in a.modules if e.kind != "experts" and e.module.rpartition(".")[2] in P.V4_EXPERT_LEAVES
+           and not re.search(r"\.experts\.\d+\.", e.module)]
+    if hit:
+        raise UnsupportedFeature(f"{a.info.name}: {hit[0]}: on {model_type}, peft ≥ 0.19 rewrites target_modules "
+                                 "ending in gate_proj/up_proj/down_proj into the routed experts' target_parameters "
+                                 "(its transformers-v4 expert names), so this Linear's LoRA would land on the experts")
 
 
 def router_parameter(module: str, has_experts: bool) -> str | None:
