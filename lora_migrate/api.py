@@ -168,7 +168,7 @@ def _checked_deltas(ex: Execution, check: WriteCheck | None, allow_nonfinite: bo
         ref = ex.reference(d, e)
         o = ex.apply(d, e)
         if not bad and o.B is not d.B:  # B was rescaled: c·B may overflow its dtype
-            refuse_overflow(o, e.scale)
+            refuse_overflow(o, e.scale, d.B)
         if check is not None:
             # refuse_nonfinite scanned d; a PiSSA reference also holds the initial factors, unscanned
             check.module(ref, o, nonfinite=bool(bad), finite_source=not bad and ex.initial is None)

@@ -424,3 +424,16 @@ def test_a_huge_or_tiny_scale_is_checked_without_overflow(alpha, tmp_path):
     src = make_adapter(tmp_path / "src", config={"alpha": alpha})
     r = api.convert(src, tmp_path / "out", to="adapters-1.0")
     assert r.ok and all(a.verify.max_rel_fro <= a.verify.tolerance for a in r.adapters)
+
+
+@pytest.mark.parametrize("alpha,what", [(4e39, "overflows"), (2.4e-181, "underflows")])
+def test_a_scale_the_dtype_cannot_hold_is_refused(alpha, what, tmp_path):
+    """Folded into float32 B, alpha/r = 1e39 gives Inf and 6e-182 gives zeros (found by test_bad_inputs' config
+    fuzzing: a check failure, exit 1): refused, one line, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from lora_migrate.cli import main
+    src = make_adapter(tmp_path / "src", config={"alpha": alpha})
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--to", "adapters-1.0"])
+    assert r.exit_code == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()

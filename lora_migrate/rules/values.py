@@ -46,12 +46,22 @@ def refuse_nonfinite(d: ModuleDelta, *, allow: bool = False) -> list[str]:
 
 
 @rule("refuse_overflow")
-def refuse_overflow(out: ModuleDelta, source_scale: float) -> None:
+def refuse_overflow(out: ModuleDelta, source_scale: float, source_b=None) -> None:
     """A source whose factors are all finite must give an output whose factors are too. Folding a scale c into B
     (B' = c·B) overflows the dtype when |c·B| exceeds its largest value (float32: 3.4e38, float16: 65504), e.g.
-    an alpha of 5e38; such a module cannot be held by the target in that dtype and is refused, not written as Inf."""
+    an alpha of 5e38; such a module cannot be held by the target in that dtype and is refused, not written as Inf.
+    Likewise downwards (``source_b`` given, c < 1): when even the largest |c·B| is below the dtype's smallest normal
+    number (an alpha of 1e-180), every value of B' loses precision or becomes 0 — refused, not written as zeros."""
     for label, t in (("lora_A", out.A), ("lora_B", out.B), ("bias", out.bias)):
         if t is not None and not all_finite(t):
             raise UnsupportedFeature(
                 f"module {out.module}: the source scale {source_scale:g} folded into {label} overflows "
                 f"{str(t.dtype).removeprefix('torch.')}; the target cannot hold it in that dtype")
+    c = abs(source_scale / out.scale) if out.scale else 1.0
+    if source_b is not None and c < 1.0 and source_b.numel() and out.B.is_floating_point():
+        top = float(source_b.abs().max())
+        if 0.0 < top and c * top < torch.finfo(out.B.dtype).tiny:
+            raise UnsupportedFeature(
+                f"module {out.module}: the source scale {source_scale:g} folded into lora_B underflows "
+                f"{str(out.B.dtype).removeprefix('torch.')} (its largest value becomes {c * top:.3g}); the target "
+                "cannot hold it in that dtype")
