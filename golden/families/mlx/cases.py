@@ -177,9 +177,10 @@ def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, m
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
            "load": load, "ref": ref}
-    if model_type and target.startswith("mlx-lm") and arch in _MOE_TYPES:
-        row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type; the PEFT configs
-        # here name no base model (a user passes --base-model DIR or --model-type)
+    if model_type and arch in _MOE_TYPES:
+        row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type, and whether peft
+        # retargets a Linear onto them depends on it; the configs here name no base model that resolves from the
+        # working directory (a user passes --base-model DIR or --model-type)
     return dict(row, note=note) if note else row
 
 

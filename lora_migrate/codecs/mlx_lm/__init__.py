@@ -20,7 +20,7 @@ from ...findings import Finding
 from ...io import BackgroundWriter, SafetensorsWriter
 from ...schemas import Convention, get_convention
 from ...schemas import mlx_lm as S
-from ...source import ModuleEntry, Source, TensorStore, read_json
+from ...source import ModuleEntry, Source, TensorStore, base_model_config, read_json
 from ..base import Claim, Codec, PlanOptions
 from . import moe
 from .loaded import as_loaded
@@ -130,8 +130,10 @@ class MlxLmCodec(Codec):
                            base_model=cfg.get("model") if isinstance(cfg.get("model"), str) else None,
                            dropout=lp.get("dropout"))
         feats = {"dora"} if dora else set()
+        # the base as mlx_lm lora was given it: a folder (from the working directory) or a hub id in the cache
         return MlxSource(info=info, convention=conv, store=store, modules=entries, files=[folder / S.WEIGHTS],
-                         features=feats, transform=_from_mlx, codec_state={"experts": experts})
+                         base_config=base_model_config(info.base_model), features=feats, transform=_from_mlx,
+                         codec_state={"experts": experts})
 
     @staticmethod
     def _experts_entry(folder, module, keys, store, s, prov, rank, info) -> ModuleEntry:

@@ -36,10 +36,15 @@ def refuse_renamed_linears(a: SourceAdapter, model_type: str | None, target_name
     ``V4_EXPERT_RENAMED_TYPES``): LoRA on the ones that are no experts (a dense block's MLP, a shared expert) cannot
     be written for PEFT under their names. transformers 4's per-expert Linears (``…experts.<e>.gate_proj``) are what
     that rewrite is for: left to peft."""
-    if target_name != P.PEFT_LATEST.name or model_type not in P.V4_EXPERT_RENAMED_TYPES:
+    unknown = model_type is None and a.has_experts  # a transformers-5 MoE of a type not known here
+    if target_name != P.PEFT_LATEST.name or not (unknown or model_type in P.V4_EXPERT_RENAMED_TYPES):
         return
     hit = [e.module for e in a.modules if e.kind != "experts" and e.module.rpartition(".")[2] in P.V4_EXPERT_LEAVES
            and not re.search(r"\.experts\.\d+\.", e.module)]
+    if hit and unknown:
+        raise UnsupportedFeature(f"{a.info.name}: {hit[0]}: whether peft ≥ 0.19 retargets this Linear onto the routed "
+                                 "experts depends on the model type (it does for qwen3_moe, olmoe, glm4_moe and "
+                                 "others, not for qwen2_moe): pass --model-type or --base-model DIR")
     if hit:
         raise UnsupportedFeature(f"{a.info.name}: {hit[0]}: on {model_type}, peft ≥ 0.19 rewrites target_modules "
                                  "ending in gate_proj/up_proj/down_proj into the routed experts' target_parameters "

@@ -54,7 +54,7 @@ def test_peft_to_mlx_verifies_against_the_proven_equivalent(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(MLX_WRITTEN))
 def test_mlx_to_peft_verifies_against_the_proven_equivalent(case, tmp_path):
     out = tmp_path / "out"
-    assert api.convert(GOLD / case / "adapter", out, to="peft").ok
+    assert api.convert(GOLD / case / "adapter", out, to="peft", model_type=MLX_WRITTEN[case]).ok
     cfg = json.loads((out / "adapter_config.json").read_text())
     ref = json.loads((GOLD / case / "peft_equivalent" / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == sorted(ref["target_parameters"])
@@ -114,3 +114,5 @@ def test_peft_refuses_linears_it_would_retarget_to_the_experts(tmp_path):
     with pytest.raises(UnsupportedFeature, match="peft ≥ 0.19 rewrites"):
         api.convert(src, tmp_path / "out", to="peft", model_type="glm4_moe")
     assert api.convert(src, tmp_path / "ok", to="peft", model_type="qwen2_moe").ok
+    with pytest.raises(UnsupportedFeature, match="depends on the model type"):  # no type, and experts: ask
+        api.convert(src, tmp_path / "unknown", to="peft")
