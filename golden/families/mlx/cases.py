@@ -164,16 +164,20 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
             "llama_lora_bias": "lora_B.bias: mlx-lm's LoRA layers have no bias"}
 
 
-def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True, env=PRIMARY_ENV):
+def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True, env=PRIMARY_ENV,
+         from_=None):
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
     row = {"case": case, "source": source, "target": target, "env": env, "expect": expect, "arch": arch,
            "load": load, "ref": ref}
     if model_type and target.startswith("mlx-lm") and arch in ("qwen2_moe", "mixtral"):
         row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type; the PEFT configs
         # here name no base model (a user passes --base-model DIR or --model-type)
+    if from_:
+        row["extra_args"] = ["--from", from_]
     return dict(row, note=note) if note else row
 
 
+_OLD = "mlx-lm-2024-03"
 ACCEPTANCE = (
     [_row(_GGUF + c, "mlx-lm", "mlx", "logits") for c in _TO_MLX]
     + [_row(_GGUF + "llama_plain", "mlx-lm-2024-06", "mlx", "logits",
@@ -202,11 +206,18 @@ ACCEPTANCE = (
             note="the 2024-06 writer's alpha = rank and lora_layers load in 0.13.1 too")]
     + [_row(_GGUF + c, "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0206")
        for c in ("llama_plain", "llama_rslora", "llama_patterns", "llama_dora")]
-    + [_row(f"{e}/{c}", "peft", "peft", "logits_mlx") for e in ("mlxlm0131", "mlxlm0206")
-       for c in ("llama_cli_lp", "llama_dora")]
-    + [_row("mlxlm0206/llama_all_minus1", "peft", "peft", "logits_mlx")]
-    + [_row(f"{e}/llama_cli_lp", "mlx-lm", "mlx", "logits_mlx", note=f"{e} → today's mlx-lm")
-       for e in ("mlxlm0131", "mlxlm0206")]
+    + [_row("mlxlm0322/llama_all_last1", "mlx-lm-2024-06", "mlx", "logits_mlx", env="mlxlm0206",
+            note="num_layers 1 of 2: 0.20.6 adapts block 0 too, lora_b = 0 there")]
+    + [_row("mlxlm0131/llama_dora", "mlx-lm-2024-06", "mlx", "logits_mlx", env="mlxlm0206", from_=_OLD,
+            note="DoRA on the last block: 0.20.6 puts DoRA on block 0 too (lora_b = 0, m = ‖W‖)")]
+    + [_row("mlxlm0131/llama_dora", "mlx-lm-2024-03", "mlx", "logits_mlx", env="mlxlm0131", from_=_OLD,
+            expect="refused", note="DoRA into mlx-lm-2024-03 (0.2.0–0.13.0 have no DoRA; 0.13.1 has)")]
+    # adapters the old releases wrote: 0.13.1's config (alpha 16 ≠ rank 8, use_dora but no num_layers) does not
+    # tell its era, so --from mlx-lm-2024-03, as a user who knows the writer passes it
+    + [_row(f"mlxlm0131/{c}", "peft", "peft", "logits_mlx", from_=_OLD) for c in ("llama_cli_lp", "llama_dora")]
+    + [_row(f"mlxlm0206/{c}", "peft", "peft", "logits_mlx") for c in ("llama_cli_lp", "llama_dora", "llama_all_minus1")]
+    + [_row("mlxlm0131/llama_cli_lp", "mlx-lm", "mlx", "logits_mlx", from_=_OLD, note="0.13.1 → today's mlx-lm")]
+    + [_row("mlxlm0206/llama_cli_lp", "mlx-lm", "mlx", "logits_mlx", note="0.20.6 → today's mlx-lm")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5

@@ -418,6 +418,8 @@ def generate_mlx(job):
     if "scale_semantics" in facts:
         res["scale_semantics"] = facts["scale_semantics"]
     res.update(era)
+    if era:
+        res["blocks"] = sorted({int(k.split(".")[2]) for k in facts["layout"]["tensors"]})
     res["max_abs_logit"] = max_abs(peft_logits)
     res["ok"] = close(maxdiff(got, peft_logits), peft_logits, C.REL_TOL["f32"]) and facts["reload_vs_live"] == 0.0
     return res
@@ -583,6 +585,22 @@ def report(job):
             what = (f"loads; logits vs the same adapter without `alpha`: {v['logits_vs_scale_only']} (alpha ignored)"
                     if v.get("loads") else f"refused: `{v.get('error')}`")
             lines.append(f"- {k}, `lora_parameters` with {label.replace('_', ' ')}: {what}")
+    old = {k: r for k, r in sorted(res.items()) if "scale_rule" in r}
+    if old:
+        lines += ["", "## The older eras, run in their own releases", "",
+                  "mlx-lm 0.13.1 (era mlx-lm-2024-03) and 0.20.6 (mlx-lm-2024-06) on mlx 0.32.4, their code "
+                  "unpatched, with transformers and peft of their time (envs mlxlm0131, mlxlm0206). Each adapter is "
+                  "written through the release's own CLI parser and `linear_to_lora_layers` and loaded by its "
+                  "`mlx_lm.utils.load(base, adapter_path=)`; `LoRALinear.scale` is what the release set from "
+                  "`lora_parameters`; the PEFT equivalent uses the era's rule, the last column the other rule.", ""]
+        lines += table(["case", "lora_parameters (rank, alpha, scale)", "era rule", "release's LoRALinear.scale",
+                        "mlx vs PEFT (era rule)", "mlx vs PEFT (other rule)", "blocks adapted", "as expected"],
+                       [[k, ", ".join(str(C.CASES[k]["lora_parameters"][x]) for x in ("rank", "alpha", "scale")),
+                         f"{r['scale_rule']} = {r['effective_scale']:g}",
+                         ", ".join(f"{x:g}" for x in r["release_lora_scale"]), r["mlx_vs_peft"],
+                         f"{r['mlx_vs_peft_other_rule']} ({r['other_rule']} = {r['other_rule_scale']:g})",
+                         f"num_layers {C.CASES[k]['num_layers']}: {r.get('blocks', '?')}",
+                         "ok" if r.get("ok") else "FAILED"] for k, r in old.items()])
     lines += acceptance_lines(job, [("`mlx_lm fuse` → transformers", "fuse_vs_ref")])
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
