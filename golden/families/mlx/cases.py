@@ -202,8 +202,9 @@ ACCEPTANCE = (
     # those releases wrote converted to peft (peft 0.21.2) and to today's mlx-lm (0.32.2)
     + [_row(_GGUF + c, "mlx-lm-2024-03", "mlx", "logits", env="mlxlm0131")
        for c in ("llama_plain", "llama_rslora", "llama_patterns")]
-    + [_row(_GGUF + "llama_plain", "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0131",
-            note="the 2024-06 writer's alpha = rank and lora_layers load in 0.13.1 too")]
+    + [_row(_GGUF + c, "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0131",
+            note="the 2024-06 writer's alpha = rank, lora_layers and use_dora load in 0.13.1 too")
+       for c in ("llama_plain", "llama_dora")]
     + [_row(_GGUF + c, "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0206")
        for c in ("llama_plain", "llama_rslora", "llama_patterns", "llama_dora")]
     + [_row("mlxlm0322/llama_all_last1", "mlx-lm-2024-06", "mlx", "logits_mlx", env="mlxlm0206",
