@@ -315,17 +315,20 @@ def generate_family(fams: dict, fam: Family, chosen: list, partial: bool) -> Non
     """Run the chosen cases' stages (stage i of every case before stage i+1; one worker per (task, env) group, cases
     in CASES order), then the ``check`` task in every env of the family, the results and FINDINGS. A full run
     rewrites pip-freeze.txt of the family's own envs; with ``--case``, or for another family's env, the env's
-    packages (pip/setuptools/wheel aside) must equal the committed pip-freeze.txt."""
+    packages (pip/setuptools/wheel aside) must equal the committed pip-freeze.txt (a family's new env, with no
+    pip-freeze.txt and no goldens yet, gets it written)."""
     known = all_envs(fams)
     stages = {c: fam.stages(c) for c in chosen}
     freezes = {}
     for env in dict.fromkeys(env for c in chosen for _, env in stages[c]):
         owner, path, freeze = known[env][0], known[env][0].freeze_path(env), pip_freeze(env)
-        if (partial or owner is not fam) and (not path.exists() or _packages(path.read_text()) != _packages(freeze)):
+        new = owner is fam and not path.exists() and not any((fam.data / env).glob("*/meta.json"))
+        if (partial or owner is not fam) and not new and (
+                not path.exists() or _packages(path.read_text()) != _packages(freeze)):
             raise SystemExit(f"{env}: the env's packages differ from {path}; regenerate every case of "
                              f"{owner.name} (without --case) so that all of them are made with the same set")
-        if owner is fam and not partial:
-            freezes[path] = freeze
+        if owner is fam and (new or not partial):
+            freezes[path] = freeze  # a new env of the family (no goldens yet): its first cases may come by --case
     if not partial:
         for env in fam.envs:
             if any(env == e for c in chosen for _, e in stages[c]):

@@ -1,24 +1,27 @@
 """The mlx-lm family: ``adapters.safetensors`` + ``adapter_config.json`` (the whole ``mlx_lm lora`` args dict), by era.
 
 Source: ../shared/reference/ecosystem.md §5 and §15, mlx-lm wheels 0.2.0, 0.14.2, 0.14.3, 0.19.0, 0.20.1, 0.21.0,
-0.25.0, 0.25.1 read from PyPI, and mlx-lm 0.32.2 measured (golden/results/FINDINGS_MLX.md).
+0.25.0, 0.25.1 read from PyPI, and mlx-lm 0.13.1, 0.20.6 and 0.32.2 measured (golden/results/FINDINGS_MLX.md).
 
 Layout in every era: keys are the mlx model's parameter paths without ``.weight`` (``model.layers.N.self_attn.
 q_proj.lora_a``); ``lora_a`` is (in, r) = Aᵀ and ``lora_b`` (r, out) = Bᵀ (``LoRALinear``: y = W x + scale·(x @
 lora_a) @ lora_b); DoRA adds ``.m`` (out,), which computes what PEFT's ``lora_magnitude_vector`` does (measured:
-2.3e-6 logits against PEFT; ``DoRALinear.__call__`` reads the same in 0.14.2, its first release). One ``rank``
+2.3e-6 logits against PEFT in 0.32.2, 1.4e-6 in 0.13.1, its first release with DoRA, 2.4e-6 in 0.20.6). One ``rank``
 for the whole adapter: ``load_adapters`` rejects any other shape.
 
 What ``scale`` means, by era (the config is read at load time by whatever mlx-lm loads it):
 
 - 2024-03 (#546, first in 0.2.0): ``self.scale = scale * (alpha / r)``; the CLI writes ``{"rank": 8, "alpha": 16,
   "dropout": 0.0, "scale": 10.0}``; the layer count is ``lora_layers``;
+  ``use_dora`` (DoRA) from 0.13.1 on;
 - 2024-06 (c457a3f8, first in 0.14.2): ``self.scale = scale`` — absolute; ``alpha`` is still written by the CLI
   (16) and ignored; ``lora_layers`` + ``use_dora`` until 0.19, where ``num_layers`` + ``fine_tune_type`` replace
-  them; with no ``keys`` only the model type's defaults (q_proj, v_proj for Llama) get LoRA;
+  them; with no ``keys`` only the model type's defaults (q_proj, v_proj for Llama) get LoRA. 0.19.0–0.21.x pick
+  the blocks by ``model.layers[-min(num_layers, 0):]`` (0.22.0: ``-max``): a positive count adapts every block,
+  −1 every block but the first (measured in 0.20.6); blocks the file has no factors for keep lora_b = 0;
 - 2025-06 (e673a97c, first in 0.25.1): the same formula; the CLI default scale 20 and no ``alpha``; with no
   ``keys`` every Linear of a block gets LoRA (0.32.2); ``keys`` may also name modules outside the blocks by their
-  full path (the second loop over ``model.named_modules()``, in 0.21.0 and later).
+  full path (the second loop over ``model.named_modules()``; in 0.18.2 and later, the earliest read, not in 0.13.1).
 
 A config with ``alpha`` ≠ ``rank`` and no field that dates it is therefore read two ways (scale·alpha/rank before
 0.14.2, scale after): detection asks for ``--from``. Writers always write explicit ``keys`` (the no-keys default
@@ -66,8 +69,10 @@ SCALE_RULES = {
     "mlx-lm": "scale",
 }
 
-# config fields that date a file (first release that writes them; 0.15–0.18 not read)
-DATED_FIELDS = {"use_dora": "0.14.2", "num_layers": "0.19.0", "fine_tune_type": "0.19.0"}
+# config fields that date a file to the scale-absolute eras (first release that writes them). Not ``use_dora``:
+# mlx-lm 0.13.1 (2024-03 era, scale·alpha/rank) already writes it (``"use_dora": false`` in every args dict;
+# measured, golden/mlx/mlxlm0131), so it says nothing about the scale
+DATED_FIELDS = {"num_layers": "0.19.0", "fine_tune_type": "0.19.0"}
 # what each era's load_adapters reads for the layer count and the DoRA switch (0.2.0/0.14.2: config.lora_layers,
 # getattr(config, "use_dora", False); 0.19.0 and later: config.num_layers, getattr(config, "fine_tune_type", "lora"))
 LAYER_COUNT_FIELDS = {"mlx-lm-2024-03": ("lora_layers",), "mlx-lm-2024-06": ("lora_layers", "num_layers"),

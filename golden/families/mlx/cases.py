@@ -24,8 +24,27 @@ ENVS = {
         "deps": ["mlx[cpu]==0.32.4", "mlx-lm==0.32.2", "transformers==5.25.0", "peft==0.21.2", "safetensors",
                  "numpy"],
     },
+    # the older eras (issue 15), on today's mlx: these mlx-lm releases ask for mlx >= 0.11 / >= 0.19.2, and mlx has
+    # Linux CPU wheels only from 0.2x, so mlx[cpu] 0.32.4 runs their (pure Python) code unpatched; transformers and
+    # peft of each release's time (transformers 5 writes a tokenizer class 4.x cannot read: each env writes its own
+    # base folder, the same seeded weights)
+    "mlxlm0131": {
+        "library": "mlx-lm",
+        "library_version": "0.13.1",  # era mlx-lm-2024-03 (scale·alpha/rank), the first release with use_dora
+        "deps": ["mlx[cpu]==0.32.4", "mlx-lm==0.13.1", "transformers==4.40.2", "peft==0.11.1", "safetensors",
+                 "numpy==1.26.4"],
+        "check": "import mlx_lm.tuner.utils, mlx_lm.utils, peft",
+    },
+    "mlxlm0206": {
+        "library": "mlx-lm",
+        "library_version": "0.20.6",  # era mlx-lm-2024-06 (scale absolute), num_layers + fine_tune_type
+        "deps": ["mlx[cpu]==0.32.4", "mlx-lm==0.20.6", "transformers==4.46.3", "peft==0.13.2", "safetensors",
+                 "numpy==1.26.4"],
+        "check": "import mlx_lm.tuner.utils, mlx_lm.utils, peft",
+    },
 }
 
+PRIMARY_ENV = "mlxlm0322"  # the older eras' envs check their bases against this one's (the references are shared)
 MODEL_SEED, LORA_SEED, LORA_STD, INPUT_IDS = TINY.MODEL_SEED, TINY.LORA_SEED, TINY.LORA_STD, TINY.INPUT_IDS
 
 
@@ -98,6 +117,31 @@ CASES = {
     "mlxlm0322/qwen2_all": {"stages": STAGES, "arch": "qwen2", "fine_tune_type": "lora", "num_layers": -1,
                   "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 5.0}},
 }
+
+# the older eras, in their own releases (issue 15): each case's adapter written by that release's lora.run path
+# (its CLI flags: 0.13.1 --lora-layers/--use-dora, 0.20.6 --num-layers/--fine-tune-type), loaded by its
+# mlx_lm.utils.load(base, adapter_path=); the PEFT equivalent uses the scale its era is claimed to apply
+# ("scale_rule"), and the worker records the release's own LoRALinear.scale and the logits under the other rule.
+# The CLI's default lora_parameters {rank 8, alpha 16, scale 10} have alpha ≠ rank: 20 in the 2024-03 era, 10 after
+_CLI_LP = {"rank": 8, "alpha": 16, "dropout": 0.0, "scale": 10.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+_DORA_LP = {"rank": 4, "alpha": 2, "dropout": 0.0, "scale": 3.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}
+for _env, _rule in (("mlxlm0131", "scale·alpha/rank"), ("mlxlm0206", "scale")):
+    _stages = [("base", _env), ("generate", _env)]
+    CASES.update({
+        f"{_env}/llama_cli_lp": {"stages": _stages, "arch": "llama", "fine_tune_type": "lora", "num_layers": 2,
+                                 "lora_parameters": _CLI_LP, "scale_rule": _rule,
+                                 "note": "the CLI's default lora_parameters (alpha 16, rank 8, scale 10)"},
+        f"{_env}/llama_dora": {"stages": _stages, "arch": "llama", "fine_tune_type": "dora", "num_layers": 1,
+                               "lora_parameters": _DORA_LP, "scale_rule": _rule,
+                               "note": "DoRA, alpha 2 ≠ rank 4, the last block"},
+    })
+# 0.19.0–0.21.x select blocks by model.layers[-min(num_layers, 0):] (0.22.0: -max): a positive num_layers adapts
+# every block (llama_dora above: both), and -1 ("all") every block but the first
+CASES["mlxlm0206/llama_all_minus1"] = {"stages": [("base", "mlxlm0206"), ("generate", "mlxlm0206")], "arch": "llama",
+                                       "fine_tune_type": "lora", "num_layers": -1, "scale_rule": "scale",
+                                       "lora_parameters": dict(_CLI_LP, rank=4, alpha=4, scale=2.0),
+                                       "note": "num_layers -1"}
 
 # MoE (issue 15). mlx-written: LoRASwitchLinear on switch_mlp (lora_a (E, r, in), lora_b (E, out, r)); the PEFT
 # equivalent targets the experts' 3-D parameters (target_parameters, ParamWrapper). PEFT-written ("kind": "peft"):
@@ -173,17 +217,21 @@ _REFUSED = {"llama_embed": "embedding LoRA: mlx-lm's LoRAEmbedding not proven ag
 _MOE_TYPES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe", "glm4_moe")
 
 
-def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True):
+def _row(case, target, load, ref, *, source="adapter", expect="ok", note=None, model_type=True, env=PRIMARY_ENV,
+         from_=None):
     arch = CASES[case]["arch"] if case in CASES else case.split("/")[-1].split("_")[0]
-    row = {"case": case, "source": source, "target": target, "env": "mlxlm0322", "expect": expect, "arch": arch,
+    row = {"case": case, "source": source, "target": target, "env": env, "expect": expect, "arch": arch,
            "load": load, "ref": ref}
     if model_type and arch in _MOE_TYPES:
         row["extra_args"] = ["--model-type", arch]  # mlx-lm names the experts by model type, and whether peft
         # retargets a Linear onto them depends on it; the configs here name no base model that resolves from the
         # working directory (a user passes --base-model DIR or --model-type)
+    if from_:
+        row["extra_args"] = ["--from", from_]
     return dict(row, note=note) if note else row
 
 
+_OLD = "mlx-lm-2024-03"
 ACCEPTANCE = (
     [_row(_GGUF + c, "mlx-lm", "mlx", "logits") for c in _TO_MLX]
     + [_row(_GGUF + "llama_plain", "mlx-lm-2024-06", "mlx", "logits",
@@ -208,6 +256,29 @@ ACCEPTANCE = (
     + [_row("mlxlm0322/" + c, "mlx-lm", "mlx", "logits") for c in ("peft_qwen3moe", "peft_olmoe", "peft_glm4moe")]
     + [_row("mlxlm0322/" + c, "peft", "peft", "logits_mlx")
        for c in ("qwen3moe_switch", "olmoe_switch", "glm4moe_switch")]
+    # the older eras (issue 15): outputs loaded by the real old releases (env = the release's), and the adapters
+    # those releases wrote converted to peft (peft 0.21.2) and to today's mlx-lm (0.32.2)
+    + [_row(_GGUF + c, "mlx-lm-2024-03", "mlx", "logits", env="mlxlm0131")
+       for c in ("llama_plain", "llama_rslora", "llama_patterns")]
+    + [_row(_GGUF + c, "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0131",
+            note="the 2024-06 writer's alpha = rank, lora_layers and use_dora load in 0.13.1 too")
+       for c in ("llama_plain", "llama_dora")]
+    + [_row(_GGUF + c, "mlx-lm-2024-06", "mlx", "logits", env="mlxlm0206")
+       for c in ("llama_plain", "llama_rslora", "llama_patterns", "llama_dora")]
+    + [_row("mlxlm0322/llama_all_last1", "mlx-lm-2024-06", "mlx", "logits_mlx", env="mlxlm0206",
+            note="num_layers 1 of 2: 0.20.6 adapts block 0 too, lora_b = 0 there")]
+    + [_row("mlxlm0131/llama_dora", "mlx-lm-2024-06", "mlx", "logits_mlx", env="mlxlm0206", from_=_OLD,
+            note="DoRA on the last block: 0.20.6 puts DoRA on block 0 too (lora_b = 0, m = ‖W‖)")]
+    + [_row("mlxlm0131/llama_dora", "mlx-lm-2024-03", "mlx", "logits_mlx", env="mlxlm0131", from_=_OLD,
+            expect="refused", note="DoRA into mlx-lm-2024-03 (0.2.0–0.13.0 have no DoRA; 0.13.1 has)")]
+    # adapters the old releases wrote: 0.13.1's config (alpha 16 ≠ rank 8, use_dora but no num_layers) does not
+    # tell its era, so --from mlx-lm-2024-03, as a user who knows the writer passes it
+    + [_row(f"mlxlm0131/{c}", "peft", "peft", "logits_mlx", from_=_OLD) for c in ("llama_cli_lp", "llama_dora")]
+    + [_row(f"mlxlm0206/{c}", "peft", "peft", "logits_mlx") for c in ("llama_cli_lp", "llama_dora", "llama_all_minus1")]
+    + [_row("mlxlm0131/llama_cli_lp", "mlx-lm", "mlx", "logits_mlx", from_=_OLD, note="0.13.1 → today's mlx-lm")]
+    + [_row("mlxlm0206/llama_cli_lp", "mlx-lm", "mlx", "logits_mlx", note="0.20.6 → today's mlx-lm")]
+    + [_row("mlxlm0206/llama_dora", "mlx-lm", "mlx", "logits_mlx",
+            note="num_layers 1 but both blocks saved: 0.32.2 refuses the file as it is (block 0's tensors)")]
 )
 # the harness's bound on max |logit diff|; each row also meets tests/tolerance.py's model, checked by the worker:
 # 192·u(f32)·max|ref| + 4·noise (noise: this base's logits against the stored base logits), ~6e-5 for logits ≤ 5

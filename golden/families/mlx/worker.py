@@ -108,12 +108,20 @@ def task_base(job):
     ref = hf_logits(hf_model(a, C.MODEL_SEED, base_dir), C.INPUT_IDS)
     if a.get("moe"):
         extra["transformers_reload_vs_saved_model"] = fmt(maxdiff(ref, hf_logits(model, C.INPUT_IDS)))
+    ours = Path(base_dir).parents[1].name
+    if ours != C.PRIMARY_ENV:  # an older era's env: its own folder (its transformers' tokenizer), the same weights
+        from safetensors.numpy import load_file
+        mine, primary = (load_file(str(b / "model.safetensors")) for b in (
+            base_dir, Path(base_dir).parents[2] / C.PRIMARY_ENV / "_base" / arch))
+        extra["same_weights_as_" + C.PRIMARY_ENV] = (sorted(mine) == sorted(primary)
+                                                     and all(np.array_equal(mine[k], primary[k]) for k in primary))
     mmodel, _ = load(str(base_dir))
     got = mlx_logits(mmodel)
     meta = {"arch": arch, "versions": versions(VERSIONS), "config": a["config"], "input_ids": C.INPUT_IDS,
             "base_logits_mlx_vs_transformers": fmt(maxdiff(got, ref)), **extra}
     write_json(base_dir / "meta.json", meta)
-    return {"arch": arch, "ok": close(maxdiff(got, ref), ref, C.REL_TOL["f32"]), "max_abs_logit": max_abs(ref),
+    return {"arch": arch, "ok": close(maxdiff(got, ref), ref, C.REL_TOL["f32"]) and extra.get(
+                "same_weights_as_" + C.PRIMARY_ENV, True), "max_abs_logit": max_abs(ref),
             "base_logits_mlx_vs_transformers": meta["base_logits_mlx_vs_transformers"], **extra}
 
 
@@ -122,11 +130,17 @@ def task_base(job):
 
 def mlx_args(d, rel_base):
     """The args dict mlx_lm lora saves (save_config(vars(args))): its parser's namespace, then CONFIG_DEFAULTS for
-    every unset key (as mlx_lm.lora.main does), with lora_parameters from the config file."""
+    every unset key (as mlx_lm.lora.main does), with lora_parameters from the config file. The CLI flags of this
+    release: --fine-tune-type/--num-layers (0.19 and later), else --lora-layers and --use-dora (0.13.1–0.18)."""
     from mlx_lm.lora import CONFIG_DEFAULTS, build_parser
-    args = vars(build_parser().parse_args(["--model", rel_base, "--train", "--fine-tune-type", d["fine_tune_type"],
-                                           "--num-layers", str(d["num_layers"]), "--adapter-path", "adapter",
-                                           "--seed", str(C.LORA_SEED)]))
+    parser = build_parser()
+    flags = {o for a in parser._actions for o in a.option_strings}
+    if "--fine-tune-type" in flags:
+        era = ["--fine-tune-type", d["fine_tune_type"], "--num-layers", str(d["num_layers"])]
+    else:
+        era = ["--lora-layers", str(d["num_layers"])] + (["--use-dora"] if d["fine_tune_type"] == "dora" else [])
+    args = vars(parser.parse_args(["--model", rel_base, "--train", *era, "--adapter-path", "adapter",
+                                   "--seed", str(C.LORA_SEED)]))
     args["lora_parameters"] = dict(d["lora_parameters"])
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k, None) is None:
@@ -141,12 +155,14 @@ def make_mlx_adapter(d, base_dir, adapter_dir, rel_base):
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model, save_config
-    model, _ = load_model(Path(base_dir))
+    model = load_model(Path(base_dir))
+    model = model[0] if isinstance(model, tuple) else model  # (model, config) from 0.19 on
     args = mlx_args(d, rel_base)
     mx.random.seed(args["seed"])
     model.freeze()
-    linear_to_lora_layers(model, args["num_layers"], args["lora_parameters"],
-                          use_dora=(args["fine_tune_type"] == "dora"))
+    # as this release's lora.run calls it (0.13.1: lora_layers, use_dora; later: num_layers, fine_tune_type)
+    linear_to_lora_layers(model, args.get("num_layers", args.get("lora_layers")), args["lora_parameters"],
+                          use_dora=(args.get("fine_tune_type") == "dora" or bool(args.get("use_dora"))))
     rng = np.random.default_rng(C.LORA_SEED)
     new = []
     for name, p in sorted(tree_flatten(model.trainable_parameters())):
@@ -165,16 +181,26 @@ def make_mlx_adapter(d, base_dir, adapter_dir, rel_base):
     return model, args
 
 
-def peft_equivalent(arch, base_dir, adapter_dir, args, out_dir):
+SCALE_RULES = {"scale": lambda lp: lp["scale"], "scale·alpha/rank": lambda lp: lp["scale"] * lp["alpha"] / lp["rank"]}
+
+
+def effective_scale(d, lp, rule=None):
+    """The scale the case's era is claimed to apply (cases.py "scale_rule", default the absolute scale)."""
+    return SCALE_RULES[rule or d.get("scale_rule", "scale")](lp)
+
+
+def peft_equivalent(arch, base_dir, adapter_dir, args, out_dir, scale=None):
     """PEFT adapter computing what the mlx one computes: per mlx module model.layers.N.<path>, lora_A = lora_aᵀ,
-    lora_B = lora_bᵀ, lora_alpha = scale·r (DoRA: lora_magnitude_vector = m)."""
+    lora_B = lora_bᵀ, lora_alpha = scale·r (DoRA: lora_magnitude_vector = m); ``scale`` the effective one
+    (default lora_parameters.scale)."""
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import load_file
     w = load_file(str(adapter_dir / "adapters.safetensors"))
     mods = sorted({k.rsplit(".", 1)[0] for k in w})
     lp = args["lora_parameters"]
-    cfg = LoraConfig(r=lp["rank"], lora_alpha=lp["scale"] * lp["rank"], target_modules=mods, lora_dropout=0.0,
-                     use_dora=args["fine_tune_type"] == "dora")
+    scale = lp["scale"] if scale is None else scale
+    cfg = LoraConfig(r=lp["rank"], lora_alpha=scale * lp["rank"], target_modules=mods, lora_dropout=0.0,
+                     use_dora=args.get("fine_tune_type") == "dora" or bool(args.get("use_dora")))
     pm = get_peft_model(hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir), cfg)
     with torch.no_grad():
         for m in mods:
@@ -182,10 +208,11 @@ def peft_equivalent(arch, base_dir, adapter_dir, args, out_dir):
             layer.lora_A["default"].weight.copy_(torch.from_numpy(w[m + ".lora_a"].T.copy()))
             layer.lora_B["default"].weight.copy_(torch.from_numpy(w[m + ".lora_b"].T.copy()))
             if m + ".m" in w:
-                layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(w[m + ".m"].copy()))
+                mag = layer.lora_magnitude_vector["default"]  # a bare Parameter before peft 0.12
+                getattr(mag, "weight", mag).copy_(torch.from_numpy(w[m + ".m"].copy()))
     logits = hf_logits(pm.eval(), C.INPUT_IDS)
     pm.save_pretrained(str(out_dir), save_embedding_layers=False)  # the LoRA only (lm_head cases)
-    return logits, {"r": lp["rank"], "lora_alpha": lp["scale"] * lp["rank"], "target_modules": mods,
+    return logits, {"r": lp["rank"], "lora_alpha": scale * lp["rank"], "target_modules": mods,
                     "use_dora": cfg.use_dora}
 
 
@@ -313,7 +340,9 @@ def fuse_check(base_dir, adapter_dir, scratch, arch, peft_logits, mlx_ref=None):
     dest = Path(scratch) / "fused"
     shutil.rmtree(dest, ignore_errors=True)
     one_thread = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    p = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(base_dir), "--adapter-path",
+    import mlx_lm
+    cli = ["mlx_lm", "fuse"] if (Path(mlx_lm.__file__).parent / "__main__.py").exists() else ["mlx_lm.fuse"]  # < 0.21
+    p = subprocess.run([sys.executable, "-m", *cli, "--model", str(base_dir), "--adapter-path",
                         str(adapter_dir), "--save-path", str(dest)], capture_output=True, text=True,
                        env=dict(os.environ, **one_thread))  # the fused sums in one order (else ±1e-6 run to run)
     if p.returncode:
@@ -324,7 +353,8 @@ def fuse_check(base_dir, adapter_dir, scratch, arch, peft_logits, mlx_ref=None):
     if mlx_ref is not None:
         out["mlx_lm_load_vs_mlx"] = fmt(maxdiff(mlx_logits(load(str(dest))[0]), mlx_ref))
     model, info = getattr(transformers, C.ARCHS[arch]["model_class"]).from_pretrained(
-        str(dest), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        str(dest), attn_implementation="eager", output_loading_info=True,
+        **{"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32})
     unread = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
     if unread:
         return dict(out, error=["transformers.from_pretrained of the fused folder: " + "; ".join(
@@ -370,13 +400,29 @@ def generate_mlx(job):
     got = mlx_logits(reloaded_model)
     base = hf_logits(hf_model(C.ARCHS[arch], C.MODEL_SEED, base_dir), C.INPUT_IDS)
     moe = bool(C.ARCHS[arch].get("moe"))
-    peft_logits, peft_cfg = (peft_equivalent_moe if moe else peft_equivalent)(arch, base_dir, adapter_dir, args,
-                                                                             case_dir / "peft_equivalent")
+    era = {}
+    if moe:
+        peft_logits, peft_cfg = peft_equivalent_moe(arch, base_dir, adapter_dir, args, case_dir / "peft_equivalent")
+    elif "scale_rule" in d:  # an older era: the claimed formula, the release's own LoRALinear.scale, the other rule
+        lp = args["lora_parameters"]
+        peft_logits, peft_cfg = peft_equivalent(arch, base_dir, adapter_dir, args, case_dir / "peft_equivalent",
+                                                effective_scale(d, lp))
+        other = next(r for r in SCALE_RULES if r != d["scale_rule"])
+        other_logits, _ = peft_equivalent(arch, base_dir, adapter_dir, args, Path(scratch) / "peft_other",
+                                          effective_scale(d, lp, other))
+        era = {"scale_rule": d["scale_rule"], "effective_scale": effective_scale(d, lp),
+               "release_lora_scale": sorted({float(m.scale) for _, m in reloaded_model.named_modules()
+                                             if type(m).__name__ in ("LoRALinear", "DoRALinear")}),
+               "other_rule": other, "other_rule_scale": effective_scale(d, lp, other),
+               "mlx_vs_peft_other_rule": fmt(maxdiff(got, other_logits))}
+    else:
+        peft_logits, peft_cfg = peft_equivalent(arch, base_dir, adapter_dir, args, case_dir / "peft_equivalent")
     save_file({"logits_mlx": got, "logits_peft": peft_logits, "base_logits": base},
               str(case_dir / "logits.safetensors"))
     write_json(case_dir / "input.json", {"input_ids": C.INPUT_IDS})
     facts = {"case": case, "arch": arch, "versions": versions(VERSIONS), "base": "../_base/" + arch,
              "mlx_config": {k: d[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")},
+             **era,
              "layout": adapter_layout(adapter_dir), "peft_equivalent": peft_cfg,
              "lora_effect": fmt(maxdiff(got, base)),
              "reload_vs_live": fmt(maxdiff(got, live)),
@@ -397,6 +443,9 @@ def generate_mlx(job):
     for k in ("scale_semantics", "peft_target_probe"):
         if k in facts:
             res[k] = facts[k]
+    res.update(era)
+    if era:
+        res["blocks"] = sorted({int(k.split(".")[2]) for k in facts["layout"]["tensors"]})
     res["max_abs_logit"] = max_abs(peft_logits)
     res["ok"] = close(maxdiff(got, peft_logits), peft_logits, C.REL_TOL["f32"]) and facts["reload_vs_live"] == 0.0
     return res
@@ -572,6 +621,22 @@ def report(job):
             what = (f"loads; logits vs the same adapter without `alpha`: {v['logits_vs_scale_only']} (alpha ignored)"
                     if v.get("loads") else f"refused: `{v.get('error')}`")
             lines.append(f"- {k}, `lora_parameters` with {label.replace('_', ' ')}: {what}")
+    old = {k: r for k, r in sorted(res.items()) if "scale_rule" in r}
+    if old:
+        lines += ["", "## The older eras, run in their own releases", "",
+                  "mlx-lm 0.13.1 (era mlx-lm-2024-03) and 0.20.6 (mlx-lm-2024-06) on mlx 0.32.4, their code "
+                  "unpatched, with transformers and peft of their time (envs mlxlm0131, mlxlm0206). Each adapter is "
+                  "written through the release's own CLI parser and `linear_to_lora_layers` and loaded by its "
+                  "`mlx_lm.utils.load(base, adapter_path=)`; `LoRALinear.scale` is what the release set from "
+                  "`lora_parameters`; the PEFT equivalent uses the era's rule, the last column the other rule.", ""]
+        lines += table(["case", "lora_parameters (rank, alpha, scale)", "era rule", "release's LoRALinear.scale",
+                        "mlx vs PEFT (era rule)", "mlx vs PEFT (other rule)", "blocks adapted", "as expected"],
+                       [[k, ", ".join(str(C.CASES[k]["lora_parameters"][x]) for x in ("rank", "alpha", "scale")),
+                         f"{r['scale_rule']} = {r['effective_scale']:g}",
+                         ", ".join(f"{x:g}" for x in r["release_lora_scale"]), r["mlx_vs_peft"],
+                         f"{r['mlx_vs_peft_other_rule']} ({r['other_rule']} = {r['other_rule_scale']:g})",
+                         f"num_layers {C.CASES[k]['num_layers']}: {r.get('blocks', '?')}",
+                         "ok" if r.get("ok") else "FAILED"] for k, r in old.items()])
     lines += acceptance_lines(job, [("`mlx_lm fuse` → transformers", "fuse_vs_ref")])
     return {"markdown": "\n".join(lines).rstrip() + "\n"}
 
@@ -591,7 +656,7 @@ def load_one(item, data_dir, scratch):
     from safetensors.numpy import load_file
     row, out = item["row"], Path(item["out"])
     arch = row["arch"]
-    base = Path(data_dir) / "mlxlm0322" / "_base" / arch
+    base = Path(data_dir) / row["env"] / "_base" / arch
     stored = load_file(str(Path(item["case_dir"]) / "logits.safetensors"))
     ref = stored[row["ref"]]
     res = {"adapter": "default", "load": row["load"]}

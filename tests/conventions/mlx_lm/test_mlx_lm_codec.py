@@ -83,6 +83,9 @@ def test_scale_eras(tmp_path):
     folder, _ = mlx_folder(tmp_path / "old", lp, lora_layers=2)
     with pytest.raises(DetectionError, match="scale·alpha/rank.*pass --from"):
         C.open(folder, None)
+    # use_dora dates nothing: mlx-lm 0.13.1 (scale·alpha/rank) writes "use_dora": false too (golden/mlx/mlxlm0131)
+    with pytest.raises(DetectionError, match="pass --from"):
+        C.open(mlx_folder(tmp_path / "use_dora", lp, lora_layers=2, use_dora=False)[0], None)
     old = C.open(folder, get_convention("mlx-lm-2024-03")).adapters[0]
     assert old.modules[0].scale == 10.0 * 16 / 4  # 2024-03: scale·alpha/rank
     mid = C.open(folder, get_convention("mlx-lm-2024-06")).adapters[0]
