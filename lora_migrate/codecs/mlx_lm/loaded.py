@@ -3,6 +3,8 @@ reading the config as that era's ``load_adapters`` reads it (schema: :mod:`lora_
 
 from __future__ import annotations
 
+import re
+
 from ...findings import LoadCheck
 from ...schemas import mlx_lm as S
 
@@ -14,6 +16,12 @@ def as_loaded(a, conventions, era_scale) -> list[LoadCheck]:
     mine, _ = era_scale(a.convention, lp)
     dora = "dora" in a.features
     out = []
+    # releases ≥ 0.22 adapt the last num_layers blocks and refuse tensors of any other block ("contains
+    # incompatible tensors"); 0.19–0.21 (layers[-min(num_layers, 0):]) adapted and saved every block for a positive
+    # num_layers, so their files can hold more blocks than num_layers says (measured: golden mlxlm0206)
+    n = next((cfg[f] for f in ("num_layers", "lora_layers") if isinstance(cfg.get(f), int)), None)
+    blocks = {int(m.group(1)) for e in a.modules if (m := re.search(r"\blayers\.(\d+)\.", e.module))}
+    extra = f"its tensors are in {len(blocks)} blocks but num_layers = {n}" if n and 0 < n < len(blocks) else None
     for c in (c for c in conventions if c is not a.convention):
         need = S.LAYER_COUNT_FIELDS[c.name]
         lacks = [f for f in need if f not in cfg]
@@ -23,6 +31,11 @@ def as_loaded(a, conventions, era_scale) -> list[LoadCheck]:
                                         f"convert with --to {c.name}"))
             continue
         problems = [f"the releases that read {f} fail to load it (no {f})" for f in lacks]
+        if extra and c.name == "mlx-lm":
+            out.append(LoadCheck(convention=c.name, library=c.library, versions=c.versions, same=False,
+                                 detail=f"FAILS to load: {extra}, and it adapts only the last {n} (\"contains "
+                                        f"incompatible tensors\"); convert with --to {c.name}"))
+            continue
         switch = S.DORA_FIELDS[c.name]
         off = [f for f in switch if cfg.get(f) not in (True, "dora")]
         if dora and (not switch or off):

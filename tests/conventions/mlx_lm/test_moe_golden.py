@@ -116,3 +116,13 @@ def test_peft_refuses_linears_it_would_retarget_to_the_experts(tmp_path):
     assert api.convert(src, tmp_path / "ok", to="peft", model_type="qwen2_moe").ok
     with pytest.raises(UnsupportedFeature, match="depends on the model type"):  # no type, and experts: ask
         api.convert(src, tmp_path / "unknown", to="peft")
+
+
+def test_inspect_a_0_20_file_with_more_blocks_than_num_layers():
+    """mlx-lm 0.20.6 saved both blocks for num_layers 1 (layers[-min(n, 0):]); 0.32.2 refuses that file as it is
+    (golden mlxlm0206/llama_dora, measured), which inspect must say; num_layers -1 loads."""
+    old = GOLD.parent / "mlxlm0206"
+    by = {c.convention: c for c in api.inspect(old / "llama_dora" / "adapter").adapters[0].as_loaded}
+    assert not by["mlx-lm"].same and "incompatible tensors" in by["mlx-lm"].detail
+    by = {c.convention: c for c in api.inspect(old / "llama_all_minus1" / "adapter").adapters[0].as_loaded}
+    assert "incompatible" not in by["mlx-lm"].detail
