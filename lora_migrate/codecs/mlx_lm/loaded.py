@@ -39,8 +39,8 @@ def as_loaded(a, conventions, era_scale) -> list[LoadCheck]:
         switch = S.DORA_FIELDS[c.name]
         off = [f for f in switch if cfg.get(f) not in (True, "dora")]
         if dora and (not switch or off):
-            problems.append("DoRA's m is not applied" + (f" by the releases that read {' / '.join(off)}"
-                                                          if switch else " (no DoRA in these releases)"))
+            problems.append("DoRA's m is not applied" + (f" by the releases that read {' / '.join(off)}" if switch
+                                                          else " by its releases before 0.13.1 (no DoRA there)"))
         if any(e.kind == "experts" for e in a.modules) and "experts" not in c.scaling:
             problems.append(f"its LoRASwitchLinear is not established ({S.REFUSALS['switch_era']})")
         if "alpha" not in lp and S.SCALE_RULES[c.name] == "scale·alpha/rank":
