@@ -193,7 +193,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
             keep_head: bool = False, initial_adapter: str | Path | None = None, base_model: str | Path | None = None,
             model_type: str | None = None, allow_nonfinite: bool = False,
             num_layers: int | None = None, outtype: str | None = None,
-            drop: tuple[str, ...] = ()) -> ConvertResult:
+            drop: tuple[str, ...] = (), component: str | None = None) -> ConvertResult:
     """Convert SRC into the ``to`` convention at OUT, checking every module numerically.
 
     Each module is compared with its source while both are in memory, as it is written; the written folder is
@@ -204,7 +204,9 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     A tensor holding NaN/Inf is refused unless ``allow_nonfinite``. ``num_layers`` (``--to lorax`` only): the base
     model's layer count, for an adapter on only some layers (each layer type is completed with zero adapters).
     ``outtype``: the written factors' dtype, for targets that choose it (GGUF). ``drop``: layers the user lets the
-    target leave out where its loader has no place for them (the report names each).
+    target leave out where its loader has no place for them (the report names each). ``component``: SRC is an
+    adapter of one pipeline component saved without its prefix (PEFT on a bare UNet): its modules go into that
+    component (``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``), for targets that have components.
 
     Raises :class:`LoraMigrateError` for bad input (nothing is written) and :class:`VerificationFailed` when the
     check fails (nothing is left at OUT).
@@ -223,11 +225,13 @@ def convert(src: str | Path, out: str | Path, *, to: str, from_: str | None = No
     base_config = base_model_config(resolve_source(base_model)) if base_model is not None else None
     opts = PlanOptions(safetensors=safetensors, keep_head=keep_head, model_type=model_type, num_layers=num_layers,
                        base_model=None if base_model is None else str(base_model), base_config=base_config,
-                       outtype=outtype, drop=tuple(drop))
+                       outtype=outtype, drop=tuple(drop), component=component)
     source = open_source(src, from_)
     try:
         for a in source.adapters:  # what the user supplied that the source's own codec needs (embedding scales)
             codec_for(a.convention).prepare(a, opts)
+            if component is not None:  # the pipeline component of a bare adapter, named as the target names it
+                codec.place_in_component(a, target, component)
         reads = lambda a: codec.uses_base_config(a, target) or codec_for(a.convention).uses_base_config(a, target)  # noqa: E731
         with _initials(initial_adapter, base_model, out, reads) as initial_for:
             execs = _plans(source, target, adapter, opts, initial_for)
@@ -294,8 +298,10 @@ class VerifyResult(BaseModel):
 
 
 def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: str | None = None,
-           initial_adapter: str | Path | None = None, base_model: str | Path | None = None) -> VerifyResult:
-    """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``).
+           initial_adapter: str | Path | None = None, base_model: str | Path | None = None,
+           component: str | None = None) -> VerifyResult:
+    """Check that OUT (read as ``to``, or as detected) holds the same ΔW as SRC (read as ``from_``);
+    ``component``: SRC's modules belong to that pipeline component of OUT (as ``convert --component``).
 
     For a PiSSA-style SRC, OUT is compared with s·(BA − B₀A₀), the initial adapter saved (``initial_adapter``) or
     rebuilt from the original base model (``base_model``), as ``convert`` does."""
@@ -310,6 +316,8 @@ def verify(src: str | Path, out: str | Path, *, from_: str | None = None, to: st
             opts = PlanOptions(base_model=None if base_model is None else str(base_model), base_config=cfg)
             for x in (*a.adapters, *b.adapters):
                 codec_for(x.convention).prepare(x, opts)
+            for x in a.adapters if component is not None else ():
+                codec_for(b.convention).place_in_component(x, b.convention, component)
             names_a = {x.info.name: x for x in a.adapters}
             names_b = {x.info.name: x for x in b.adapters}
             if len(names_a) == 1 and len(names_b) == 1:

@@ -43,11 +43,14 @@ def main():
 @click.option("--drop", multiple=True, help="Layers the target's loader has no place for that you accept to leave "
                                             "out (comma-separated names as the refusal gives them); the report "
                                             "names each.")
+@click.option("--component", help="SRC is an adapter of one pipeline component saved without its prefix (PEFT "
+                                  "on a bare UNet): unet, transformer, text_encoder or text_encoder_2 (--to "
+                                  "diffusers / kohya).")
 @_conversion_inputs
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every module's check).")
 def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safetensors, keep_head, outtype, drop,
-            initial_adapter, base_model, model_type, num_layers, allow_nonfinite, verbose, as_json):
+            component, initial_adapter, base_model, model_type, num_layers, allow_nonfinite, verbose, as_json):
     """Rewrite the adapter(s) in SRC into another convention at OUT, then check the math.
 
     Several adapters in SRC (a full model with m1, m2, or a folder of adapter folders) go to OUT/<name>/ each,
@@ -61,13 +64,15 @@ def convert(src, out, to, from_, adapter, dry_run, no_verify, overwrite, safeten
       lora-migrate convert peft_layer0/ out/ --to lorax --num-layers 32
       lora-migrate convert pissa/ out/ --to peft --initial-adapter pissa_init/
       lora-migrate convert pissa/ out/ --to peft --base-model llama-original/
+      lora-migrate convert peft_unet/ out/ --to diffusers --component unet
     """
     api = _lib("api")
 
     r = api.convert(src, out, to=to, from_=from_, adapter=adapter, verify=not no_verify, overwrite=overwrite,
                     dry_run=dry_run, safetensors=safetensors, keep_head=keep_head, initial_adapter=initial_adapter,
                     base_model=base_model, model_type=model_type, allow_nonfinite=allow_nonfinite,
-                    num_layers=num_layers, outtype=outtype, drop=tuple(x for d in drop for x in d.split(",") if x))
+                    num_layers=num_layers, outtype=outtype, drop=tuple(x for d in drop for x in d.split(",") if x),
+                    component=component)
     if as_json:
         _echo_json(r)
         return
@@ -142,13 +147,15 @@ def inspect(path, from_, show_modules, as_json):
               help="SRC is PiSSA-style: compare OUT with SRC minus this initial adapter (as convert wrote it).")
 @click.option("--base-model", type=click.Path(path_type=str),
               help="SRC is PiSSA (full SVD) / OLoRA: rebuild its initial adapter from this original base model.")
+@click.option("--component", help="SRC's modules belong to this pipeline component of OUT (as convert --component).")
 @click.option("-v", "--verbose", is_flag=True, help="Print the check of every module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(src, out, from_, to, initial_adapter, base_model, verbose, as_json):
+def verify(src, out, from_, to, initial_adapter, base_model, component, verbose, as_json):
     """Check that OUT computes the same ΔW as SRC, module by module. Exit 1 if it does not."""
     api = _lib("api")
 
-    r = api.verify(src, out, from_=from_, to=to, initial_adapter=initial_adapter, base_model=base_model)
+    r = api.verify(src, out, from_=from_, to=to, initial_adapter=initial_adapter, base_model=base_model,
+                   component=component)
     if as_json:
         _echo_json(r)
     else:

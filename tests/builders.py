@@ -138,3 +138,43 @@ def assert_same_deltas(src, back) -> None:
         ref = e.scale * (B.double() @ A.double())
         got = o.scale * (B2.double() @ A2.double())
         assert torch.allclose(got, ref, rtol=0, atol=64 * 2**-24 * ref.abs().max().item()), e.module
+
+
+# ------------------------------------------------------------------------------ one pipeline component, by real PEFT
+
+UNET_LAYERS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 8),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": (8, 8),
+               "mid_block.attentions.0.proj_in": (16, 16),
+               "down_blocks.0.resnets.0.conv1": (8, 8, 3)}  # (in, out[, kernel])
+CLIP_LAYERS = {"encoder.layers.0.self_attn.q_proj": (32, 32), "encoder.layers.0.self_attn.out_proj": (32, 32),
+               "encoder.layers.1.mlp.fc1": (32, 37)}  # transformers 5's CLIPTextModel: no text_model. level
+
+
+def peft_component_folder(folder: Path, layers: dict, r=4, alpha=8, seed=0, **config) -> Path:
+    """What ``get_peft_model(unet, LoraConfig(...)).save_pretrained(folder)`` writes for one pipeline component
+    (keys ``base_model.model.<path>.lora_A.weight``, no ``unet.`` prefix), written by the real PEFT on a module tree
+    with the component's paths and ``layers``' sizes; the factors are seeded noise (B is zero at init)."""
+    from peft import LoraConfig, get_peft_model
+
+    def tree(paths: dict) -> torch.nn.Module:
+        root = torch.nn.Module()
+        for path, (i, o, *k) in paths.items():
+            node = root
+            *parents, leaf = path.split(".")
+            for p in parents:
+                if not hasattr(node, p):
+                    node.add_module(p, torch.nn.Module())
+                node = getattr(node, p)
+            node.add_module(leaf, torch.nn.Conv2d(i, o, k[0], padding=1) if k else torch.nn.Linear(i, o))
+        return root
+
+    torch.manual_seed(seed)
+    model = get_peft_model(tree(layers), LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(layers), **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(str(folder))
+    return folder

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ..errors import DetectionError
+from ..errors import DetectionError, LoraMigrateError
 from ..schemas import CONVENTIONS, Convention
 
 if TYPE_CHECKING:  # type names only: no import edge at run time
@@ -63,6 +63,9 @@ class PlanOptions:
     outtype: str | None = None  # dtype of the written factors, for codecs that choose it (GGUF: f32/f16/bf16/q8_0)
     drop: tuple[str, ...] = ()  # layers the user explicitly lets the target drop (named in the report)
     doubled: bool = False  # PiSSA-style source re-expressed at rank 2r
+    # the pipeline component (unet, transformer, text_encoder, text_encoder_2) of an adapter saved without one
+    # (PEFT on a bare UNet): the target codec puts the source's modules into it (:meth:`Codec.place_in_component`)
+    component: str | None = None
     extra: dict = field(default_factory=dict)  # codec-specific options (documented by the codec)
 
 
@@ -149,6 +152,15 @@ class Codec:
         return list(src.extras)
 
     # -------------------------------------------------------------------------------------------- writing
+
+    def place_in_component(self, a: "SourceAdapter", target: Convention, component: str) -> None:
+        """``--component``: ``a`` (read by any codec) is an adapter of one pipeline component saved without its
+        prefix; rename its canonical modules into ``component`` as ``target`` names them, so that the numeric check
+        compares the output's modules with the source's, or refuse (a source that names its components already,
+        an unknown component). Default: refused, ``target`` has no components."""
+        raise LoraMigrateError(f"--component means nothing for {target.name}: it names the pipeline component of "
+                               "an adapter saved without one, for targets that load LoRA into a pipeline's "
+                               "components")
 
     def check_options(self, target: Convention, opts: PlanOptions) -> None:
         """Refuse (LoraMigrateError) options that mean nothing for ``target``. Default: accept all."""

@@ -122,6 +122,9 @@ class DiffusersCodec(Codec):
 
     # -------------------------------------------------------------------------------------------- writing
 
+    def place_in_component(self, a, target: Convention, component: str) -> None:
+        fmt.place_in_component(a, component)
+
     def check_options(self, target: Convention, opts: PlanOptions) -> None:
         if opts.safetensors or opts.keep_head or opts.outtype:
             raise LoraMigrateError(f"--safetensors/--keep-head/--outtype mean nothing for {target.name}")

@@ -41,6 +41,23 @@ def canonical(component: str, rel: str) -> str:
     return f"{component}.{rel}"
 
 
+def place_in_component(a: SourceAdapter, component: str) -> None:
+    """``--component``: every module of ``a`` (an adapter of one pipeline component saved without its prefix, e.g.
+    PEFT's ``get_peft_model(unet, cfg).save_pretrained``) gets the canonical name of ``component`` (CLIP paths with
+    ``text_model.``, as the diffusers and kohya readers name them); refused for an unknown component and for a
+    source whose modules name their component already (rather than guess which are meant)."""
+    if component not in COMPONENTS:
+        raise LoraMigrateError(f"--component {component}: one of {', '.join(COMPONENTS)}")
+    named = next((e.module for e in a.modules if e.module.partition(".")[0] in COMPONENTS), None)
+    if named is not None:
+        raise LoraMigrateError(f"{a.info.name}: --component {component}, but module {named!r} names its pipeline "
+                               "component already; --component is for an adapter of one component saved without "
+                               "the prefix")
+    for e in a.modules:
+        e.module = canonical(component, e.module)
+    a.info.components = (component,)
+
+
 def pattern_name(module: str) -> tuple[str, str]:
     """(component, path PEFT matches patterns and targets against): CLIP paths without ``text_model.``, whose
     presence depends on the transformers version (a suffix match finds the module either way)."""

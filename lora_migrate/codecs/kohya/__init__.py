@@ -79,6 +79,11 @@ class KohyaCodec(Codec):
         return [Finding(level="error", code="lycoris", message=f"{feature} (LyCORIS) in the kohya key space: {why}; "
                         "no conversion into a LoRA format is exact") for feature, why in sorted(hits)]
 
+    def place_in_component(self, a, target, component: str) -> None:
+        from ..diffusers.format import place_in_component  # kohya's canonical names are diffusers' (names.py)
+
+        place_in_component(a, component)
+
     def check_options(self, target, opts: PlanOptions) -> None:
         if opts.safetensors or opts.keep_head or opts.outtype:
             raise LoraMigrateError("kohya writes one .safetensors file: --safetensors, --keep-head and --outtype "
