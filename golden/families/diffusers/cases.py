@@ -135,6 +135,15 @@ _CASES = {
                                  "rank_pattern": {"proj_mlp": 2, "add_v_proj": 3},
                                  "alpha_pattern": {"to_k": 1, "add_q_proj": 6}},
                  "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": _TE_T}}},
+    # ---- PEFT on ONE pipeline component (get_peft_model(unet, LoraConfig).save_pretrained): keys without the
+    # component prefix (base_model.model.down_blocks…); adapter/ holds what PEFT wrote ----
+    "sd1_peft_unet": {"family": "sd1", "kind": "peft_component", "component": "unet",
+                      "stages": [BASE, ("peft_write", "diffusers")],
+                      "lora": {"r": 4, "lora_alpha": 8, "target_modules": _UNET_T + ["conv1", "conv2"],
+                               "rank_pattern": {"attn2.to_k": 2, "conv1": 2}}},
+    "sd1_peft_text_encoder": {"family": "sd1", "kind": "peft_component", "component": "text_encoder",
+                              "stages": [BASE, ("peft_write", "diffusers")],
+                              "lora": {"r": 4, "lora_alpha": 2, "target_modules": _TE_T + ["fc1", "fc2"]}},
     # ---- diffusers traps ----
     "sd1_diffusers_nometa": {"family": "sd1", "kind": "diffusers_trap", "source": "sd1_diffusers_patterns",
                              "edit": "drop_metadata", "stages": [BASE, ("diffusers_trap", "diffusers")]},
@@ -202,7 +211,8 @@ _FOLDER_ARGS = ["convert", "{src}", "{out}", "--to", "{target}", "--json"]
 
 
 def _row(case, target, env, reference="live", extra=(), note=None, expect="ok"):
-    src = "lora.safetensors" if case in _CASES and _CASES[case]["kind"].startswith("kohya") else \
+    kind = _CASES[case]["kind"] if case in _CASES else ""
+    src = "lora.safetensors" if kind.startswith("kohya") else "adapter" if kind == "peft_component" else \
         "pytorch_lora_weights.safetensors"
     cid = next(c for c in CASES if c.rsplit("/", 1)[1] == case)
     one_file = target == "kohya"  # kohya's OUT is one file; diffusers' a folder
@@ -258,4 +268,13 @@ ACCEPTANCE += [
     _row("sd1_kohya_sai", "diffusers", "diffusers", extra=["--model-type", "sd1"]),
     _row("sdxl_kohya_te_swap", "diffusers", "diffusers", "kohya",
          note="te1/te2 of equal width cannot be told apart: the file's own (swapped) meaning is kept"),
+]
+# PEFT adapters of one component (no prefix) → diffusers / kohya with --component, loaded by diffusers'
+# pipe.load_lora_weights and by sd-scripts' own network (one alpha per module: diffusers' kohya loader reads them too)
+ACCEPTANCE += [
+    *[_row(c, "diffusers", "diffusers", extra=["--component", comp])
+      for c, comp in (("sd1_peft_unet", "unet"), ("sd1_peft_text_encoder", "text_encoder"))],
+    *[_row(c, "kohya", env, extra=["--component", comp, "--model-type", "sd1"])
+      for c, comp in (("sd1_peft_unet", "unet"), ("sd1_peft_text_encoder", "text_encoder"))
+      for env in ("diffusers", "sdscripts")],
 ]

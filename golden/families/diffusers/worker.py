@@ -83,6 +83,19 @@ def findings(checks: dict) -> str:
                          f"(LoRA effect {_dn(w.get('loaded_vs_base'))}); fuse_lora vs unfused "
                          f"{_f(w.get('fused_vs_loaded'))}; header keys {w.get('header_keys')}"
                          + (f"; ERROR {w['error']}" if "error" in w else ""))
+    lines += ["", "## PEFT on one pipeline component (get_peft_model(component, LoraConfig).save_pretrained: no "
+              "component prefix)"]
+    for cid, r in cases.items():
+        c = BY_NAME[cid]
+        if c["kind"] == "peft_component":
+            w = r.get("peft_write", {})
+            a = w.get("as_is", {})
+            lines.append(f"- `{cid}` ({c['component']}): {w.get('file_keys')} keys, first `{w.get('first_key')}`; "
+                         f"PeftModel.from_pretrained vs live {_f(w.get('peft_vs_live'))} (LoRA effect "
+                         f"{_dn(w.get('live_vs_base'))}); pipe.load_lora_weights of the file as is: "
+                         + (f"RAISES `{a['load_error'][:160]}`" if "load_error" in a else
+                            f"loads, off by {_dn(a.get('loaded_vs_live'))}, warnings {len(a.get('load_warnings', []))}")
+                         + (f"; ERROR {w['error']}" if "error" in w else ""))
     lines += ["", "## kohya format (sd-scripts' own network → save_weights → pipe.load_lora_weights)"]
     for cid, r in cases.items():
         c = BY_NAME[cid]
@@ -496,6 +509,41 @@ def step_diffusers_write(job: dict) -> dict:
     return res
 
 
+def step_peft_write(job: dict) -> dict:
+    """PEFT on ONE component, as users of peft / diffusers' training scripts save it: get_peft_model(component,
+    LoraConfig).save_pretrained(case_dir/adapter) (keys base_model.model.<path>, no component prefix); live outputs
+    of the pipeline with the wrapped component; PeftModel.from_pretrained on a fresh component ("peft"); and what
+    pipe.load_lora_weights makes of PEFT's file as is (``as_is``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    case = job["case_data"]
+    family, comp = case["family"], case["component"]
+    base, case_dir = Path(job["paths"]["base_dir"]), Path(job["paths"]["case_dir"])
+    case_dir.mkdir(parents=True, exist_ok=True)
+    inputs = load_inputs(base)
+    comps = build_diffusers_components(family, base)
+    out = outputs(family, comps, inputs, "base")
+    model = get_peft_model(comps[comp], LoraConfig(**case["lora"]))   # injects the LoRA layers into comps[comp]
+    res = {"lora_tensors": randomize([(n, p) for n, p in model.named_parameters() if "lora_" in n], C.LORA_SEED)}
+    out.update(outputs(family, comps, inputs, "live"))
+    model.save_pretrained(str(case_dir / "adapter"))
+    written = load_file(str(case_dir / "adapter" / "adapter_model.safetensors"))
+    res["file_keys"], res["first_key"] = len(written), sorted(written)[0]
+    fresh = build_diffusers_components(family, base)
+    PeftModel.from_pretrained(fresh[comp], str(case_dir / "adapter"))
+    peft = outputs(family, fresh, inputs, "peft")
+    out.update(peft)
+    res["peft_vs_live"] = maxdiff(peft, out, "peft", "live")["max"]
+    res["live_vs_base"] = maxdiff(out, out, "live", "base")
+    scratch = dict(out)
+    res["as_is"] = _load_and_compare(family, base, inputs, case_dir / "adapter" / "adapter_model.safetensors",
+                                     scratch, "live")
+    save_outputs(case_dir, out)
+    update_meta(case_dir, case=job["case"], family=family, env=job["env"], versions=versions(),
+                writer=f"get_peft_model({comp}, LoraConfig).save_pretrained", component=comp, lora=case["lora"],
+                lora_seed=C.LORA_SEED, lora_std=C.LORA_STD, base="../../_base/" + family, facts=res)
+    return res
+
+
 def _load_and_compare(family, base, inputs, lora_file: Path, out: dict, ref_stage: str, **load_kw) -> dict:
     """fresh components, pipe.load_lora_weights(lora_file); the ``loaded`` outputs go into ``out``."""
     res = {}
@@ -863,7 +911,8 @@ def _load_check_one(it: dict) -> dict:
 
 
 STEPS = {"base": step_base, "diffusers_write": step_diffusers_write, "diffusers_trap": step_diffusers_trap,
-         "kohya_write": step_kohya_write, "kohya_trap": step_kohya_trap, "kohya_load": step_kohya_load}
+         "kohya_write": step_kohya_write, "kohya_trap": step_kohya_trap, "kohya_load": step_kohya_load,
+         "peft_write": step_peft_write}
 
 
 def main(argv: list[str]) -> int:
