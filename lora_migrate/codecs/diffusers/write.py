@@ -41,7 +41,8 @@ def plan_diffusers(src, target: Convention, opts, steps: list[Step], output: str
         if comp not in COMPONENTS:
             raise UnsupportedFeature(f"{name}: module {e.module!r} has no diffusers component prefix "
                                      f"({', '.join(c + '.' for c in COMPONENTS)}): {target.name} loads LoRA only "
-                                     "into a pipeline's components")
+                                     "into a pipeline's components; for an adapter of one component saved without "
+                                     "its prefix (PEFT on a bare UNet) pass --component NAME")
         by_comp[comp].append(e)
     ranks = {e.module: e.rank * (len(e.fused.groups) if e.fused else 1) for e in src.modules}
     out: dict[str, ModuleOut] = {}

@@ -64,7 +64,8 @@ def locate(module: str, family: str | None, from_kohya: bool = False) -> tuple[s
     ``from_kohya``: the source is a kohya file, whose layers every kohya loader treats as it did before."""
     comp, _, path = module.partition(".")
     if comp not in N.COMPONENT_PREFIX:
-        return "not an image-model layer (kohya holds U-Net, Flux transformer and text-encoder layers)"
+        return ("not an image-model layer (kohya holds U-Net, Flux transformer and text-encoder layers; for an "
+                "adapter of one pipeline component saved without its prefix pass --component NAME)")
     if comp == "transformer":
         if family not in (None, "flux"):
             return f"a transformer module in a {family} adapter"

@@ -351,3 +351,64 @@ def test_cli_convert_verify_inspect_check(tmp_path):
     r = run(main, ["inspect", "--json", str(GOLDEN / "flux_diffusers")])
     a = json.loads(r.output)["adapters"][0]
     assert (r.exit_code, a["model_type"], a["components"]) == (0, "flux", ["transformer", "text_encoder"])
+
+
+# ------------------------------------------------------------------------------------------------ --component
+
+PEFT_UNET = GOLDEN / "sd1_peft_unet" / "adapter"  # get_peft_model(unet, LoraConfig).save_pretrained, diffusers 0.42.1
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from lora_migrate.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _keys(folder):
+    return set(safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt").keys())
+
+
+def test_component_puts_a_bare_peft_unet_into_the_unet(tmp_path):
+    """The real PEFT's bare-UNet adapter (keys base_model.model.down_blocks…, no unet.): --component unet writes
+    every module under unet. with its own (r, alpha) in the metadata, the check compares module by module, and
+    verify needs --component as well (without it no module of the source is in the output)."""
+    r = _cli("convert", PEFT_UNET, tmp_path / "o", "--to", "diffusers", "--component", "unet")
+    assert r.exit_code == 0 and "check: 96 modules" in r.output and ": OK" in r.output, r.output
+    peft = {k.removeprefix("base_model.model.") for k in
+            safe_open(str(PEFT_UNET / "adapter_model.safetensors"), "pt").keys()}
+    assert _keys(tmp_path / "o") == {"unet." + k for k in peft}
+    flat = json.loads(safe_open(str(tmp_path / "o" / "pytorch_lora_weights.safetensors"), "pt").metadata()
+                      ["lora_adapter_metadata"])
+    assert (flat["unet.r"], flat["unet.lora_alpha"]) == (4, 8) and set(flat["unet.rank_pattern"].values()) == {2}
+    assert _cli("verify", PEFT_UNET, tmp_path / "o", "--component", "unet").exit_code == 0
+    r = _cli("verify", PEFT_UNET, tmp_path / "o")
+    assert r.exit_code == 1 and "missing" in r.output, r.output
+
+
+def test_component_text_encoder_gets_the_clip_text_model_level(tmp_path):
+    """A bare CLIP text-encoder adapter (transformers 5 paths, no text_model.) by the real PEFT: written as
+    text_encoder.text_model.encoder… (what every diffusers/transformers pairing loads)."""
+    from tests.builders import CLIP_LAYERS, peft_component_folder
+
+    src = peft_component_folder(tmp_path / "te", CLIP_LAYERS, r=2, alpha=4, use_rslora=True)
+    r = _cli("convert", src, tmp_path / "o", "--to", "diffusers", "--component", "text_encoder", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
+    assert {k.rsplit(".lora_", 1)[0] for k in _keys(tmp_path / "o")} == {
+        "text_encoder.text_model." + m for m in CLIP_LAYERS}
+    flat = json.loads(safe_open(str(tmp_path / "o" / "pytorch_lora_weights.safetensors"), "pt").metadata()
+                      ["lora_adapter_metadata"])
+    assert flat["text_encoder.use_rslora"] is True and flat["text_encoder.lora_alpha"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    ([GOLDEN / "sd1_diffusers", "--to", "diffusers", "--component", "unet"], "names its pipeline component already"),
+    ([PEFT_UNET, "--to", "diffusers", "--component", "vae"], "--component vae: one of unet, transformer"),
+    ([PEFT_UNET, "--to", "peft", "--component", "unet"], "--component means nothing for peft"),
+    ([PEFT_UNET, "--to", "diffusers"], "pass --component NAME"),
+])
+def test_component_refusals_are_one_line(tmp_path, args, message):
+    r = _cli("convert", args[0], tmp_path / "o", *args[1:])
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()

@@ -350,3 +350,34 @@ def test_round_trip_through_diffusers_gives_the_same_tensors(tmp_path, case):
     with safe_open(str(src), "pt") as s1, safe_open(str(tmp_path / "k.safetensors"), "pt") as s2:
         assert set(s1.keys()) == set(s2.keys())
         assert all(s1.get_tensor(k).equal(s2.get_tensor(k)) for k in s1.keys())
+
+
+GOLDEN_PEFT_UNET = Path(__file__).resolve().parents[3] / "golden/diffusers/diffusers/sd1_peft_unet/adapter"
+
+
+def test_component_bare_peft_adapters_into_kohya(tmp_path):
+    """--component: the real PEFT's bare-UNet adapter (diffusers' UNet, no unet. prefix) becomes lora_unet_…
+    modules (conv with conv_dim), a bare CLIP one lora_te_text_model_… (the model family from --model-type); the
+    check compares module by module. Without --component: refused, with the hint."""
+    import lora_migrate
+    from tests.builders import CLIP_LAYERS, peft_component_folder
+
+    r = lora_migrate.convert(GOLDEN_PEFT_UNET, tmp_path / "u.safetensors", to="kohya", component="unet",
+                             model_type="sd1")
+    assert r.ok and r.adapters[0].verify.modules and len(r.adapters[0].verify.modules) == 96
+    with safe_open(str(tmp_path / "u.safetensors"), "pt") as f:
+        names = {k.split(".", 1)[0] for k in f.keys()}
+        assert "ss_network_args" in f.metadata()  # conv1/conv2 LoCon
+    assert len(names) == 96 and all(n.startswith("lora_unet_") for n in names)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k" in names
+    te = peft_component_folder(tmp_path / "te", CLIP_LAYERS)
+    r = lora_migrate.convert(te, tmp_path / "t.safetensors", to="kohya", component="text_encoder", model_type="sd1")
+    assert r.ok
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert {k.split(".", 1)[0] for k in f.keys()} == {
+            "lora_te_text_model_" + m.replace(".", "_") for m in CLIP_LAYERS}
+    with pytest.raises(UnsupportedFeature, match="pass --model-type"):
+        lora_migrate.convert(te, tmp_path / "t2.safetensors", to="kohya", component="text_encoder")
+    with pytest.raises(UnsupportedFeature, match="pass --component NAME"):
+        lora_migrate.convert(te, tmp_path / "t3.safetensors", to="kohya")
+    assert not any((tmp_path / n).exists() for n in ("t2.safetensors", "t3.safetensors"))
