@@ -126,7 +126,7 @@ class Execution:
 def meta_delta(e: ModuleEntry) -> ModuleDelta:
     def empty(p):
         m = e.metas.get(p)
-        return None if m is None else torch.empty(e.shape(p), dtype=m.dtype, device="meta")
+        return None if m is None else torch.empty(m.shape, dtype=m.dtype, device="meta")
 
     return ModuleDelta(module=e.module, A=empty("a"), B=empty("b"), scale=e.scale, provenance=e.provenance,
                        kind=delta_kind(e.kind), fused=e.fused, bias=empty("bias"), magnitude=empty("magnitude"))

@@ -109,7 +109,7 @@ def _rank_shape(a) -> list[Finding]:
     for e in a.modules:
         m = e.metas
         if "a" in m:
-            A, B = e.shape("a"), e.shape("b")
+            A, B = tuple(m["a"].shape), tuple(m["b"].shape)
             # matrices, conv factors (r, in, *k) / (out, r, 1, …) of the same ndim, or experts (E, r, in) / (E, out, r)
             if e.kind == "experts":
                 bad = len(A) != 3 or len(B) != 3 or A[0] != B[0] or A[1] != B[2]

@@ -63,16 +63,10 @@ class ModuleEntry:
     alpha: float | None = None  # the alpha this module's scale came from (PEFT alpha_pattern), if any
     embed_scale: float | None = 1.0  # embedding LoRA: the base layer's output factor (None: no config to tell)
     storage_error: float | None = None  # block-quantized factors (ModuleDelta.storage_error)
-    # the shapes load() returns where they differ from the stored ones (a reader that reshapes or fuses factors,
-    # e.g. PEFT's flat (E·r, in) experts into (E, r, in)); planning works on these
-    shapes: dict[str, tuple] = field(default_factory=dict)
-
-    def shape(self, param: str) -> tuple:
-        return self.shapes.get(param) or tuple(self.metas[param].shape)
 
     @property
     def rank(self) -> int:
-        a = self.shape("a") if "a" in self.metas else None
+        a = self.metas["a"].shape if "a" in self.metas else None
         return config_rank(self.kind, self.fused, None if a is None else a[1 if self.kind == "experts" else 0])
 
 

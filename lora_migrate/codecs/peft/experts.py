@@ -149,7 +149,7 @@ class PeftAdapter(SourceAdapter):
         d = super().load(e)
         if e.kind != "experts":
             return d
-        E, r, _ = e.shapes["a"]
+        E, r, _ = e.metas["a"].shape
         # one copy of B into (E, out, r) order, as a 2-D transpose of (out·r, E) (4× faster than the 3-D permute
         # copy, as fast as a clone); every later per-expert step reads contiguous slices
         out = d.B.shape[0]

@@ -25,6 +25,7 @@ from ...schemas.peft import (FIELDS_SINCE, PEFT_0_13, PEFT_ERAS, PEFT_PREFIX,
                             PeftLoraConfig, embed_scale, mutating_init, not_rebuildable_reason, rebuild_rule,
                             saved_by_modules_to_save)
 from ..base import pick
+from ..shared import canonical_meta
 from . import experts as ex
 from ...source import ModuleEntry, SourceAdapter, TensorStore, base_model_config, read_json, validation_message
 
@@ -403,14 +404,14 @@ def plan_module(conv, store, module, params, cfg, matching, where, notes, featur
                                       cfg.alpha_pattern)
     else:  # serving profiles: one global r and alpha (peft.md §7.3, §8.1)
         r_cfg, alpha = cfg.r, float(cfg.lora_alpha)
-    shapes = {}
     if experts and r == r_cfg and module.endswith(".weight"):  # a 2-D parameter (a MoE router): a Linear's ΔW
         kind, module = "linear", module[:-len(".weight")]
     elif experts:
         if r % r_cfg:
             raise LoraMigrateError(f"{where}: {module}: lora_A has {r} rows, not a multiple of r={r_cfg}")
-        shapes = {"a": (r // r_cfg, r_cfg, A[1]), "b": (r // r_cfg, B[0], r_cfg)}
-        r = r_cfg
+        E, r = r // r_cfg, r_cfg  # the entry holds the canonical shapes load() returns (experts.PeftAdapter)
+        metas = {**metas, "a": canonical_meta(metas["a"], (E, r, A[1])),
+                 "b": canonical_meta(metas["b"], (E, B[0], r))}
     if r_cfg != r and "patterns" in conv.features:
         raise LoraMigrateError(f"{where}: module {module!r} has rank {r} but the config gives r={r_cfg} "
                                f"(read as {conv.name}: {conv.pattern_matching} pattern matching)")
@@ -418,7 +419,7 @@ def plan_module(conv, store, module, params, cfg, matching, where, notes, featur
     rule = Scaling.ALPHA_OVER_SQRT_R if cfg.use_rslora and "rslora" in conv.features else Scaling.ALPHA_OVER_R
     prov = ScaleProvenance(alpha=alpha, r=r_cfg, rule=f"{rule.value} ({kind})", convention=conv.name)
     return ModuleEntry(module=module, kind=kind, keys=dict(params), metas=metas, scale=rule.scale(alpha, r_cfg),
-                       provenance=prov, alpha=alpha, shapes=shapes)
+                       provenance=prov, alpha=alpha)
 
 
 # ------------------------------------------------------------------------------------------------- writing
